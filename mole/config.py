@@ -1,0 +1,213 @@
+"""Build configuration: pydantic models, one section per stage, loaded from params.yaml and presets.
+
+Precedence, lowest first: the models' defaults < ``params.yaml`` < ``--preset NAME`` < ``--set a.b=value``.
+Every error names the dotted key path, the value given and what was expected, and is raised before any work.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PRESETS: tuple[str, ...] = ("tiny", "demo")
+
+
+class ConfigError(ValueError):
+    """A configuration file, preset or override is invalid; the message names the key and value."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class BaseModelConfig(_Section):
+    """Which base causal LM to build on (see mole.base.resolve_base)."""
+
+    name: str = Field("smollm2-135m-instruct", min_length=1)
+    revision: str | None = None
+    trust_remote_code: bool = False
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    device: str = Field("cpu", pattern=r"^(cpu|auto|mps|cuda(:\d+)?)$")
+
+
+class DataConfig(_Section):
+    """Where the domain data comes from and how it is split (stage ``prepare``)."""
+
+    source: str = Field("demo", min_length=1, description="'demo', a file, a dir of .txt, or a HF dataset id")
+    eval_source: str | None = None
+    hf_split: str = "train"
+    eval_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    max_rows: int | None = Field(None, ge=1)
+    demo_rows_per_skill: int = Field(200, ge=1)
+    out_dir: str = "data/prepared"
+
+
+class ClusterConfig(_Section):
+    """Embedding and k-means of the training rows (stage ``cluster``)."""
+
+    embedder: Literal["minilm", "tfidf", "base"] = "minilm"
+    k: int | None = Field(None, ge=1, description="fixed number of clusters; null = choose automatically")
+    k_min: int = Field(2, ge=2)
+    k_max: int = Field(10, ge=2)
+    min_cluster_size: int = Field(8, ge=1)
+    balanced: bool = False
+    n_init: int = Field(10, ge=1)
+    silhouette_sample: int = Field(2000, ge=100)
+    tfidf_dim: int = Field(64, ge=2)
+    batch_size: int = Field(64, ge=1)
+    out_dir: str = "data/clusters"
+
+    @model_validator(mode="after")
+    def _check_range(self) -> ClusterConfig:
+        if self.k_min > self.k_max:
+            raise ValueError(f"k_min ({self.k_min}) must be <= k_max ({self.k_max})")
+        return self
+
+    def min_rows(self) -> int:
+        """Fewest training rows that can give the requested clusters their minimum size."""
+        return (self.k if self.k is not None else self.k_min) * self.min_cluster_size
+
+
+class BuildConfig(_Section):
+    """The whole build: the Prefect flow's parameter and the content of params.yaml."""
+
+    seed: int = 0
+    workspace: str = "."
+    base_model: BaseModelConfig = BaseModelConfig()
+    data: DataConfig = DataConfig()
+    cluster: ClusterConfig = ClusterConfig()
+
+    def path(self, relative: str) -> Path:
+        """Resolve a workspace-relative path from the config."""
+        return Path(self.workspace) / relative
+
+    def section_hash(self, *names: str) -> str:
+        """Stable short hash of some sections (all when none given), for cache keys and lineage."""
+        dumped = self.model_dump(mode="json")
+        picked = {n: dumped[n] for n in names} if names else dumped
+        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _read_yaml(path: Path, what: str) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{what} {where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{what} {path}: expected a mapping of sections, got {type(loaded).__name__}")
+    return loaded
+
+
+def preset_overrides(name: str) -> dict[str, Any]:
+    """The raw overrides of a named preset shipped in ``mole/presets/``."""
+    if name not in PRESETS:
+        raise ConfigError(f"--preset: unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
+    ref = resources.files("mole.presets").joinpath(f"{name}.yaml")
+    with resources.as_file(ref) as path:
+        return _read_yaml(path, f"preset {name!r}")
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Split ``a.b=value`` into its key path and YAML-parsed value."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
+        raise ConfigError(f"--set {item!r}: expected KEY.SUB=VALUE, e.g. cluster.k=4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def _apply_override(raw: dict[str, Any], keys: list[str], value: Any, item: str) -> None:
+    node = raw
+    for i, key in enumerate(keys[:-1]):
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {item!r}: {'.'.join(keys[: i + 1])} is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def _format_errors(exc: ValidationError, raw: dict[str, Any], origin: str) -> str:
+    lines = []
+    for err in exc.errors():
+        dotted = ".".join(str(p) for p in err["loc"]) or "<root>"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{dotted}: unknown key (value {err['input']!r}); {_known_keys(err['loc'])}")
+        else:
+            lines.append(f"{dotted}: value {err.get('input')!r} is invalid: {err['msg']}")
+    return f"invalid configuration ({origin}):\n  " + "\n  ".join(lines)
+
+
+def _known_keys(loc: tuple[Any, ...]) -> str:
+    model: type[BaseModel] = BuildConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = field.annotation if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return "no such key"
+        model = ann
+    return "expected one of: " + ", ".join(model.model_fields)
+
+
+def load_config(
+    path: str | Path | None = "params.yaml",
+    *,
+    preset: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> BuildConfig:
+    """Load the build configuration.
+
+    Args:
+        path: params.yaml to read; a missing default file is allowed (defaults apply), a missing explicit one is not.
+        preset: name of a preset in ``mole/presets`` applied over the file.
+        overrides: ``a.b=value`` strings applied last (values parsed as YAML).
+
+    Returns:
+        The validated BuildConfig.
+
+    Raises:
+        ConfigError: naming the file, dotted key, value and what was expected.
+    """
+    raw: dict[str, Any] = {}
+    origin = []
+    if path is not None:
+        p = Path(path)
+        if p.exists():
+            raw = _read_yaml(p, "config")
+            origin.append(str(p))
+        elif str(path) != "params.yaml":
+            raise ConfigError(f"--config: file {p} does not exist")
+    if preset:
+        raw = _deep_merge(raw, preset_overrides(preset))
+        origin.append(f"preset {preset}")
+    for item in overrides:
+        keys, value = parse_override(item)
+        _apply_override(raw, keys, value, item)
+        origin.append(f"--set {item}")
+    try:
+        return BuildConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, raw, ", ".join(origin) or "defaults")) from None

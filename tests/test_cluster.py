@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mole import stages
+from mole.cluster import Clusterer, balance, choose_k, fit_clusters, top_terms
+from mole.config import load_config
+from mole.embed import TfidfEmbedder, load_embedder
+
+
+def _blobs(sizes: list[int], dim: int = 8, spread: float = 0.05, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(len(sizes), dim)) * 3
+    x = np.concatenate([c + spread * rng.normal(size=(n, dim)) for c, n in zip(centers, sizes)])
+    return x.astype(np.float32), np.repeat(np.arange(len(sizes)), sizes)
+
+
+def test_auto_k_recovers_separated_blobs() -> None:
+    x, _ = _blobs([30, 30, 30, 30])
+    k, tried, _ = choose_k(x, k_min=2, k_max=8, min_cluster_size=5, n_init=5, seed=0, sample=500)
+    assert k == 4
+    assert [t["k"] for t in tried] == list(range(2, 9))
+
+
+def test_auto_k_honours_min_cluster_size() -> None:
+    x, _ = _blobs([40, 40, 40, 6])  # the 4th blob is smaller than the floor
+    k, tried, _ = choose_k(x, k_min=2, k_max=6, min_cluster_size=10, n_init=5, seed=0, sample=500)
+    assert k == 3
+    assert not next(t for t in tried if t["k"] == 4)["eligible"]
+    with pytest.raises(ValueError, match="min_cluster_size=100"):
+        choose_k(x, k_min=2, k_max=4, min_cluster_size=100, n_init=2, seed=0, sample=500)
+
+
+def test_balanced_assignment_caps_cluster_sizes() -> None:
+    x, _ = _blobs([60, 20, 20], spread=1.5)
+    centroids = np.stack([x[:60].mean(0), x[60:80].mean(0), x[80:].mean(0)])
+    labels, new_centroids = balance(x, centroids)
+    assert np.bincount(labels).max() <= 34 and len(set(labels.tolist())) == 3
+    assert new_centroids.shape == centroids.shape
+
+
+def test_top_terms_pick_distinctive_words() -> None:
+    texts = ["convert meters to feet"] * 5 + ["reverse the string please"] * 5
+    terms = top_terms(texts, np.array([0] * 5 + [1] * 5), 2, n_terms=3)
+    assert "meters" in terms[0] and "reverse" in terms[1] and "meters" not in terms[1]
+
+
+def test_tfidf_embedder_and_clusterer_round_trip(tmp_path: Path) -> None:
+    rows = [{"text": f"{w} number {i}", "domain": w} for w in ("apple", "train", "violin") for i in range(12)]
+    clusterer, labels, report = fit_clusters(rows, TfidfEmbedder(dim=8), k=3, k_min=2, k_max=4,
+                                             min_cluster_size=2, balanced=False, n_init=5, seed=0)
+    assert report["ari"] == 1.0 and report["k"] == 3 and sum(report["sizes"]) == 36
+    clusterer.save(tmp_path)
+    loaded = Clusterer.load(tmp_path)
+    texts = [r["text"] for r in rows]
+    np.testing.assert_array_equal(load_embedder(tmp_path).encode(texts), clusterer.embedder.encode(texts))
+    np.testing.assert_array_equal(loaded.assign(texts), labels)
+    assert loaded.assign(["violin number 999"])[0] == labels[-1]
+
+
+def test_fixed_k_larger_than_rows_is_an_error() -> None:
+    rows = [{"text": f"row {i}"} for i in range(5)]
+    with pytest.raises(ValueError, match=r"cluster\.k=9 is larger than the number of training rows \(5\)"):
+        fit_clusters(rows, TfidfEmbedder(dim=2), k=9, k_min=2, k_max=4, min_cluster_size=1, balanced=False,
+                     n_init=1, seed=0)
+
+
+def test_minilm_auto_k_recovers_demo_skills(workspace: Path) -> None:
+    """Acceptance: on the demo corpus with MiniLM and automatic k, k == number of skills and ARI >= 0.9."""
+    from mole.data.demo import SKILLS
+
+    cfg = load_config(None, preset="demo")
+    stages.prepare(cfg)
+    res = stages.cluster(cfg)
+    report = json.loads((workspace / "data" / "clusters" / "report.json").read_text())
+    assert report == {k: v for k, v in res.items() if k != "paths"}
+    print(f"demo corpus: k={report['k']} (skills {len(SKILLS)}), ari={report['ari']}, "
+          f"silhouette={report['silhouette']}")
+    assert report["k"] == len(SKILLS)
+    assert report["ari"] >= 0.9
+    assigned = [json.loads(line) for line in (workspace / "data/clusters/assignments.jsonl").read_text().splitlines()]
+    assert len(assigned) == sum(report["sizes"]) and {a["cluster"] for a in assigned} == set(range(report["k"]))
+    for name in ("centroids.npy", "clusterer.json", "embedder.json", "eval_assignments.jsonl"):
+        assert (workspace / "data" / "clusters" / name).exists()
