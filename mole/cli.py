@@ -100,6 +100,64 @@ def cluster(config: ConfigOpt = Path("params.yaml"), preset: PresetOpt = None, s
     _summary("clusters", {k: res[k] for k in ("k", "silhouette", "sizes", "ari", "embedder")})
 
 
+class _Bars:
+    """A rich progress bar per training run, fed by the library's ``progress(name, step, total, loss)`` calls."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("{task.description:<16}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(), console=console)
+        self.tasks: dict[str, Any] = {}
+
+    def __call__(self, name: str, step: int, total: int, loss: float) -> None:
+        if name not in self.tasks:
+            self.tasks[name] = self.progress.add_task(name, total=total, loss=float("nan"))
+        self.progress.update(self.tasks[name], completed=step, loss=loss)
+
+    def __enter__(self) -> _Bars:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+
+def _run_with_bars(name: str, fn: Callable[..., dict[str, Any]], cfg: BuildConfig) -> dict[str, Any]:
+    start = time.perf_counter()
+    with _Bars() as bars:
+        try:
+            result = fn(cfg, progress=bars)
+        except (ValueError, FileNotFoundError, RuntimeError) as exc:
+            bars.progress.stop()
+            console.print(f"[bold red]{name} failed:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+    console.print(f"[green]✓[/] {name} ({time.perf_counter() - start:.1f}s)")
+    return result
+
+
+@app.command("train-experts")
+def train_experts(config: ConfigOpt = Path("params.yaml"), preset: PresetOpt = None, set_: SetOpt = None,
+                  verbose: VerboseOpt = False) -> None:
+    """Train one LoRA expert per cluster (finished experts are reused) and the multitask baseline."""
+    from mole import stages
+
+    _setup_logging(verbose)
+    res = _run_with_bars("train-experts", stages.train_experts, _config(config, preset, set_))
+    _summary("experts", {k: v for k, v in res.items() if k not in ("paths", "experts")})
+
+
+@app.command("train-router")
+def train_router(config: ConfigOpt = Path("params.yaml"), preset: PresetOpt = None, set_: SetOpt = None,
+                 verbose: VerboseOpt = False) -> None:
+    """Warm-start the token routers from the clusters and fine-tune routers and experts jointly."""
+    from mole import stages
+
+    _setup_logging(verbose)
+    res = _run_with_bars("train-router", stages.train_router, _config(config, preset, set_))
+    _summary("MoLE model", {k: v for k, v in res.items() if k != "paths"} | {"dir": res["paths"]["dir"]})
+
+
 @app.command("fetch-base")
 def fetch_base(config: ConfigOpt = Path("params.yaml"), preset: PresetOpt = None, set_: SetOpt = None,
                verbose: VerboseOpt = False) -> None:
@@ -111,7 +169,7 @@ def fetch_base(config: ConfigOpt = Path("params.yaml"), preset: PresetOpt = None
     bm = cfg.base_model
     _run("fetch base model", lambda c: load_base(bm.name, revision=bm.revision,
                                                   trust_remote_code=bm.trust_remote_code) and {}, cfg)
-    _summary("base model", describe_base(bm.name))
+    _summary("base model", describe_base(bm.name, revision=bm.revision))
 
 
 @app.command()
@@ -125,10 +183,13 @@ def build(config: ConfigOpt = Path("params.yaml"), preset: PresetOpt = None, set
     results = {}
     for name, fn in (("prepare", stages.prepare), ("cluster", stages.cluster)):
         results[name] = _run(name, fn, cfg)
-    c = results["cluster"]
+    for name, fn in (("train-experts", stages.train_experts), ("train-router", stages.train_router)):
+        results[name] = _run_with_bars(name, fn, cfg)
+    c, m = results["cluster"], results["train-router"]
     _summary("build", {"train rows": results["prepare"]["train_rows"], "eval rows": results["prepare"]["eval_rows"],
                        "k": c["k"], "silhouette": c["silhouette"], "ari": c["ari"],
-                       "cluster report": c["paths"]["report"]})
+                       "router agreement": m["agreement"], "cluster report": c["paths"]["report"],
+                       "MoLE model": m["paths"]["dir"]})
 
 
 @app.command("show-config")

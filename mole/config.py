@@ -75,6 +75,62 @@ class ClusterConfig(_Section):
         return (self.k if self.k is not None else self.k_min) * self.min_cluster_size
 
 
+class LoraSection(_Section):
+    """LoRA options under peft's own names; ``to_peft()`` builds the ``peft.LoraConfig``."""
+
+    r: int = Field(8, ge=1)
+    lora_alpha: float = Field(16.0, gt=0)
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+
+    @property
+    def scale(self) -> float:
+        """The LoRA scaling s = alpha / r."""
+        return self.lora_alpha / self.r
+
+    def to_peft(self):  # noqa: ANN201 - peft is imported lazily to keep config import light
+        """The equivalent ``peft.LoraConfig`` for a causal LM."""
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                          target_modules=list(self.target_modules), bias="none", task_type="CAUSAL_LM")
+
+
+class ExpertsConfig(_Section):
+    """One LoRA expert per cluster, plus the multitask LoRA baseline (stage ``train-experts``)."""
+
+    lora: LoraSection = LoraSection()
+    steps: int = Field(60, ge=1, description="optimizer steps per expert")
+    batch_size: int = Field(8, ge=1)
+    max_length: int = Field(128, ge=8)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(5, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    checkpoint_every: int = Field(20, ge=1)
+    multitask_baseline: bool = True
+    out_dir: str = "artifacts/experts"
+    baseline_dir: str = "artifacts/baselines/multitask_lora"
+
+
+class RouterConfig(_Section):
+    """Token router and joint router + expert fine-tuning (stage ``train-router``)."""
+
+    top_k: int = Field(2, ge=1)
+    routing: Literal["token_topk", "cluster"] = "token_topk"
+    path: Literal["auto", "dense", "sparse"] = "auto"
+    warm_start: bool = True
+    warm_start_rows: int = Field(256, ge=1)
+    steps: int = Field(60, ge=0)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(1e-3, gt=0, description="router (gate) learning rate")
+    expert_lr: float = Field(1e-4, ge=0, description="expert learning rate in the joint phase")
+    freeze_experts: bool = False
+    aux_loss_coef: float = Field(0.01, ge=0)
+    z_loss_coef: float = Field(0.0, ge=0)
+    out_dir: str = "artifacts/mole"
+
+
 class BuildConfig(_Section):
     """The whole build: the Prefect flow's parameter and the content of params.yaml."""
 
@@ -83,6 +139,14 @@ class BuildConfig(_Section):
     base_model: BaseModelConfig = BaseModelConfig()
     data: DataConfig = DataConfig()
     cluster: ClusterConfig = ClusterConfig()
+    experts: ExpertsConfig = ExpertsConfig()
+    router: RouterConfig = RouterConfig()
+
+    @model_validator(mode="after")
+    def _check_top_k(self) -> BuildConfig:
+        if self.cluster.k is not None and self.router.top_k > self.cluster.k:
+            raise ValueError(f"router.top_k ({self.router.top_k}) must be <= cluster.k ({self.cluster.k})")
+        return self
 
     def path(self, relative: str) -> Path:
         """Resolve a workspace-relative path from the config."""

@@ -98,3 +98,76 @@ def _assignments(rows: list[dict[str, Any]], labels: Any) -> list[dict[str, Any]
             item["domain"] = row["domain"]
         out.append(item)
     return out
+
+
+def experts_paths(cfg: BuildConfig) -> dict[str, Path]:
+    """Where ``train-experts`` writes its outputs."""
+    out = cfg.path(cfg.experts.out_dir)
+    return {"dir": out, "index": out / "experts.json", "baseline": cfg.path(cfg.experts.baseline_dir)}
+
+
+def mole_paths(cfg: BuildConfig) -> dict[str, Path]:
+    """Where ``train-router`` writes the MoLE model."""
+    out = cfg.path(cfg.router.out_dir)
+    return {"dir": out, "config": out / "mole_config.json", "metrics": out / "train_metrics.json"}
+
+
+def train_experts(cfg: BuildConfig, progress: Any = None) -> dict[str, Any]:
+    """Train one LoRA expert per cluster (and the multitask baseline) into artifacts/experts/."""
+    from mole.experts import run_train_experts
+
+    return run_train_experts(cfg, progress=progress)
+
+
+def base_ref(cfg: BuildConfig) -> dict[str, Any]:
+    """The base-model reference stored with a MoLE model (enough to load it again)."""
+    return {**cfg.base_model.model_dump(mode="json"), "seed": cfg.seed}
+
+
+def train_router(cfg: BuildConfig, progress: Any = None) -> dict[str, Any]:
+    """Build the MoLE model from the experts, warm-start and jointly train the routers, save artifacts/mole/."""
+    import json
+
+    from mole.base import load_base
+    from mole.model import MoLEModel
+    from mole.train import joint_train, routing_agreement, row_routing, warm_start
+
+    train, evals = _load_prepared(cfg)
+    index_path = experts_paths(cfg)["index"]
+    if not index_path.exists():
+        raise FileNotFoundError(f"{index_path} does not exist; run `mole train-experts` first")
+    index = json.loads(index_path.read_text())["experts"]
+    cpaths = cluster_paths(cfg)
+    clusters = {a["id"]: a["cluster"] for a in read_jsonl(cpaths["assignments"])}
+    eval_clusters = {a["id"]: a["cluster"] for a in read_jsonl(cpaths["eval_assignments"])}
+    expert_of = {e["cluster"]: i for i, e in enumerate(index)}
+    bm = cfg.base_model
+    base, tok = load_base(bm.name, revision=bm.revision, trust_remote_code=bm.trust_remote_code, dtype=bm.dtype,
+                          device=bm.device, seed=cfg.seed)
+    model = MoLEModel.from_experts(
+        base=base, tokenizer=tok, expert_dirs=[cfg.path(e["path"]) for e in index],
+        expert_ids=[e["id"] for e in index], base_ref=base_ref(cfg), top_k=cfg.router.top_k,
+        routing=cfg.router.routing, path=cfg.router.path, clusters=[e["cluster"] for e in index])
+    r, max_len = cfg.router, cfg.experts.max_length
+    train_experts_idx = [expert_of[clusters[row["id"]]] for row in train]
+    eval_experts_idx = [expert_of[eval_clusters[row["id"]]] for row in evals]
+    metrics: dict[str, Any] = {"warm_start": r.warm_start}
+    if r.warm_start:
+        rows = train[: r.warm_start_rows]
+        warm_start(model, rows, train_experts_idx[: len(rows)], batch_size=r.batch_size, max_length=max_len)
+    metrics["agreement_before_training"] = routing_agreement(
+        row_routing(model, evals, batch_size=r.batch_size, max_length=max_len), eval_experts_idx)
+    if r.routing == "token_topk" and r.steps > 0:
+        metrics["joint"] = joint_train(model, train, r, max_length=max_len, seed=cfg.seed, progress=progress)
+    metrics["agreement"] = routing_agreement(
+        row_routing(model, evals, batch_size=r.batch_size, max_length=max_len), eval_experts_idx)
+    paths = mole_paths(cfg)
+    model.save_pretrained(paths["dir"], extra_files={"clusterer": cpaths["dir"]}, extra_json={
+        "train_metrics.json": metrics})
+    logger.info("router agreement with clusters: %.3f before joint training, %.3f after",
+                metrics["agreement_before_training"], metrics["agreement"])
+    summary = {k: v for k, v in metrics.items() if k != "joint"}
+    if "joint" in metrics:
+        j = metrics["joint"]
+        summary.update(final_loss=j["loss"][-1], seconds=j["seconds"], tokens_per_s=j["tokens_per_s"])
+    return {**summary, "experts": len(index), "paths": {k: str(v) for k, v in paths.items()}}

@@ -1,0 +1,329 @@
+"""Training one peft LoRA expert per cluster, and the multitask LoRA baseline (stage ``train-experts``).
+
+Every output is written atomically and training checkpoints every ``experts.checkpoint_every`` steps, so the
+stage can be killed at any point and re-run: finished experts are reused, an interrupted one resumes from its
+last checkpoint and ends with the same adapter as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from peft import get_peft_model
+
+from mole.checkpoint import checkpoint_dir, remove_stale_temps, resume, save_checkpoint
+from mole.config import BuildConfig, ExpertsConfig, LoraSection
+from mole.data.tokenize import train_batches
+from mole.io import atomic_dir, read_jsonl, write_json
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+METRICS = "train_metrics.json"
+BASELINE_ID = "multitask_lora"
+
+
+def expert_id(cluster: int) -> str:
+    """The name of cluster ``cluster``'s expert: ``expert_00``, ``expert_01``, ..."""
+    return f"expert_{cluster:02d}"
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Learning-rate multiplier of 0-based optimizer step ``step``: linear warmup, then linear decay (never 0)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return (total - step) / max(1, total - warmup)
+
+
+def is_finished(out_dir: Path, fingerprint: str) -> bool:
+    """Whether ``out_dir`` holds a complete adapter trained with ``fingerprint``."""
+    try:
+        metrics = json.loads((Path(out_dir) / METRICS).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return metrics.get("fingerprint") == fingerprint and (Path(out_dir) / "adapter_model.safetensors").is_file()
+
+
+def train_lora(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: list[dict[str, Any]],
+    *,
+    lora: LoraSection,
+    cfg: ExpertsConfig,
+    steps: int,
+    out_dir: Path,
+    seed: int,
+    fingerprint: str,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> dict[str, Any]:
+    """Train one LoRA adapter on ``rows`` and write it to ``out_dir`` as a standard peft adapter dir.
+
+    The adapter is injected into ``model`` for the duration of the call and removed again (also on error), so
+    the same base model object serves the next expert with its weights, ``requires_grad`` flags and mode as they
+    were. Resumes from ``<out_dir>.ckpt`` when that checkpoint has the same ``fingerprint`` and ``steps``.
+
+    Args:
+        model: the base causal LM (any device and dtype; peft keeps fp16/bf16 adapters in fp32).
+        tokenizer: its tokenizer, with a pad or eos token.
+        rows: prepared rows (``prompt`` + ``completion``, or ``text``).
+        lora: LoRA options (rank, alpha, dropout, target modules).
+        cfg: optimizer, batching and checkpoint options; ``cfg.steps`` is ignored in favour of ``steps``.
+        steps: optimizer steps to train.
+        out_dir: the adapter directory to write (replaced atomically).
+        seed: seeds the adapter init, dropout and the batch order; the same seed gives the same adapter.
+        fingerprint: identifies this run's inputs; stored in the metrics and checkpoints.
+        progress: called as ``progress(step, steps, loss)`` after every optimizer step (``step`` from 1).
+
+    Returns:
+        The metrics written to ``out_dir/train_metrics.json``.
+    """
+    out_dir, ckpt_path = Path(out_dir), checkpoint_dir(Path(out_dir))
+    remove_stale_temps(out_dir)
+    device = next(model.parameters()).device
+    grad_flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    was_training = model.training
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    # A private RNG stream: the run is reproducible and the caller's global RNG is left as it was.
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(model, lora.to_peft())
+        try:
+            params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+            optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+            state = resume(ckpt_path, params=params, optimizer=optimizer, device=device, fingerprint=fingerprint,
+                           total_steps=steps)  # fmt: skip
+            start = 0 if state is None else state["step"]
+            if state is None:
+                state = {"step": 0, "total_steps": steps, "losses": [], "tokens": 0, "seconds": 0.0}
+            else:
+                logger.info("%s: resuming from its checkpoint at step %d/%d", out_dir.name, start, steps)
+            state["fingerprint"] = fingerprint
+            batches = train_batches(rows, tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length,
+                                    seed=seed, steps=steps)  # fmt: skip
+            warmup, t0 = min(cfg.warmup_steps, steps), time.perf_counter() - state["seconds"]
+            peft_model.train()
+            # The batch stream is deterministic in `seed`: skipping the consumed batches puts a resumed run in step.
+            for step, batch in enumerate(itertools.islice(batches, start, None), start=start):
+                for group in optimizer.param_groups:
+                    group["lr"] = cfg.lr * lr_factor(step, steps, warmup)
+                loss = peft_model(**{k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")}).loss
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params.values(), cfg.grad_clip)
+                optimizer.step()
+                state["losses"].append(float(loss.detach()))
+                state["tokens"] += int(batch["attention_mask"].sum())
+                state["step"], state["seconds"] = step + 1, time.perf_counter() - t0
+                if state["step"] % cfg.checkpoint_every == 0 and state["step"] < steps:
+                    save_checkpoint(ckpt_path, adapter=params, optimizer=optimizer, device=device, state=state)
+                if progress is not None:
+                    progress(state["step"], steps, state["losses"][-1])
+            peft_model.eval()
+            metrics = _metrics(state, rows=rows, lora=lora, cfg=cfg, seed=seed, resumed_from=start)
+            with atomic_dir(out_dir) as tmp:
+                peft_model.save_pretrained(str(tmp))
+                write_json(tmp / METRICS, metrics)  # last: its presence marks the directory complete
+            shutil.rmtree(ckpt_path, ignore_errors=True)
+        finally:
+            peft_model.unload()  # puts the original modules back into `model`
+            for name, param in model.named_parameters():
+                param.requires_grad_(grad_flags[name])
+            model.train(was_training)
+    logger.info("%s: %d steps, final loss %.4f, %.1fs", out_dir.name, steps, metrics["final_loss"], metrics["seconds"])
+    return metrics
+
+
+def _metrics(state: dict, *, rows: list, lora: LoraSection, cfg: ExpertsConfig, seed: int, resumed_from: int) -> dict:
+    seconds = state["seconds"]
+    return {
+        "loss": state["losses"], "final_loss": state["losses"][-1], "steps": state["total_steps"],
+        "resumed_from": resumed_from, "rows": len(rows), "tokens": state["tokens"], "seconds": round(seconds, 3),
+        "tokens_per_s": round(state["tokens"] / max(seconds, 1e-9), 1), "fingerprint": state["fingerprint"],
+        "seed": seed, "lr": cfg.lr, "batch_size": cfg.batch_size, "max_length": cfg.max_length, "r": lora.r,
+        "lora_alpha": lora.lora_alpha, "target_modules": list(lora.target_modules),
+    }  # fmt: skip
+
+
+def _fingerprint(cfg: BuildConfig, *, kind: str, seed: int, steps: int, row_ids: list[str]) -> str:
+    # Options that cannot change the adapter (where it goes, how often it checkpoints) are left out.
+    experts = cfg.experts.model_dump(
+        mode="json", exclude={"out_dir", "baseline_dir", "checkpoint_every", "multitask_baseline"}
+    )
+    payload = {
+        "kind": kind,
+        "experts": experts,
+        "base_model": cfg.base_model.model_dump(mode="json"),
+        "base_seed": cfg.seed,
+        "seed": seed,
+        "steps": steps,
+        "rows": sorted(row_ids),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def load_cluster_rows(cfg: BuildConfig) -> dict[int, list[dict[str, Any]]]:
+    """The prepared training rows grouped by cluster, from train.jsonl and assignments.jsonl.
+
+    Raises:
+        FileNotFoundError: an input is missing (naming the file and the stage to run).
+        ValueError: the assignments do not match the prepared rows (clusters are stale).
+    """
+    from mole.stages import cluster_paths, prepared_paths  # lazily: mole.stages will import this module
+
+    train_path, assign_path = prepared_paths(cfg)["train"], cluster_paths(cfg)["assignments"]
+    for path, stage in ((train_path, "prepare"), (assign_path, "cluster")):
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist; run `mole {stage}` first")
+    rows = {r["id"]: r for r in read_jsonl(train_path)}
+    assignments = read_jsonl(assign_path)
+    unknown = [a["id"] for a in assignments if a["id"] not in rows]
+    if unknown or len(assignments) != len(rows):
+        raise ValueError(
+            f"{assign_path}: {len(assignments)} assignments for {len(rows)} rows of {train_path} "
+            f"({len(unknown)} unknown ids, e.g. {unknown[:3]}); re-run `mole cluster`"
+        )
+    groups: dict[int, list[dict[str, Any]]] = {}
+    for a in assignments:
+        groups.setdefault(int(a["cluster"]), []).append(rows[a["id"]])
+    return dict(sorted(groups.items()))
+
+
+def _remove_stale_experts(experts_dir: Path, keep: set[str]) -> None:
+    """Delete expert dirs (and checkpoints) of clusters that no longer exist, e.g. after k went down."""
+    if not experts_dir.is_dir():
+        return
+    for path in experts_dir.glob("expert_*"):
+        if path.is_dir() and path.name.removesuffix(".ckpt") not in keep:
+            logger.warning("removing stale %s (no such cluster now)", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class _Job:
+    name: str
+    cluster: int | None  # None for the multitask baseline
+    rows: list[dict[str, Any]]
+    rel_dir: str  # workspace-relative output dir, as recorded in experts.json
+    seed: int
+    steps: int
+
+
+def _jobs(cfg: BuildConfig, groups: dict[int, list[dict[str, Any]]]) -> list[_Job]:
+    e = cfg.experts
+    jobs = [
+        _Job(expert_id(c), c, rows, f"{e.out_dir}/{expert_id(c)}", cfg.seed + c, e.steps) for c, rows in groups.items()
+    ]
+    if e.multitask_baseline:
+        every_row = [r for rows in groups.values() for r in rows]
+        # Same total steps as all experts together (DESIGN.md, "Evaluation").
+        jobs.append(_Job(BASELINE_ID, None, every_row, e.baseline_dir, cfg.seed, len(groups) * e.steps))
+    return jobs
+
+
+def run_train_experts(cfg: BuildConfig, *, progress: Callable[[str, int, int, float], None] | None = None) -> dict:
+    """Train (or reuse) one LoRA expert per cluster and the multitask baseline; write experts.json.
+
+    Args:
+        cfg: the build configuration (``workspace``, ``base_model``, ``experts``, ``seed``).
+        progress: called as ``progress(name, step, total, loss)`` after every step; once with
+            ``step == total`` for a reused adapter.
+
+    Returns:
+        A JSON-able summary: k, trained and reused ids, seconds, paths.
+    """
+    t0 = time.perf_counter()
+    groups = load_cluster_rows(cfg)
+    experts_dir = cfg.path(cfg.experts.out_dir)
+    _remove_stale_experts(experts_dir, keep={expert_id(c) for c in groups})
+    base = None
+    entries: list[dict[str, Any]] = []
+    for job in _jobs(cfg, groups):
+        out_dir = cfg.path(job.rel_dir)
+        kind = "expert" if job.cluster is not None else BASELINE_ID
+        fingerprint = _fingerprint(cfg, kind=kind, seed=job.seed, steps=job.steps, row_ids=[r["id"] for r in job.rows])
+        reused = is_finished(out_dir, fingerprint)
+        if reused:
+            logger.info("%s: reusing %s (same inputs)", job.name, out_dir)
+            shutil.rmtree(checkpoint_dir(out_dir), ignore_errors=True)  # left if killed just after finishing
+            metrics = json.loads((out_dir / METRICS).read_text(encoding="utf-8"))
+            if progress is not None:
+                progress(job.name, job.steps, job.steps, metrics["final_loss"])
+        else:
+            if base is None:
+                base = _load_base(cfg)  # once, and only when something needs training
+            logger.info("%s: training on %d rows for %d steps", job.name, len(job.rows), job.steps)
+            step_cb = (lambda s, t, loss, _n=job.name: progress(_n, s, t, loss)) if progress is not None else None
+            metrics = train_lora(
+                *base,
+                job.rows,
+                lora=cfg.experts.lora,
+                cfg=cfg.experts,
+                steps=job.steps,
+                out_dir=out_dir,
+                seed=job.seed,
+                fingerprint=fingerprint,
+                progress=step_cb,
+            )
+        entries.append(
+            {
+                "id": job.name,
+                "cluster": job.cluster,
+                "rows": len(job.rows),
+                "steps": job.steps,
+                "path": job.rel_dir,
+                "final_loss": metrics["final_loss"],
+                "seconds": metrics["seconds"],
+                "reused": reused,
+                "fingerprint": fingerprint,
+            }
+        )
+    experts = [x for x in entries if x["cluster"] is not None]
+    baseline = next((x for x in entries if x["cluster"] is None), None)
+    write_json(
+        experts_dir / "experts.json",
+        {
+            "k": len(groups),
+            "base_model": cfg.base_model.name,
+            "lora": cfg.experts.lora.model_dump(mode="json"),
+            "experts": experts,
+            "baseline": baseline,
+        },
+    )
+    return {
+        "k": len(groups),
+        "trained": [x["id"] for x in entries if not x["reused"]],
+        "reused": [x["id"] for x in entries if x["reused"]],
+        "seconds": round(time.perf_counter() - t0, 3),
+        "paths": {
+            "experts": str(experts_dir),
+            "experts_json": str(experts_dir / "experts.json"),
+            "baseline": str(cfg.path(cfg.experts.baseline_dir)) if baseline else None,
+        },
+    }
+
+
+def _load_base(cfg: BuildConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    from mole.base import load_base
+
+    bm = cfg.base_model
+    return load_base(
+        bm.name,
+        revision=bm.revision,
+        trust_remote_code=bm.trust_remote_code,
+        dtype=bm.dtype,
+        device=bm.device,
+        seed=cfg.seed,
+    )

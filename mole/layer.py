@@ -1,0 +1,211 @@
+"""The MoLE layer: a frozen linear plus a bank of LoRA experts mixed per token by the block's router.
+
+Shapes: B batch, T tokens, E experts, K experts per token, r rank.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mole.router import RouterOutput
+
+PathChoice = Literal["auto", "dense", "sparse"]
+_PATHS = ("auto", "dense", "sparse")
+
+# choose_path thresholds, tuned by the benchmark: the sparse path gathers K (r x d) slices per token, which
+# only beats two dense matmuls over all E experts when few experts are used and there are few tokens.
+SPARSE_MIN_EXPERTS_PER_TOPK = 8
+SPARSE_MAX_TOKENS = 64
+
+
+def choose_path(num_experts: int, top_k: int, tokens: int) -> Literal["dense", "sparse"]:
+    """Pick the compute path for ``path="auto"``: sparse for small decode steps with many experts.
+
+    Args:
+        num_experts: E.
+        top_k: K.
+        tokens: B * T tokens in this forward.
+
+    Returns:
+        "sparse" when E / K >= 8 and B * T <= 64, else "dense".
+    """
+    if num_experts / top_k >= SPARSE_MIN_EXPERTS_PER_TOPK and tokens <= SPARSE_MAX_TOKENS:
+        return "sparse"
+    return "dense"
+
+
+@dataclass
+class RoutingState:
+    """Shared, per-forward routing of one transformer block, read by every MoLELinear of that block."""
+
+    output: RouterOutput | None = None
+
+
+class MoLELinear(nn.Module):
+    """``y = W x + scale * sum_i w_i * B_i A_i x`` over E LoRA experts, with w from the block's router.
+
+    The bank is stored concatenated so forward needs no loop over experts: rows ``[i*r:(i+1)*r]`` of
+    ``lora_A`` (E*r, d_in) and columns ``[i*r:(i+1)*r]`` of ``lora_B`` (d_out, E*r) are expert i's peft
+    ``lora_A.weight`` (r, d_in) and ``lora_B.weight`` (d_out, r).
+
+    Args:
+        base_layer: the frozen linear W.
+        num_experts: E.
+        r: LoRA rank of every expert.
+        scale: LoRA scaling, ``lora_alpha / r``.
+        state: the block's routing, set by the model before every forward.
+        path: "dense", "sparse" (gather the top-k experts) or "auto" (see ``choose_path``).
+        dropout: dropout on the experts' input, as peft's ``lora_dropout``.
+    """
+
+    def __init__(
+        self,
+        *,
+        base_layer: nn.Linear,
+        num_experts: int,
+        r: int,
+        scale: float,
+        state: RoutingState,
+        path: PathChoice = "auto",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        if r < 1:
+            raise ValueError(f"r must be >= 1, got {r}")
+        if path not in _PATHS:
+            raise ValueError(f"path must be one of {_PATHS}, got {path!r}")
+        self.base_layer = base_layer
+        self.base_layer.requires_grad_(False)
+        self.num_experts = num_experts
+        self.r = r
+        self.scale = scale
+        self.state = state
+        self.path: PathChoice = path
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        w = base_layer.weight
+        # Follow the base layer; a quantised base (integer storage) gets float32 adapters, as peft does.
+        dtype = w.dtype if w.is_floating_point() else torch.float32
+        self.lora_A = nn.Parameter(torch.empty(num_experts * r, self.in_features, device=w.device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, num_experts * r, device=w.device, dtype=dtype))
+        # peft initialises each (r, d_in) A with kaiming_uniform_(a=sqrt(5)); its bound depends only on
+        # fan_in = d_in, so one call over the concatenated bank draws from the same distribution.
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    @property
+    def in_features(self) -> int:
+        """d_in of the base layer."""
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        """d_out of the base layer."""
+        return self.base_layer.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Base output plus the routed mixture of experts.
+
+        Args:
+            x: (B, T, d_in) input; ``self.state.output`` must route the same B * T tokens (a flattened
+                (B * T, d_in) input is accepted).
+
+        Returns:
+            (B, T, d_out) in the base layer's output dtype.
+        """
+        routing = self.state.output
+        if routing is None:
+            raise RuntimeError(
+                "MoLELinear called with no routing: the model must set state.output (its block's router "
+                "output) before the forward pass"
+            )
+        lead = x.shape[:-1]
+        weights, indices, topk_weights = routing.weights, routing.indices, routing.topk_weights
+        if weights.shape[:-1] != lead:
+            # Some blocks flatten (B, T) before a projection: same tokens, same order, so reshape the routing.
+            if weights.shape[:-1].numel() != lead.numel():
+                raise RuntimeError(
+                    f"routing covers tokens of shape {tuple(weights.shape[:-1])} but the input has {tuple(lead)}"
+                )
+            weights = weights.reshape(*lead, weights.shape[-1])
+        y = self.base_layer(x)
+        # peft-style: experts run in their own dtype (e.g. fp32 adapters on a bf16 base), result cast back.
+        xa = self.dropout(x.to(self.lora_A.dtype))
+        path = self.path
+        if path == "auto":
+            path = choose_path(self.num_experts, indices.shape[-1], lead.numel())
+        delta = self._sparse(xa, indices, topk_weights) if path == "sparse" else self._dense(xa, weights)
+        return y + delta.to(y.dtype)
+
+    def _dense(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """All experts as two matmuls over the concatenated bank: (B, T, d_in), (B, T, E) -> (B, T, d_out)."""
+        h = F.linear(x, self.lora_A)  # (B, T, E*r)
+        h = h.unflatten(-1, (self.num_experts, self.r))  # (B, T, E, r)
+        # Cast to h's dtype (not x's): under autocast the matmul output is bf16 even for fp32 x.
+        h = h * weights.to(h.dtype)[..., None]  # (B, T, E, r)
+        return F.linear(h.flatten(-2), self.lora_B) * self.scale  # (B, T, d_out)
+
+    def _sparse(self, x: torch.Tensor, indices: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """Only the top-k experts of each token, gathered from the bank: (B, T, d_in) -> (B, T, d_out).
+
+        ``indices`` and ``topk_weights`` are (B, T, K), or any shape with the same B * T tokens in order.
+        """
+        lead = x.shape[:-1]
+        k = indices.shape[-1]
+        xf = x.reshape(-1, self.in_features)  # (N, d_in)
+        idx = indices.reshape(-1, k)  # (N, K)
+        a = self.lora_A.view(self.num_experts, self.r, self.in_features)[idx]  # (N, K, r, d_in)
+        b = self.lora_B.view(self.out_features, self.num_experts, self.r).permute(1, 0, 2)[idx]  # (N, K, d_out, r)
+        h = torch.einsum("nd,nkrd->nkr", xf, a)  # (N, K, r)
+        h = h * topk_weights.reshape(-1, k).to(h.dtype)[..., None]  # (N, K, r)
+        out = torch.einsum("nkr,nkor->no", h, b) * self.scale  # (N, d_out)
+        return out.reshape(*lead, self.out_features)
+
+    def _check_index(self, i: int) -> None:
+        if not 0 <= i < self.num_experts:
+            raise ValueError(f"expert index must be in [0, {self.num_experts}), got {i}")
+
+    def expert(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert i's weights as detached copies, laid out like peft's.
+
+        Args:
+            i: expert index.
+
+        Returns:
+            ``(A_i, B_i)`` with shapes (r, d_in) and (d_out, r).
+        """
+        self._check_index(i)
+        sl = slice(i * self.r, (i + 1) * self.r)
+        return self.lora_A[sl].detach().clone(), self.lora_B[:, sl].detach().clone()
+
+    @torch.no_grad()
+    def set_expert(self, i: int, A: torch.Tensor, B: torch.Tensor) -> None:
+        """Overwrite expert i's weights (cast to the bank's device and dtype).
+
+        Args:
+            i: expert index.
+            A: (r, d_in), e.g. a peft adapter's ``lora_A.weight``.
+            B: (d_out, r), e.g. a peft adapter's ``lora_B.weight``.
+        """
+        self._check_index(i)
+        want_a, want_b = (self.r, self.in_features), (self.out_features, self.r)
+        if tuple(A.shape) != want_a or tuple(B.shape) != want_b:
+            raise ValueError(
+                f"expert {i}: expected A {want_a} and B {want_b} (r={self.r}), got A {tuple(A.shape)} "
+                f"and B {tuple(B.shape)}"
+            )
+        sl = slice(i * self.r, (i + 1) * self.r)
+        self.lora_A[sl].copy_(A)
+        self.lora_B[:, sl].copy_(B)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, num_experts={self.num_experts}, "
+            f"r={self.r}, scale={self.scale}, path={self.path!r}"
+        )

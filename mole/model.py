@@ -1,0 +1,254 @@
+"""MoLEModel: a frozen base causal LM with an expert bank in its target linears and one router per block.
+
+Surgery: every target ``nn.Linear`` of block b becomes a :class:`~mole.layer.MoLELinear` that reads the routing
+of block b from a shared :class:`~mole.layer.RoutingState`; a forward pre-hook on the block computes that
+routing from the block's input hidden states (one pass, no second forward). Routing is per token, so
+generation with a KV cache routes each new token from its own hidden state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mole.adapters import adapter_keys, read_adapter, write_adapter
+from mole.io import atomic_dir
+from mole.layer import MoLELinear, RoutingState
+from mole.router import RouterOutput, TokenTopKRouter, forced_routing
+
+logger = logging.getLogger(__name__)
+SPEC_FILE = "mole_config.json"
+ROUTER_FILE = "router.safetensors"
+
+
+@dataclass
+class MoLESpec:
+    """Everything needed to rebuild a MoLE model on its base (written as mole_config.json)."""
+
+    base_model: dict[str, Any]
+    expert_ids: list[str]
+    r: int
+    lora_alpha: float
+    target_modules: list[str]
+    top_k: int = 2
+    routing: str = "token_topk"  # token_topk | cluster
+    path: str = "auto"
+    clusters: list[int] = field(default_factory=list)  # cluster id of each expert, same order as expert_ids
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.expert_ids)
+
+
+@dataclass
+class MoLEOutput:
+    """Forward result: ``loss`` = lm_loss + aux_coef·aux_loss + z_coef·z_loss (when labels are given)."""
+
+    logits: torch.Tensor  # (B, T, V)
+    loss: torch.Tensor | None
+    lm_loss: torch.Tensor | None
+    aux_loss: torch.Tensor
+    z_loss: torch.Tensor
+    routing: list[RouterOutput]  # one per block, in block order
+    past_key_values: Any = None
+
+
+def find_blocks(model: nn.Module) -> nn.ModuleList:
+    """The transformer blocks of a causal LM: the ModuleList with ``config.num_hidden_layers`` entries."""
+    n = model.config.num_hidden_layers
+    for _, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise ValueError(f"cannot find the {n} transformer blocks of {type(model).__name__}")
+
+
+class MoLEModel(nn.Module):
+    """A base causal LM with MoLE expert banks and per-block token routers."""
+
+    def __init__(self, *, base: nn.Module, tokenizer: Any, spec: MoLESpec) -> None:
+        super().__init__()
+        self.base = base
+        self.tokenizer = tokenizer
+        self.spec = spec
+        for p in base.parameters():
+            p.requires_grad_(False)
+        blocks = find_blocks(base)
+        e, k, dim = spec.num_experts, spec.top_k, base.config.hidden_size
+        self.routers = nn.ModuleList(TokenTopKRouter(dim=dim, num_experts=e, top_k=k) for _ in blocks)
+        self.routers.to(next(base.parameters()).device)
+        self.states = [RoutingState() for _ in blocks]
+        self.bank: dict[str, MoLELinear] = {}
+        self._forced: torch.Tensor | None = None  # (B,) expert per sequence, when routing is forced
+        self._mask: torch.Tensor | None = None  # (B, T) attention mask of the current full forward
+        self._outputs: list[RouterOutput] = []
+        for b, block in enumerate(blocks):
+            self._inject(block, self.states[b], prefix=_module_name(base, block))
+            block.register_forward_pre_hook(self._make_hook(b), with_kwargs=True)
+        if not self.bank:
+            raise ValueError(f"no module of the base matches target_modules={spec.target_modules}")
+
+    def _inject(self, block: nn.Module, state: RoutingState, *, prefix: str) -> None:
+        scale = self.spec.lora_alpha / self.spec.r
+        for name, module in list(block.named_modules()):
+            if name.split(".")[-1] in self.spec.target_modules and isinstance(module, nn.Linear):
+                parent = block.get_submodule(name.rsplit(".", 1)[0]) if "." in name else block
+                layer = MoLELinear(base_layer=module, num_experts=self.spec.num_experts, r=self.spec.r,
+                                   scale=scale, state=state, path=self.spec.path)
+                setattr(parent, name.split(".")[-1], layer)
+                self.bank[f"{prefix}.{name}"] = layer
+
+    def _make_hook(self, b: int):  # noqa: ANN202 - a closure over the block index
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]  # (B, T, D)
+            if self._forced is not None:
+                out = forced_routing(self._forced.to(hidden.device), seq_len=hidden.shape[1],
+                                     num_experts=self.spec.num_experts)
+            else:
+                mask = self._mask if self._mask is not None and self._mask.shape == hidden.shape[:2] else None
+                out = self.routers[b](hidden, mask)
+            self.states[b].output = out
+            self._outputs.append(out)
+
+        return hook
+
+    # ----------------------------------------------------------------------------------------------- running
+    @contextlib.contextmanager
+    def forced_route(self, expert_ids: torch.Tensor | None) -> Iterator[None]:
+        """Route every token of sequence b to expert ``expert_ids[b]`` inside the block (None: the routers)."""
+        old, self._forced = self._forced, expert_ids
+        try:
+            yield
+        finally:
+            self._forced = old
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, *, route: torch.Tensor | None = None,
+                aux_loss_coef: float = 0.0, z_loss_coef: float = 0.0, **kwargs: Any) -> MoLEOutput:
+        """Run the model. input_ids (B, T); labels (B, T) with -100 ignored; route (B,) forces experts."""
+        self._outputs, self._mask = [], attention_mask
+        with self.forced_route(route if route is not None else self._forced):
+            out = self.base(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+        routing, self._outputs, self._mask = self._outputs, [], None
+        zero = out.logits.new_zeros((), dtype=torch.float32)
+        aux = torch.stack([o.aux_loss for o in routing]).mean() if routing else zero
+        z = torch.stack([o.z_loss for o in routing]).mean() if routing else zero
+        loss = None if out.loss is None else out.loss + aux_loss_coef * aux + z_loss_coef * z
+        return MoLEOutput(logits=out.logits, loss=loss, lm_loss=out.loss, aux_loss=aux, z_loss=z, routing=routing,
+                          past_key_values=getattr(out, "past_key_values", None))
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                 route: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        """``base.generate`` with MoLE routing active (KV cache on by default); returns (B, T + new) ids."""
+        self._mask = None
+        with self.forced_route(route if route is not None else self._forced):
+            out = self.base.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                     pad_token_id=self.tokenizer.pad_token_id, **kwargs)
+        self._outputs = []
+        return out
+
+    def expert_parameters(self) -> list[nn.Parameter]:
+        return [p for layer in self.bank.values() for p in (layer.lora_A, layer.lora_B)]
+
+    def router_parameters(self) -> list[nn.Parameter]:
+        return list(self.routers.parameters())
+
+    # ------------------------------------------------------------------------------------- experts in / out
+    def load_expert(self, i: int, directory: str | Path) -> None:
+        """Load expert i from a peft adapter dir; its r, alpha and modules must match the bank."""
+        config, tensors = read_adapter(directory)
+        if config.get("r") != self.spec.r or float(config.get("lora_alpha")) != float(self.spec.lora_alpha):
+            raise ValueError(f"{directory}: adapter r={config.get('r')}, lora_alpha={config.get('lora_alpha')} "
+                             f"differ from the bank's r={self.spec.r}, lora_alpha={self.spec.lora_alpha}")
+        for name, layer in self.bank.items():
+            key_a, key_b = adapter_keys(name)
+            if key_a not in tensors or key_b not in tensors:
+                raise ValueError(f"{directory}: adapter has no weights for module {name}")
+            layer.set_expert(i, tensors[key_a], tensors[key_b])
+
+    def export_expert(self, i: int, directory: str | Path) -> Path:
+        """Write expert i as a standard peft adapter dir."""
+        tensors = {name: layer.expert(i) for name, layer in self.bank.items()}
+        return write_adapter(directory, tensors, r=self.spec.r, lora_alpha=self.spec.lora_alpha,
+                             target_modules=self.spec.target_modules,
+                             base_model=self.spec.base_model.get("name"))
+
+    # ------------------------------------------------------------------------------------------ save / load
+    def save_pretrained(self, directory: str | Path, *, extra_files: dict[str, Path] | None = None,
+                        extra_json: dict[str, Any] | None = None) -> Path:
+        """Write mole_config.json, router.safetensors and experts/<id>/ atomically into ``directory``.
+
+        ``extra_files`` (name -> file or dir) are copied in and ``extra_json`` (name -> object) written beside.
+        """
+        with atomic_dir(directory) as tmp:
+            (tmp / SPEC_FILE).write_text(json.dumps(asdict(self.spec), indent=2))
+            state = {k: v.detach().contiguous().cpu() for k, v in self.routers.state_dict().items()}
+            save_file(state, str(tmp / ROUTER_FILE), metadata={"format": "pt"})
+            for i, eid in enumerate(self.spec.expert_ids):
+                self.export_expert(i, tmp / "experts" / eid)
+            for name, src in (extra_files or {}).items():
+                (shutil.copytree if Path(src).is_dir() else shutil.copy2)(src, tmp / name)
+            for name, obj in (extra_json or {}).items():
+                (tmp / name).write_text(json.dumps(obj, indent=2))
+        return Path(directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, *, base: nn.Module | None = None, tokenizer: Any = None,
+                        device: str | None = None) -> MoLEModel:
+        """Load a saved MoLE model; the base is loaded from the reference in mole_config.json unless given."""
+        directory = Path(directory)
+        if not (directory / SPEC_FILE).exists():
+            raise FileNotFoundError(f"{directory}: no {SPEC_FILE}; not a MoLE model directory")
+        spec = MoLESpec(**json.loads((directory / SPEC_FILE).read_text()))
+        if base is None:
+            base, tokenizer = load_spec_base(spec.base_model, device=device)
+        model = cls(base=base, tokenizer=tokenizer, spec=spec)
+        for i, eid in enumerate(spec.expert_ids):
+            model.load_expert(i, directory / "experts" / eid)
+        model.routers.load_state_dict(load_file(str(directory / ROUTER_FILE)))
+        return model.eval()
+
+    @classmethod
+    def from_experts(cls, *, base: nn.Module, tokenizer: Any, expert_dirs: list[Path], expert_ids: list[str],
+                     base_ref: dict[str, Any], top_k: int, routing: str = "token_topk", path: str = "auto",
+                     clusters: list[int] | None = None) -> MoLEModel:
+        """Build a bank from trained peft adapter dirs (all with the same r, alpha and target modules)."""
+        config, _ = read_adapter(expert_dirs[0])
+        targets = config["target_modules"]
+        spec = MoLESpec(
+            base_model=base_ref, expert_ids=list(expert_ids), r=int(config["r"]),
+            lora_alpha=float(config["lora_alpha"]),
+            target_modules=sorted(targets if isinstance(targets, list) else [targets]),
+            top_k=min(top_k, len(expert_dirs)), routing=routing, path=path,
+            clusters=list(clusters) if clusters is not None else list(range(len(expert_dirs))),
+        )
+        model = cls(base=base, tokenizer=tokenizer, spec=spec)
+        for i, d in enumerate(expert_dirs):
+            model.load_expert(i, d)
+        return model
+
+
+def _module_name(root: nn.Module, target: nn.Module) -> str:
+    for name, module in root.named_modules():
+        if module is target:
+            return name
+    raise ValueError("module is not part of the model")
+
+
+def load_spec_base(ref: dict[str, Any], *, device: str | None = None) -> tuple[nn.Module, Any]:
+    """Load the base model a MoLE spec refers to (name, revision, dtype, device, trust_remote_code, seed)."""
+    from mole.base import load_base
+
+    return load_base(ref["name"], revision=ref.get("revision"), trust_remote_code=ref.get("trust_remote_code", False),
+                     dtype=ref.get("dtype", "float32"), device=device or ref.get("device", "cpu"),
+                     seed=ref.get("seed", 0))

@@ -1,0 +1,235 @@
+"""Token routers for the MoLE layer: a learned top-k gate per block, and forced (per-sequence) routing.
+
+Shapes: B batch, T tokens, D hidden, E experts, K experts per token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+# Auto-calibrated warm start: the logit margin of a cluster's own expert over another expert, averaged over
+# pairs and measured at the cluster means. 2 logits gives ~88 % of a two-way softmax to the own expert:
+# decisive enough to route like the clusterer, soft enough that the gate still gets useful gradients.
+WARM_START_MARGIN = 2.0
+
+
+@dataclass
+class RouterOutput:
+    """The routing of one block for one forward pass.
+
+    Attributes:
+        weights: (B, T, E) float32 dense weights; zero outside the top-k, non-negative, sum to 1 per token.
+        indices: (B, T, K) long, the chosen experts.
+        topk_weights: (B, T, K) float32, the weights of the chosen experts (sum to 1 per token).
+        logits: (B, T, E) float32 gate logits, or None for forced routing.
+        aux_loss: scalar Switch load-balancing loss ``E * sum_i f_i * P_i`` (1.0 when perfectly uniform).
+        z_loss: scalar router z-loss, mean over unmasked tokens of ``logsumexp(logits) ** 2``.
+    """
+
+    weights: torch.Tensor
+    indices: torch.Tensor
+    topk_weights: torch.Tensor
+    logits: torch.Tensor | None
+    aux_loss: torch.Tensor
+    z_loss: torch.Tensor
+
+
+def _token_mask(mask: torch.Tensor | None, lead_shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """A float32 (N,) mask over the flattened tokens (all ones when ``mask`` is None)."""
+    if mask is None:
+        return torch.ones(lead_shape.numel(), device=device, dtype=torch.float32)
+    if mask.shape != lead_shape:
+        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {tuple(lead_shape)} (one entry per token)")
+    return mask.reshape(-1).to(device=device, dtype=torch.float32)
+
+
+def load_balancing_loss(
+    probs: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor | None, num_experts: int
+) -> torch.Tensor:
+    """Switch Transformer load-balancing loss ``E * sum_i f_i * P_i``.
+
+    ``f_i`` is the fraction of the (unmasked) top-k assignments that go to expert i (so it sums to 1), and
+    ``P_i`` the mean full-softmax probability of expert i over unmasked tokens. The loss is 1.0 when
+    routing is perfectly balanced and approaches E when every token goes to one expert. Only ``P``
+    carries gradient, as in Switch.
+
+    Args:
+        probs: (B, T, E) full softmax over the gate logits.
+        indices: (B, T, K) chosen experts.
+        mask: (B, T) 1 for real tokens, 0 for padding; None counts every token.
+        num_experts: E.
+
+    Returns:
+        A float32 scalar.
+    """
+    lead = probs.shape[:-1]
+    if indices.shape[:-1] != lead:
+        raise ValueError(f"indices has shape {tuple(indices.shape)}, expected {tuple(lead)} + (K,)")
+    m = _token_mask(mask, lead, probs.device)  # (N,)
+    n = m.sum().clamp_min(1.0)
+    flat_idx = indices.reshape(-1, indices.shape[-1])  # (N, K)
+    counts = torch.zeros(flat_idx.shape[0], num_experts, device=probs.device, dtype=torch.float32)
+    counts.scatter_add_(-1, flat_idx, torch.ones_like(flat_idx, dtype=torch.float32))  # (N, E)
+    f = (counts * m[:, None]).sum(0) / (n * flat_idx.shape[-1])  # (E,)
+    p = (probs.reshape(-1, num_experts).float() * m[:, None]).sum(0) / n  # (E,)
+    return num_experts * (f * p).sum()
+
+
+def router_z_loss(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Router z-loss (ST-MoE): mean over unmasked tokens of ``logsumexp(logits) ** 2``.
+
+    Args:
+        logits: (B, T, E) gate logits.
+        mask: (B, T) 1 for real tokens, 0 for padding; None counts every token.
+
+    Returns:
+        A float32 scalar.
+    """
+    m = _token_mask(mask, logits.shape[:-1], logits.device)  # (N,)
+    lse = torch.logsumexp(logits.float(), dim=-1).reshape(-1)  # (N,)
+    return (lse.square() * m).sum() / m.sum().clamp_min(1.0)
+
+
+@contextlib.contextmanager
+def _fp32(device: torch.device) -> Iterator[None]:
+    """Disable autocast on ``device`` so gate logits stay in float32 under mixed precision."""
+    try:
+        ctx = torch.autocast(device_type=device.type, enabled=False)
+    except RuntimeError:  # a device type autocast does not know (e.g. meta): nothing to disable
+        ctx = contextlib.nullcontext()
+    with ctx:
+        yield
+
+
+class TokenTopKRouter(nn.Module):
+    """Token-choice top-k router: one linear gate, logits in fp32, softmax over the chosen k.
+
+    Args:
+        dim: hidden size D of the block input.
+        num_experts: E.
+        top_k: K, experts per token, 1 <= K <= E.
+        bias: whether the gate has a bias (the warm start uses it to centre the hidden states).
+    """
+
+    def __init__(self, *, dim: int, num_experts: int, top_k: int, bias: bool = True) -> None:
+        super().__init__()
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got top_k={top_k}")
+        self.dim = dim
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.gate = nn.Linear(dim, num_experts, bias=bias)
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> RouterOutput:
+        """Route every token to its top-k experts.
+
+        Note that with K = 1 the chosen weight is always 1, so the gate learns only through the aux/z losses.
+
+        Args:
+            hidden: (B, T, D) block input, any float dtype.
+            mask: (B, T) 1 for real tokens, 0 for padding; padding is left out of the aux and z losses.
+
+        Returns:
+            The routing, with dense (B, T, E) weights and (B, T, K) indices / top-k weights.
+        """
+        w = self.gate.weight
+        b = self.gate.bias
+        with _fp32(hidden.device):
+            logits = F.linear(hidden.float(), w.float(), None if b is None else b.float())  # (B, T, E)
+        top_logits, indices = logits.topk(self.top_k, dim=-1)  # (B, T, K)
+        topk_weights = top_logits.softmax(dim=-1)  # (B, T, K)
+        weights = torch.zeros_like(logits).scatter(-1, indices, topk_weights)  # (B, T, E)
+        probs = logits.softmax(dim=-1)  # (B, T, E)
+        return RouterOutput(
+            weights=weights,
+            indices=indices,
+            topk_weights=topk_weights,
+            logits=logits,
+            aux_loss=load_balancing_loss(probs, indices, mask, self.num_experts),
+            z_loss=router_z_loss(logits, mask),
+        )
+
+    @torch.no_grad()
+    def warm_start(self, means: torch.Tensor, overall: torch.Tensor, *, temperature: float | None = None) -> None:
+        """Initialise the gate so that, before training, it routes each token to its nearest cluster mean.
+
+        With centred means ``c_i = means[i] - overall`` and a centred token ``h - overall``, the nearest-mean
+        rule ``argmin_i ||h - overall - c_i||^2`` equals ``argmax_i c_i . h - c_i . overall - ||c_i||^2 / 2``:
+        a linear gate with row i = ``c_i`` (as the design asks) and bias i = ``-c_i . overall - ||c_i||^2 / 2``
+        (the gate sees un-centred h, so the centring is folded into the bias). Rows and bias are then
+        divided by ``temperature``, which leaves the argmax unchanged and sets the logit range. With
+        ``temperature=None`` it is calibrated so that, at the cluster means, a cluster's own expert leads
+        another by ``WARM_START_MARGIN`` logits on average (that lead is ``||c_i - c_j||^2 / 2`` before
+        scaling). Without a gate bias only the rows are set, which routes by ``c_i . h`` and is only right
+        when the hidden states are centred.
+
+        Args:
+            means: (E, D) mean hidden state of each cluster's tokens at this block's input.
+            overall: (D,) mean hidden state over all tokens.
+            temperature: divisor of the logits; None calibrates it as above.
+        """
+        e, d = self.num_experts, self.dim
+        if means.shape != (e, d):
+            raise ValueError(f"means has shape {tuple(means.shape)}, expected (num_experts, dim) = {(e, d)}")
+        if overall.shape != (d,):
+            raise ValueError(f"overall has shape {tuple(overall.shape)}, expected (dim,) = {(d,)}")
+        if temperature is not None and temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        # float64: hidden states can carry large shared offsets that cancel in c_i and in the bias.
+        means64, overall64 = means.double(), overall.double()
+        c = means64 - overall64  # (E, D)
+        bias = -(c @ overall64) - 0.5 * c.square().sum(-1)  # (E,)
+        if temperature is None:
+            temperature = self._auto_temperature(c)
+        self.gate.weight.copy_(c / temperature)
+        if self.gate.bias is not None:
+            self.gate.bias.copy_(bias / temperature)
+        else:
+            logger.warning("router gate has no bias: warm start sets rows only, correct only for centred inputs")
+        logger.debug("router warm start: E=%d D=%d temperature=%.4g", e, d, temperature)
+
+    @staticmethod
+    def _auto_temperature(c: torch.Tensor) -> float:
+        """Temperature giving a mean pairwise margin of WARM_START_MARGIN logits at the cluster means."""
+        e = c.shape[0]
+        if e < 2:
+            return 1.0
+        half_sq = 0.5 * torch.cdist(c, c).square()  # (E, E), zero diagonal
+        mean_margin = float(half_sq.sum() / (e * (e - 1)))
+        return mean_margin / WARM_START_MARGIN if mean_margin > 0 else 1.0
+
+
+def forced_routing(expert_ids: torch.Tensor, *, seq_len: int, num_experts: int) -> RouterOutput:
+    """Route every token of sequence b entirely to ``expert_ids[b]`` (cluster-distance / oracle routing).
+
+    Args:
+        expert_ids: (B,) long expert per sequence.
+        seq_len: T.
+        num_experts: E.
+
+    Returns:
+        The routing with K = 1, one-hot (B, T, E) weights, no logits and zero losses.
+    """
+    if expert_ids.dim() != 1:
+        raise ValueError(f"expert_ids must have shape (B,), got {tuple(expert_ids.shape)}")
+    if expert_ids.dtype.is_floating_point or expert_ids.dtype == torch.bool:
+        raise TypeError(f"expert_ids must be an integer tensor, got {expert_ids.dtype}")
+    if expert_ids.numel() and (int(expert_ids.min()) < 0 or int(expert_ids.max()) >= num_experts):
+        raise ValueError(f"expert_ids must be in [0, {num_experts}), got {expert_ids.tolist()}")
+    device = expert_ids.device
+    indices = expert_ids.long()[:, None, None].expand(-1, seq_len, 1)  # (B, T, 1)
+    topk_weights = torch.ones(indices.shape, device=device, dtype=torch.float32)  # (B, T, 1)
+    weights = F.one_hot(indices[..., 0], num_experts).float()  # (B, T, E)
+    zero = torch.zeros((), device=device, dtype=torch.float32)
+    return RouterOutput(weights, indices, topk_weights, None, zero, zero.clone())

@@ -1,0 +1,143 @@
+"""Joint router + expert fine-tuning, the router warm start, and routing diagnostics.
+
+Warm start: for every block, the mean input hidden state of each cluster's tokens (collected with each row
+routed to its own cluster's expert) sets that cluster's gate row, so the untrained router routes like the
+clusterer. Joint training then trains gates (``router.lr``) and experts (``router.expert_lr``, or frozen) end
+to end with the Switch load-balancing loss and the optional router z-loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from mole.config import RouterConfig
+from mole.data.tokenize import IGNORE, eval_batches, train_batches
+from mole.model import MoLEModel, find_blocks
+
+logger = logging.getLogger(__name__)
+Progress = Callable[[str, int, int, float], None]
+
+
+def _token_mask(batch: dict[str, torch.Tensor], prompt_only: bool) -> torch.Tensor:
+    """(B, T) float mask of the tokens that count: non-padding, and the prompt only if asked and present."""
+    mask = batch["attention_mask"].bool()
+    if prompt_only:
+        prompt = mask & (batch["labels"] == IGNORE)
+        has_prompt = prompt.any(1, keepdim=True)
+        mask = torch.where(has_prompt, prompt, mask)
+    return mask.float()
+
+
+@torch.no_grad()
+def cluster_hidden_means(
+    model: MoLEModel, rows: list[dict[str, Any]], experts: list[int], *, batch_size: int, max_length: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per block: mean input hidden state of each expert's rows' tokens (E, D), and the overall mean (D,).
+
+    Rows are routed to their own expert (``experts[i]``) while the statistics are collected.
+    """
+    blocks = find_blocks(model.base)
+    e, d = model.spec.num_experts, model.base.config.hidden_size
+    sums = [torch.zeros(e, d, dtype=torch.float64) for _ in blocks]
+    counts = torch.zeros(e, dtype=torch.float64)
+    current: dict[str, torch.Tensor] = {}
+
+    def make_hook(b: int):  # noqa: ANN202
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = (args[0] if args else kwargs["hidden_states"]).double().cpu()  # (B, T, D)
+            weighted = hidden * current["mask"][..., None]  # (B, T, D)
+            sums[b].index_add_(0, current["expert"], weighted.sum(1))
+
+        return hook
+
+    handles = [blk.register_forward_pre_hook(make_hook(b), with_kwargs=True) for b, blk in enumerate(blocks)]
+    try:
+        model.eval()
+        for idx, batch in eval_batches(rows, model.tokenizer, batch_size=batch_size, max_length=max_length):
+            current["mask"] = _token_mask(batch, prompt_only=False).double()
+            current["expert"] = torch.tensor([experts[i] for i in idx])
+            counts.index_add_(0, current["expert"], current["mask"].sum(1))
+            dev = next(model.base.parameters()).device
+            model(batch["input_ids"].to(dev), batch["attention_mask"].to(dev), route=current["expert"])
+    finally:
+        for h in handles:
+            h.remove()
+    if (counts == 0).any():
+        missing = torch.nonzero(counts == 0).flatten().tolist()
+        raise ValueError(f"warm start: experts {missing} have no rows; every expert needs at least one row")
+    means = [(s / counts[:, None]).float() for s in sums]
+    overall = [((s.sum(0)) / counts.sum()).float() for s in sums]
+    return means, overall
+
+
+def warm_start(model: MoLEModel, rows: list[dict[str, Any]], experts: list[int], *, batch_size: int = 8,
+               max_length: int = 128) -> None:
+    """Initialise every block's gate from cluster hidden-state means (see module docstring)."""
+    means, overall = cluster_hidden_means(model, rows, experts, batch_size=batch_size, max_length=max_length)
+    for router, mu, mu_all in zip(model.routers, means, overall, strict=True):
+        router.warm_start(mu.to(router.gate.weight.device), mu_all.to(router.gate.weight.device))
+
+
+@torch.no_grad()
+def row_routing(model: MoLEModel, rows: list[dict[str, Any]], *, batch_size: int = 8, max_length: int = 128,
+                prompt_only: bool = True) -> np.ndarray:
+    """Mean router weight of each row over its (prompt) tokens, per block: shape (n_rows, L, E)."""
+    model.eval()
+    out = []
+    dev = next(model.base.parameters()).device
+    for _, batch in eval_batches(rows, model.tokenizer, batch_size=batch_size, max_length=max_length):
+        mask = _token_mask(batch, prompt_only).to(dev)  # (B, T)
+        res = model(batch["input_ids"].to(dev), batch["attention_mask"].to(dev))
+        per_block = torch.stack([(o.weights * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+                                 for o in res.routing], dim=1)  # (B, L, E)
+        out.append(per_block.float().cpu().numpy())
+    return np.concatenate(out)
+
+
+def routing_agreement(weights: np.ndarray, experts: list[int]) -> float:
+    """Fraction of rows whose top-1 expert (weights averaged over blocks) is their own cluster's expert."""
+    top1 = weights.mean(1).argmax(-1)
+    return float((top1 == np.asarray(experts)).mean())
+
+
+def joint_train(model: MoLEModel, rows: list[dict[str, Any]], cfg: RouterConfig, *, max_length: int, seed: int,
+                progress: Progress | None = None) -> dict[str, Any]:
+    """Train routers and (unless frozen) experts end to end; returns per-step losses and timings."""
+    torch.manual_seed(seed)
+    groups = [{"params": model.router_parameters(), "lr": cfg.lr}]
+    for p in model.expert_parameters():
+        p.requires_grad_(not cfg.freeze_experts and cfg.expert_lr > 0)
+    if not cfg.freeze_experts and cfg.expert_lr > 0:
+        groups.append({"params": model.expert_parameters(), "lr": cfg.expert_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(cfg.steps, 1))))
+    dev = next(model.base.parameters()).device
+    model.train()
+    hist: dict[str, list[float]] = {"loss": [], "lm_loss": [], "aux_loss": [], "z_loss": []}
+    tokens, start = 0, time.perf_counter()
+    batches = train_batches(rows, model.tokenizer, batch_size=cfg.batch_size, max_length=max_length, seed=seed,
+                            steps=cfg.steps)
+    for step, batch in enumerate(batches, start=1):
+        out = model(batch["input_ids"].to(dev), batch["attention_mask"].to(dev), batch["labels"].to(dev),
+                    aux_loss_coef=cfg.aux_loss_coef, z_loss_coef=cfg.z_loss_coef)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
+        opt.step()
+        sched.step()
+        tokens += int(batch["attention_mask"].sum())
+        for key in hist:
+            hist[key].append(round(float(getattr(out, key)), 5))
+        if progress:
+            progress("joint", step, cfg.steps, hist["loss"][-1])
+    model.eval()
+    seconds = time.perf_counter() - start
+    return {**hist, "steps": cfg.steps, "tokens": tokens, "seconds": round(seconds, 2),
+            "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else None}
