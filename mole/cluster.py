@@ -135,8 +135,17 @@ class Clusterer:
 
 
 def fit_clusters(
-    rows: list[dict[str, Any]], embedder: Embedder, *, k: int | None, k_min: int, k_max: int,
-    min_cluster_size: int, balanced: bool, n_init: int, seed: int, sample: int = 2000,
+    rows: list[dict[str, Any]],
+    embedder: Embedder,
+    *,
+    k: int | None,
+    k_min: int,
+    k_max: int,
+    min_cluster_size: int,
+    balanced: bool,
+    n_init: int,
+    seed: int,
+    sample: int = 2000,
 ) -> tuple[Clusterer, np.ndarray, dict[str, Any]]:
     """Embed rows, pick k (or use the fixed one), fit k-means and describe the result.
 
@@ -149,8 +158,9 @@ def fit_clusters(
     x = embedder.fit(texts).encode(texts)
     tried: list[dict[str, Any]] = []
     if k is None:
-        k, tried, fits = choose_k(x, k_min=k_min, k_max=k_max, min_cluster_size=min_cluster_size,
-                                  n_init=n_init, seed=seed, sample=sample)
+        k, tried, fits = choose_k(
+            x, k_min=k_min, k_max=k_max, min_cluster_size=min_cluster_size, n_init=n_init, seed=seed, sample=sample
+        )
         labels, centroids = fits[k]
     else:
         labels, centroids = _kmeans(x, k, n_init=n_init, seed=seed)
@@ -162,8 +172,15 @@ def fit_clusters(
 
 
 def describe(
-    x: np.ndarray, labels: np.ndarray, k: int, rows: list[dict[str, Any]], texts: list[str],
-    tried: list[dict[str, Any]], *, seed: int, sample: int,
+    x: np.ndarray,
+    labels: np.ndarray,
+    k: int,
+    rows: list[dict[str, Any]],
+    texts: list[str],
+    tried: list[dict[str, Any]],
+    *,
+    seed: int,
+    sample: int,
 ) -> dict[str, Any]:
     """Report: k, silhouette (chosen and every k tried), sizes, top terms, ARI against ``domain`` if present."""
     from sklearn.metrics import adjusted_rand_score, silhouette_score
@@ -182,7 +199,7 @@ def describe(
     if has_domain:
         majority = {}
         for c in range(k):
-            members = [d for d, lab in zip(domains, labels) if lab == c]
+            members = [d for d, lab in zip(domains, labels, strict=True) if lab == c]
             majority[str(c)] = max(set(members), key=members.count) if members else None
         report["majority_domain"] = majority
     return report

@@ -92,8 +92,14 @@ class LoraSection(_Section):
         """The equivalent ``peft.LoraConfig`` for a causal LM."""
         from peft import LoraConfig
 
-        return LoraConfig(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                          target_modules=list(self.target_modules), bias="none", task_type="CAUSAL_LM")
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
+            target_modules=list(self.target_modules),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
 
 
 class ExpertsConfig(_Section):

@@ -133,21 +133,32 @@ class BaseModelEmbedder:
         out = []
         with torch.inference_mode():
             for i in range(0, len(texts), self.batch_size):
-                enc = tok(texts[i : i + self.batch_size], return_tensors="pt", padding=True,
-                          truncation=True, max_length=self.max_length).to(model.device)
+                enc = tok(
+                    texts[i : i + self.batch_size],
+                    return_tensors="pt",
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_length,
+                ).to(model.device)
                 hidden = model(**enc, output_hidden_states=True).hidden_states[-1].float()  # (B, T, D)
                 mask = enc["attention_mask"].unsqueeze(-1).float()  # (B, T, 1)
                 out.append(((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu().numpy())
         return _unit(np.concatenate(out))
 
     def save(self, directory: Path) -> None:
-        meta = {"name": self.name, "base_spec": self.base_spec, "batch_size": self.batch_size,
-                "max_length": self.max_length, "load_kwargs": self.load_kwargs}
+        meta = {
+            "name": self.name,
+            "base_spec": self.base_spec,
+            "batch_size": self.batch_size,
+            "max_length": self.max_length,
+            "load_kwargs": self.load_kwargs,
+        }
         (directory / "embedder.json").write_text(json.dumps(meta))
 
 
-def make_embedder(name: str, *, dim: int = 64, seed: int = 0, batch_size: int = 64,
-                  base_spec: str | None = None, **base_kwargs) -> Embedder:
+def make_embedder(
+    name: str, *, dim: int = 64, seed: int = 0, batch_size: int = 64, base_spec: str | None = None, **base_kwargs
+) -> Embedder:
     """Build an unfitted embedder by config name."""
     if name == "minilm":
         return MiniLMEmbedder(batch_size=batch_size)
@@ -168,6 +179,10 @@ def load_embedder(directory: Path) -> Embedder:
     if meta["name"] == "minilm":
         return MiniLMEmbedder(batch_size=meta["batch_size"])
     if meta["name"] == "base":
-        return BaseModelEmbedder(base_spec=meta["base_spec"], batch_size=meta["batch_size"],
-                                 max_length=meta["max_length"], **meta["load_kwargs"])
+        return BaseModelEmbedder(
+            base_spec=meta["base_spec"],
+            batch_size=meta["batch_size"],
+            max_length=meta["max_length"],
+            **meta["load_kwargs"],
+        )
     raise ValueError(f"{directory / 'embedder.json'}: unknown embedder name {meta['name']!r}")

@@ -7,6 +7,7 @@ last checkpoint and ends with the same adapter as an uninterrupted run.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -159,18 +160,10 @@ def _metrics(state: dict, *, rows: list, lora: LoraSection, cfg: ExpertsConfig, 
 
 def _fingerprint(cfg: BuildConfig, *, kind: str, seed: int, steps: int, row_ids: list[str]) -> str:
     # Options that cannot change the adapter (where it goes, how often it checkpoints) are left out.
-    experts = cfg.experts.model_dump(
-        mode="json", exclude={"out_dir", "baseline_dir", "checkpoint_every", "multitask_baseline"}
-    )
-    payload = {
-        "kind": kind,
-        "experts": experts,
-        "base_model": cfg.base_model.model_dump(mode="json"),
-        "base_seed": cfg.seed,
-        "seed": seed,
-        "steps": steps,
-        "rows": sorted(row_ids),
-    }
+    unused = {"out_dir", "baseline_dir", "checkpoint_every", "multitask_baseline"}
+    payload = {"kind": kind, "experts": cfg.experts.model_dump(mode="json", exclude=unused), "seed": seed,
+               "base_model": cfg.base_model.model_dump(mode="json"), "base_seed": cfg.seed, "steps": steps,
+               "rows": sorted(row_ids)}  # fmt: skip
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -233,8 +226,35 @@ def _jobs(cfg: BuildConfig, groups: dict[int, list[dict[str, Any]]]) -> list[_Jo
     return jobs
 
 
+def _run_job(
+    cfg: BuildConfig, job: _Job, get_base: Callable[[], tuple], progress: Callable[[str, int, int, float], None] | None
+) -> dict[str, Any]:
+    """Train one job's adapter, or reuse it when finished with the same inputs; returns its experts.json entry."""
+    out_dir = cfg.path(job.rel_dir)
+    kind = "expert" if job.cluster is not None else BASELINE_ID
+    fingerprint = _fingerprint(cfg, kind=kind, seed=job.seed, steps=job.steps, row_ids=[r["id"] for r in job.rows])
+    reused = is_finished(out_dir, fingerprint)
+    if reused:
+        logger.info("%s: reusing %s (same inputs)", job.name, out_dir)
+        shutil.rmtree(checkpoint_dir(out_dir), ignore_errors=True)  # left if killed just after finishing
+        metrics = json.loads((out_dir / METRICS).read_text(encoding="utf-8"))
+        if progress is not None:
+            progress(job.name, job.steps, job.steps, metrics["final_loss"])
+    else:
+        logger.info("%s: training on %d rows for %d steps", job.name, len(job.rows), job.steps)
+        step_cb = None if progress is None else lambda s, t, loss: progress(job.name, s, t, loss)
+        e = cfg.experts
+        metrics = train_lora(*get_base(), job.rows, lora=e.lora, cfg=e, steps=job.steps, out_dir=out_dir,
+                             seed=job.seed, fingerprint=fingerprint, progress=step_cb)  # fmt: skip
+    entry = {"id": job.name, "cluster": job.cluster, "rows": len(job.rows), "steps": job.steps, "path": job.rel_dir}
+    return {**entry, "final_loss": metrics["final_loss"], "seconds": metrics["seconds"], "reused": reused,
+            "fingerprint": fingerprint}  # fmt: skip
+
+
 def run_train_experts(cfg: BuildConfig, *, progress: Callable[[str, int, int, float], None] | None = None) -> dict:
     """Train (or reuse) one LoRA expert per cluster and the multitask baseline; write experts.json.
+
+    The base model is loaded once, and only if some adapter needs training.
 
     Args:
         cfg: the build configuration (``workspace``, ``base_model``, ``experts``, ``seed``).
@@ -243,65 +263,22 @@ def run_train_experts(cfg: BuildConfig, *, progress: Callable[[str, int, int, fl
 
     Returns:
         A JSON-able summary: k, trained and reused ids, seconds, paths.
+
+    Raises:
+        FileNotFoundError: train.jsonl or assignments.jsonl is missing.
+        ValueError: the cluster assignments do not match the prepared rows.
     """
     t0 = time.perf_counter()
     groups = load_cluster_rows(cfg)
     experts_dir = cfg.path(cfg.experts.out_dir)
     _remove_stale_experts(experts_dir, keep={expert_id(c) for c in groups})
-    base = None
-    entries: list[dict[str, Any]] = []
-    for job in _jobs(cfg, groups):
-        out_dir = cfg.path(job.rel_dir)
-        kind = "expert" if job.cluster is not None else BASELINE_ID
-        fingerprint = _fingerprint(cfg, kind=kind, seed=job.seed, steps=job.steps, row_ids=[r["id"] for r in job.rows])
-        reused = is_finished(out_dir, fingerprint)
-        if reused:
-            logger.info("%s: reusing %s (same inputs)", job.name, out_dir)
-            shutil.rmtree(checkpoint_dir(out_dir), ignore_errors=True)  # left if killed just after finishing
-            metrics = json.loads((out_dir / METRICS).read_text(encoding="utf-8"))
-            if progress is not None:
-                progress(job.name, job.steps, job.steps, metrics["final_loss"])
-        else:
-            if base is None:
-                base = _load_base(cfg)  # once, and only when something needs training
-            logger.info("%s: training on %d rows for %d steps", job.name, len(job.rows), job.steps)
-            step_cb = (lambda s, t, loss, _n=job.name: progress(_n, s, t, loss)) if progress is not None else None
-            metrics = train_lora(
-                *base,
-                job.rows,
-                lora=cfg.experts.lora,
-                cfg=cfg.experts,
-                steps=job.steps,
-                out_dir=out_dir,
-                seed=job.seed,
-                fingerprint=fingerprint,
-                progress=step_cb,
-            )
-        entries.append(
-            {
-                "id": job.name,
-                "cluster": job.cluster,
-                "rows": len(job.rows),
-                "steps": job.steps,
-                "path": job.rel_dir,
-                "final_loss": metrics["final_loss"],
-                "seconds": metrics["seconds"],
-                "reused": reused,
-                "fingerprint": fingerprint,
-            }
-        )
+    get_base = functools.cache(lambda: _load_base(cfg))
+    entries = [_run_job(cfg, job, get_base, progress) for job in _jobs(cfg, groups)]
     experts = [x for x in entries if x["cluster"] is not None]
     baseline = next((x for x in entries if x["cluster"] is None), None)
-    write_json(
-        experts_dir / "experts.json",
-        {
-            "k": len(groups),
-            "base_model": cfg.base_model.name,
-            "lora": cfg.experts.lora.model_dump(mode="json"),
-            "experts": experts,
-            "baseline": baseline,
-        },
-    )
+    index = {"k": len(groups), "base_model": cfg.base_model.name, "lora": cfg.experts.lora.model_dump(mode="json")}
+    write_json(experts_dir / "experts.json", {**index, "experts": experts, "baseline": baseline})
+    baseline_dir = str(cfg.path(cfg.experts.baseline_dir)) if baseline else None
     return {
         "k": len(groups),
         "trained": [x["id"] for x in entries if not x["reused"]],
@@ -310,7 +287,7 @@ def run_train_experts(cfg: BuildConfig, *, progress: Callable[[str, int, int, fl
         "paths": {
             "experts": str(experts_dir),
             "experts_json": str(experts_dir / "experts.json"),
-            "baseline": str(cfg.path(cfg.experts.baseline_dir)) if baseline else None,
+            "baseline": baseline_dir,
         },
     }
 
@@ -319,11 +296,5 @@ def _load_base(cfg: BuildConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
     from mole.base import load_base
 
     bm = cfg.base_model
-    return load_base(
-        bm.name,
-        revision=bm.revision,
-        trust_remote_code=bm.trust_remote_code,
-        dtype=bm.dtype,
-        device=bm.device,
-        seed=cfg.seed,
-    )
+    kwargs = {"revision": bm.revision, "trust_remote_code": bm.trust_remote_code, "dtype": bm.dtype}
+    return load_base(bm.name, **kwargs, device=bm.device, seed=cfg.seed)

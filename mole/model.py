@@ -102,8 +102,14 @@ class MoLEModel(nn.Module):
         for name, module in list(block.named_modules()):
             if name.split(".")[-1] in self.spec.target_modules and isinstance(module, nn.Linear):
                 parent = block.get_submodule(name.rsplit(".", 1)[0]) if "." in name else block
-                layer = MoLELinear(base_layer=module, num_experts=self.spec.num_experts, r=self.spec.r,
-                                   scale=scale, state=state, path=self.spec.path)
+                layer = MoLELinear(
+                    base_layer=module,
+                    num_experts=self.spec.num_experts,
+                    r=self.spec.r,
+                    scale=scale,
+                    state=state,
+                    path=self.spec.path,
+                )
                 setattr(parent, name.split(".")[-1], layer)
                 self.bank[f"{prefix}.{name}"] = layer
 
@@ -111,8 +117,9 @@ class MoLEModel(nn.Module):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             hidden = args[0] if args else kwargs["hidden_states"]  # (B, T, D)
             if self._forced is not None:
-                out = forced_routing(self._forced.to(hidden.device), seq_len=hidden.shape[1],
-                                     num_experts=self.spec.num_experts)
+                out = forced_routing(
+                    self._forced.to(hidden.device), seq_len=hidden.shape[1], num_experts=self.spec.num_experts
+                )
             else:
                 mask = self._mask if self._mask is not None and self._mask.shape == hidden.shape[:2] else None
                 out = self.routers[b](hidden, mask)
@@ -131,9 +138,17 @@ class MoLEModel(nn.Module):
         finally:
             self._forced = old
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, *, route: torch.Tensor | None = None,
-                aux_loss_coef: float = 0.0, z_loss_coef: float = 0.0, **kwargs: Any) -> MoLEOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        *,
+        route: torch.Tensor | None = None,
+        aux_loss_coef: float = 0.0,
+        z_loss_coef: float = 0.0,
+        **kwargs: Any,
+    ) -> MoLEOutput:
         """Run the model. input_ids (B, T); labels (B, T) with -100 ignored; route (B,) forces experts."""
         self._outputs, self._mask = [], attention_mask
         with self.forced_route(route if route is not None else self._forced):
@@ -143,17 +158,31 @@ class MoLEModel(nn.Module):
         aux = torch.stack([o.aux_loss for o in routing]).mean() if routing else zero
         z = torch.stack([o.z_loss for o in routing]).mean() if routing else zero
         loss = None if out.loss is None else out.loss + aux_loss_coef * aux + z_loss_coef * z
-        return MoLEOutput(logits=out.logits, loss=loss, lm_loss=out.loss, aux_loss=aux, z_loss=z, routing=routing,
-                          past_key_values=getattr(out, "past_key_values", None))
+        return MoLEOutput(
+            logits=out.logits,
+            loss=loss,
+            lm_loss=out.loss,
+            aux_loss=aux,
+            z_loss=z,
+            routing=routing,
+            past_key_values=getattr(out, "past_key_values", None),
+        )
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                 route: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        route: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
         """``base.generate`` with MoLE routing active (KV cache on by default); returns (B, T + new) ids."""
         self._mask = None
         with self.forced_route(route if route is not None else self._forced):
-            out = self.base.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                     pad_token_id=self.tokenizer.pad_token_id, **kwargs)
+            out = self.base.generate(
+                input_ids=input_ids, attention_mask=attention_mask, pad_token_id=self.tokenizer.pad_token_id, **kwargs
+            )
         self._outputs = []
         return out
 
@@ -168,8 +197,10 @@ class MoLEModel(nn.Module):
         """Load expert i from a peft adapter dir; its r, alpha and modules must match the bank."""
         config, tensors = read_adapter(directory)
         if config.get("r") != self.spec.r or float(config.get("lora_alpha")) != float(self.spec.lora_alpha):
-            raise ValueError(f"{directory}: adapter r={config.get('r')}, lora_alpha={config.get('lora_alpha')} "
-                             f"differ from the bank's r={self.spec.r}, lora_alpha={self.spec.lora_alpha}")
+            raise ValueError(
+                f"{directory}: adapter r={config.get('r')}, lora_alpha={config.get('lora_alpha')} "
+                f"differ from the bank's r={self.spec.r}, lora_alpha={self.spec.lora_alpha}"
+            )
         for name, layer in self.bank.items():
             key_a, key_b = adapter_keys(name)
             if key_a not in tensors or key_b not in tensors:
@@ -179,13 +210,23 @@ class MoLEModel(nn.Module):
     def export_expert(self, i: int, directory: str | Path) -> Path:
         """Write expert i as a standard peft adapter dir."""
         tensors = {name: layer.expert(i) for name, layer in self.bank.items()}
-        return write_adapter(directory, tensors, r=self.spec.r, lora_alpha=self.spec.lora_alpha,
-                             target_modules=self.spec.target_modules,
-                             base_model=self.spec.base_model.get("name"))
+        return write_adapter(
+            directory,
+            tensors,
+            r=self.spec.r,
+            lora_alpha=self.spec.lora_alpha,
+            target_modules=self.spec.target_modules,
+            base_model=self.spec.base_model.get("name"),
+        )
 
     # ------------------------------------------------------------------------------------------ save / load
-    def save_pretrained(self, directory: str | Path, *, extra_files: dict[str, Path] | None = None,
-                        extra_json: dict[str, Any] | None = None) -> Path:
+    def save_pretrained(
+        self,
+        directory: str | Path,
+        *,
+        extra_files: dict[str, Path] | None = None,
+        extra_json: dict[str, Any] | None = None,
+    ) -> Path:
         """Write mole_config.json, router.safetensors and experts/<id>/ atomically into ``directory``.
 
         ``extra_files`` (name -> file or dir) are copied in and ``extra_json`` (name -> object) written beside.
@@ -203,8 +244,9 @@ class MoLEModel(nn.Module):
         return Path(directory)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, *, base: nn.Module | None = None, tokenizer: Any = None,
-                        device: str | None = None) -> MoLEModel:
+    def from_pretrained(
+        cls, directory: str | Path, *, base: nn.Module | None = None, tokenizer: Any = None, device: str | None = None
+    ) -> MoLEModel:
         """Load a saved MoLE model; the base is loaded from the reference in mole_config.json unless given."""
         directory = Path(directory)
         if not (directory / SPEC_FILE).exists():
@@ -219,17 +261,31 @@ class MoLEModel(nn.Module):
         return model.eval()
 
     @classmethod
-    def from_experts(cls, *, base: nn.Module, tokenizer: Any, expert_dirs: list[Path], expert_ids: list[str],
-                     base_ref: dict[str, Any], top_k: int, routing: str = "token_topk", path: str = "auto",
-                     clusters: list[int] | None = None) -> MoLEModel:
+    def from_experts(
+        cls,
+        *,
+        base: nn.Module,
+        tokenizer: Any,
+        expert_dirs: list[Path],
+        expert_ids: list[str],
+        base_ref: dict[str, Any],
+        top_k: int,
+        routing: str = "token_topk",
+        path: str = "auto",
+        clusters: list[int] | None = None,
+    ) -> MoLEModel:
         """Build a bank from trained peft adapter dirs (all with the same r, alpha and target modules)."""
         config, _ = read_adapter(expert_dirs[0])
         targets = config["target_modules"]
         spec = MoLESpec(
-            base_model=base_ref, expert_ids=list(expert_ids), r=int(config["r"]),
+            base_model=base_ref,
+            expert_ids=list(expert_ids),
+            r=int(config["r"]),
             lora_alpha=float(config["lora_alpha"]),
             target_modules=sorted(targets if isinstance(targets, list) else [targets]),
-            top_k=min(top_k, len(expert_dirs)), routing=routing, path=path,
+            top_k=min(top_k, len(expert_dirs)),
+            routing=routing,
+            path=path,
             clusters=list(clusters) if clusters is not None else list(range(len(expert_dirs))),
         )
         model = cls(base=base, tokenizer=tokenizer, spec=spec)
@@ -249,6 +305,11 @@ def load_spec_base(ref: dict[str, Any], *, device: str | None = None) -> tuple[n
     """Load the base model a MoLE spec refers to (name, revision, dtype, device, trust_remote_code, seed)."""
     from mole.base import load_base
 
-    return load_base(ref["name"], revision=ref.get("revision"), trust_remote_code=ref.get("trust_remote_code", False),
-                     dtype=ref.get("dtype", "float32"), device=device or ref.get("device", "cpu"),
-                     seed=ref.get("seed", 0))
+    return load_base(
+        ref["name"],
+        revision=ref.get("revision"),
+        trust_remote_code=ref.get("trust_remote_code", False),
+        dtype=ref.get("dtype", "float32"),
+        device=device or ref.get("device", "cpu"),
+        seed=ref.get("seed", 0),
+    )

@@ -70,12 +70,27 @@ def cluster(cfg: BuildConfig) -> dict[str, Any]:
         )
     bm = cfg.base_model
     embedder = make_embedder(
-        c.embedder, dim=c.tfidf_dim, seed=cfg.seed, batch_size=c.batch_size, base_spec=bm.name,
-        revision=bm.revision, trust_remote_code=bm.trust_remote_code, dtype=bm.dtype, device=bm.device,
+        c.embedder,
+        dim=c.tfidf_dim,
+        seed=cfg.seed,
+        batch_size=c.batch_size,
+        base_spec=bm.name,
+        revision=bm.revision,
+        trust_remote_code=bm.trust_remote_code,
+        dtype=bm.dtype,
+        device=bm.device,
     )
     clusterer, labels, report = fit_clusters(
-        train, embedder, k=c.k, k_min=c.k_min, k_max=c.k_max, min_cluster_size=c.min_cluster_size,
-        balanced=c.balanced, n_init=c.n_init, seed=cfg.seed, sample=c.silhouette_sample,
+        train,
+        embedder,
+        k=c.k,
+        k_min=c.k_min,
+        k_max=c.k_max,
+        min_cluster_size=c.min_cluster_size,
+        balanced=c.balanced,
+        n_init=c.n_init,
+        seed=cfg.seed,
+        sample=c.silhouette_sample,
     )
     eval_labels = clusterer.assign([row_text(r) for r in evals])
     report["eval_sizes"] = [int((eval_labels == i).sum()) for i in range(clusterer.k)]
@@ -85,8 +100,7 @@ def cluster(cfg: BuildConfig) -> dict[str, Any]:
         write_jsonl(tmp / "assignments.jsonl", _assignments(train, labels))
         write_jsonl(tmp / "eval_assignments.jsonl", _assignments(evals, eval_labels))
         write_json(tmp / "report.json", report)
-    logger.info("k=%d sizes=%s silhouette=%s ari=%s", report["k"], report["sizes"], report["silhouette"],
-                report["ari"])
+    logger.info("k=%d sizes=%s silhouette=%s ari=%s", report["k"], report["sizes"], report["silhouette"], report["ari"])
     return {**report, "paths": {k: str(v) for k, v in paths.items()}}
 
 
@@ -142,12 +156,25 @@ def train_router(cfg: BuildConfig, progress: Any = None) -> dict[str, Any]:
     eval_clusters = {a["id"]: a["cluster"] for a in read_jsonl(cpaths["eval_assignments"])}
     expert_of = {e["cluster"]: i for i, e in enumerate(index)}
     bm = cfg.base_model
-    base, tok = load_base(bm.name, revision=bm.revision, trust_remote_code=bm.trust_remote_code, dtype=bm.dtype,
-                          device=bm.device, seed=cfg.seed)
+    base, tok = load_base(
+        bm.name,
+        revision=bm.revision,
+        trust_remote_code=bm.trust_remote_code,
+        dtype=bm.dtype,
+        device=bm.device,
+        seed=cfg.seed,
+    )
     model = MoLEModel.from_experts(
-        base=base, tokenizer=tok, expert_dirs=[cfg.path(e["path"]) for e in index],
-        expert_ids=[e["id"] for e in index], base_ref=base_ref(cfg), top_k=cfg.router.top_k,
-        routing=cfg.router.routing, path=cfg.router.path, clusters=[e["cluster"] for e in index])
+        base=base,
+        tokenizer=tok,
+        expert_dirs=[cfg.path(e["path"]) for e in index],
+        expert_ids=[e["id"] for e in index],
+        base_ref=base_ref(cfg),
+        top_k=cfg.router.top_k,
+        routing=cfg.router.routing,
+        path=cfg.router.path,
+        clusters=[e["cluster"] for e in index],
+    )
     r, max_len = cfg.router, cfg.experts.max_length
     train_experts_idx = [expert_of[clusters[row["id"]]] for row in train]
     eval_experts_idx = [expert_of[eval_clusters[row["id"]]] for row in evals]
@@ -156,16 +183,22 @@ def train_router(cfg: BuildConfig, progress: Any = None) -> dict[str, Any]:
         rows = train[: r.warm_start_rows]
         warm_start(model, rows, train_experts_idx[: len(rows)], batch_size=r.batch_size, max_length=max_len)
     metrics["agreement_before_training"] = routing_agreement(
-        row_routing(model, evals, batch_size=r.batch_size, max_length=max_len), eval_experts_idx)
+        row_routing(model, evals, batch_size=r.batch_size, max_length=max_len)[1], eval_experts_idx
+    )
     if r.routing == "token_topk" and r.steps > 0:
         metrics["joint"] = joint_train(model, train, r, max_length=max_len, seed=cfg.seed, progress=progress)
-    metrics["agreement"] = routing_agreement(
-        row_routing(model, evals, batch_size=r.batch_size, max_length=max_len), eval_experts_idx)
+    weights, logits = row_routing(model, evals, batch_size=r.batch_size, max_length=max_len)
+    metrics["agreement"] = routing_agreement(logits, eval_experts_idx)
+    metrics["utilization"] = weights.mean(0).round(4).tolist()  # (L, E): mean routing weight per block
     paths = mole_paths(cfg)
-    model.save_pretrained(paths["dir"], extra_files={"clusterer": cpaths["dir"]}, extra_json={
-        "train_metrics.json": metrics})
-    logger.info("router agreement with clusters: %.3f before joint training, %.3f after",
-                metrics["agreement_before_training"], metrics["agreement"])
+    model.save_pretrained(
+        paths["dir"], extra_files={"clusterer": cpaths["dir"]}, extra_json={"train_metrics.json": metrics}
+    )
+    logger.info(
+        "router agreement with clusters: %.3f before joint training, %.3f after",
+        metrics["agreement_before_training"],
+        metrics["agreement"],
+    )
     summary = {k: v for k, v in metrics.items() if k != "joint"}
     if "joint" in metrics:
         j = metrics["joint"]

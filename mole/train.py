@@ -37,11 +37,18 @@ def _token_mask(batch: dict[str, torch.Tensor], prompt_only: bool) -> torch.Tens
 
 @torch.no_grad()
 def cluster_hidden_means(
-    model: MoLEModel, rows: list[dict[str, Any]], experts: list[int], *, batch_size: int, max_length: int
+    model: MoLEModel,
+    rows: list[dict[str, Any]],
+    experts: list[int],
+    *,
+    batch_size: int,
+    max_length: int,
+    forced: bool = True,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per block: mean input hidden state of each expert's rows' tokens (E, D), and the overall mean (D,).
 
-    Rows are routed to their own expert (``experts[i]``) while the statistics are collected.
+    With ``forced`` every row is routed to its own expert (``experts[i]``) while the statistics are collected;
+    otherwise the model's routers route it.
     """
     blocks = find_blocks(model.base)
     e, d = model.spec.num_experts, model.base.config.hidden_size
@@ -65,7 +72,9 @@ def cluster_hidden_means(
             current["expert"] = torch.tensor([experts[i] for i in idx])
             counts.index_add_(0, current["expert"], current["mask"].sum(1))
             dev = next(model.base.parameters()).device
-            model(batch["input_ids"].to(dev), batch["attention_mask"].to(dev), route=current["expert"])
+            model(
+                batch["input_ids"].to(dev), batch["attention_mask"].to(dev), route=current["expert"] if forced else None
+            )
     finally:
         for h in handles:
             h.remove()
@@ -77,38 +86,93 @@ def cluster_hidden_means(
     return means, overall
 
 
-def warm_start(model: MoLEModel, rows: list[dict[str, Any]], experts: list[int], *, batch_size: int = 8,
-               max_length: int = 128) -> None:
-    """Initialise every block's gate from cluster hidden-state means (see module docstring)."""
+def warm_start(
+    model: MoLEModel, rows: list[dict[str, Any]], experts: list[int], *, batch_size: int = 8, max_length: int = 128
+) -> list[float]:
+    """Initialise every block's gate from cluster hidden-state means, then calibrate its temperature.
+
+    Means are collected with each row routed to its own expert. A block's input carries the expert deltas
+    of the blocks before it, so some blocks separate the clusters far less cleanly than others; a second
+    pass, under the warm-started routers, fits one temperature per block (temperature scaling: the scalar
+    minimising the cross-entropy of the softmax of a row's mean gate logits against the row's cluster), so
+    each block's logits carry the confidence it has earned when a row's evidence is summed across blocks.
+
+    Returns:
+        The fitted temperature of every block.
+    """
     means, overall = cluster_hidden_means(model, rows, experts, batch_size=batch_size, max_length=max_length)
     for router, mu, mu_all in zip(model.routers, means, overall, strict=True):
         router.warm_start(mu.to(router.gate.weight.device), mu_all.to(router.gate.weight.device))
+    _, logits = row_routing(model, rows, batch_size=batch_size, max_length=max_length)  # (n, L, E)
+    labels = torch.tensor(experts)
+    temps = []
+    with torch.no_grad():
+        for b, router in enumerate(model.routers):
+            t = fit_temperature(torch.from_numpy(logits[:, b]), labels)
+            router.gate.weight.div_(t)
+            if router.gate.bias is not None:
+                router.gate.bias.div_(t)
+            temps.append(round(t, 4))
+    logger.info("warm start: per-block gate temperatures %s", temps)
+    return temps
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The T > 0 minimising cross-entropy(logits / T, labels), by a log-spaced search then a local refinement."""
+
+    def nll(t: float) -> float:
+        return float(torch.nn.functional.cross_entropy(logits.double() / t, labels))
+
+    grid = torch.logspace(-3, 4, 57).tolist()
+    best = min(grid, key=nll)
+    fine = (best * torch.logspace(-0.125, 0.125, 21)).tolist()
+    return float(min(fine, key=nll))
 
 
 @torch.no_grad()
-def row_routing(model: MoLEModel, rows: list[dict[str, Any]], *, batch_size: int = 8, max_length: int = 128,
-                prompt_only: bool = True) -> np.ndarray:
-    """Mean router weight of each row over its (prompt) tokens, per block: shape (n_rows, L, E)."""
+def row_routing(
+    model: MoLEModel,
+    rows: list[dict[str, Any]],
+    *,
+    batch_size: int = 8,
+    max_length: int = 128,
+    prompt_only: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per row and block, the mean over the row's (prompt) tokens of the router's top-k weights and gate logits.
+
+    Returns:
+        (weights, logits), each of shape (n_rows, L, E).
+    """
     model.eval()
-    out = []
+    weights, logits = [], []
     dev = next(model.base.parameters()).device
     for _, batch in eval_batches(rows, model.tokenizer, batch_size=batch_size, max_length=max_length):
-        mask = _token_mask(batch, prompt_only).to(dev)  # (B, T)
+        mask = _token_mask(batch, prompt_only).to(dev)[..., None]  # (B, T, 1)
         res = model(batch["input_ids"].to(dev), batch["attention_mask"].to(dev))
-        per_block = torch.stack([(o.weights * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-                                 for o in res.routing], dim=1)  # (B, L, E)
-        out.append(per_block.float().cpu().numpy())
-    return np.concatenate(out)
+        weights.append(torch.stack([(o.weights * mask).sum(1) / mask.sum(1) for o in res.routing], 1).cpu())
+        logits.append(torch.stack([(o.logits * mask).sum(1) / mask.sum(1) for o in res.routing], 1).cpu())
+    return torch.cat(weights).float().numpy(), torch.cat(logits).float().numpy()
 
 
-def routing_agreement(weights: np.ndarray, experts: list[int]) -> float:
-    """Fraction of rows whose top-1 expert (weights averaged over blocks) is their own cluster's expert."""
-    top1 = weights.mean(1).argmax(-1)
+def routing_agreement(logits: np.ndarray, experts: list[int]) -> float:
+    """Fraction of rows whose router top-1 expert is their own cluster's expert.
+
+    A row's top-1 is the argmax of its gate logits averaged over its tokens and the blocks: the sequence-level
+    decision of the same linear gates (for warm-started gates, the nearest cluster mean of the row's mean state).
+    """
+    top1 = logits.mean(1).argmax(-1)
     return float((top1 == np.asarray(experts)).mean())
 
 
-def joint_train(model: MoLEModel, rows: list[dict[str, Any]], cfg: RouterConfig, *, max_length: int, seed: int,
-                progress: Progress | None = None) -> dict[str, Any]:
+def joint_train(
+    model: MoLEModel,
+    rows: list[dict[str, Any]],
+    cfg: RouterConfig,
+    *,
+    max_length: int,
+    seed: int,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
     """Train routers and (unless frozen) experts end to end; returns per-step losses and timings."""
     torch.manual_seed(seed)
     groups = [{"params": model.router_parameters(), "lr": cfg.lr}]
@@ -122,11 +186,17 @@ def joint_train(model: MoLEModel, rows: list[dict[str, Any]], cfg: RouterConfig,
     model.train()
     hist: dict[str, list[float]] = {"loss": [], "lm_loss": [], "aux_loss": [], "z_loss": []}
     tokens, start = 0, time.perf_counter()
-    batches = train_batches(rows, model.tokenizer, batch_size=cfg.batch_size, max_length=max_length, seed=seed,
-                            steps=cfg.steps)
+    batches = train_batches(
+        rows, model.tokenizer, batch_size=cfg.batch_size, max_length=max_length, seed=seed, steps=cfg.steps
+    )
     for step, batch in enumerate(batches, start=1):
-        out = model(batch["input_ids"].to(dev), batch["attention_mask"].to(dev), batch["labels"].to(dev),
-                    aux_loss_coef=cfg.aux_loss_coef, z_loss_coef=cfg.z_loss_coef)
+        out = model(
+            batch["input_ids"].to(dev),
+            batch["attention_mask"].to(dev),
+            batch["labels"].to(dev),
+            aux_loss_coef=cfg.aux_loss_coef,
+            z_loss_coef=cfg.z_loss_coef,
+        )
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
@@ -134,10 +204,15 @@ def joint_train(model: MoLEModel, rows: list[dict[str, Any]], cfg: RouterConfig,
         sched.step()
         tokens += int(batch["attention_mask"].sum())
         for key in hist:
-            hist[key].append(round(float(getattr(out, key)), 5))
+            hist[key].append(round(float(getattr(out, key).detach()), 5))
         if progress:
             progress("joint", step, cfg.steps, hist["loss"][-1])
     model.eval()
     seconds = time.perf_counter() - start
-    return {**hist, "steps": cfg.steps, "tokens": tokens, "seconds": round(seconds, 2),
-            "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else None}
+    return {
+        **hist,
+        "steps": cfg.steps,
+        "tokens": tokens,
+        "seconds": round(seconds, 2),
+        "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else None,
+    }

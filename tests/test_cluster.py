@@ -15,7 +15,7 @@ from mole.embed import TfidfEmbedder, load_embedder
 def _blobs(sizes: list[int], dim: int = 8, spread: float = 0.05, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     centers = rng.normal(size=(len(sizes), dim)) * 3
-    x = np.concatenate([c + spread * rng.normal(size=(n, dim)) for c, n in zip(centers, sizes)])
+    x = np.concatenate([c + spread * rng.normal(size=(n, dim)) for c, n in zip(centers, sizes, strict=True)])
     return x.astype(np.float32), np.repeat(np.arange(len(sizes)), sizes)
 
 
@@ -51,8 +51,9 @@ def test_top_terms_pick_distinctive_words() -> None:
 
 def test_tfidf_embedder_and_clusterer_round_trip(tmp_path: Path) -> None:
     rows = [{"text": f"{w} number {i}", "domain": w} for w in ("apple", "train", "violin") for i in range(12)]
-    clusterer, labels, report = fit_clusters(rows, TfidfEmbedder(dim=8), k=3, k_min=2, k_max=4,
-                                             min_cluster_size=2, balanced=False, n_init=5, seed=0)
+    clusterer, labels, report = fit_clusters(
+        rows, TfidfEmbedder(dim=8), k=3, k_min=2, k_max=4, min_cluster_size=2, balanced=False, n_init=5, seed=0
+    )
     assert report["ari"] == 1.0 and report["k"] == 3 and sum(report["sizes"]) == 36
     clusterer.save(tmp_path)
     loaded = Clusterer.load(tmp_path)
@@ -65,8 +66,9 @@ def test_tfidf_embedder_and_clusterer_round_trip(tmp_path: Path) -> None:
 def test_fixed_k_larger_than_rows_is_an_error() -> None:
     rows = [{"text": f"row {i}"} for i in range(5)]
     with pytest.raises(ValueError, match=r"cluster\.k=9 is larger than the number of training rows \(5\)"):
-        fit_clusters(rows, TfidfEmbedder(dim=2), k=9, k_min=2, k_max=4, min_cluster_size=1, balanced=False,
-                     n_init=1, seed=0)
+        fit_clusters(
+            rows, TfidfEmbedder(dim=2), k=9, k_min=2, k_max=4, min_cluster_size=1, balanced=False, n_init=1, seed=0
+        )
 
 
 def test_minilm_auto_k_recovers_demo_skills(workspace: Path) -> None:
@@ -78,8 +80,9 @@ def test_minilm_auto_k_recovers_demo_skills(workspace: Path) -> None:
     res = stages.cluster(cfg)
     report = json.loads((workspace / "data" / "clusters" / "report.json").read_text())
     assert report == {k: v for k, v in res.items() if k != "paths"}
-    print(f"demo corpus: k={report['k']} (skills {len(SKILLS)}), ari={report['ari']}, "
-          f"silhouette={report['silhouette']}")
+    print(
+        f"demo corpus: k={report['k']} (skills {len(SKILLS)}), ari={report['ari']}, silhouette={report['silhouette']}"
+    )
     assert report["k"] == len(SKILLS)
     assert report["ari"] >= 0.9
     assigned = [json.loads(line) for line in (workspace / "data/clusters/assignments.jsonl").read_text().splitlines()]

@@ -23,8 +23,17 @@ def test_presets_apply_over_the_file() -> None:
 
 
 def test_overrides_are_parsed_as_yaml_and_applied_last() -> None:
-    cfg = load_config(None, preset="tiny", overrides=["cluster.k=3", "cluster.balanced=true", "data.max_rows=null",
-                                                      "base_model.name=./my model", "seed=7"])
+    cfg = load_config(
+        None,
+        preset="tiny",
+        overrides=[
+            "cluster.k=3",
+            "cluster.balanced=true",
+            "data.max_rows=null",
+            "base_model.name=./my model",
+            "seed=7",
+        ],
+    )
     assert cfg.cluster.k == 3 and cfg.cluster.balanced is True and cfg.data.max_rows is None
     assert cfg.base_model.name == "./my model" and cfg.seed == 7
 

@@ -10,13 +10,16 @@ from mole.config import load_config
 from mole.data.prepare import clean_records, split_rows
 from mole.data.readers import DataError, read_source
 
-PC_ROWS = [{"prompt": f"Add {i} and {i + 1}.", "completion": str(2 * i + 1), "domain": "math" if i % 2 else "ops"}
-           for i in range(40)]
+PC_ROWS = [
+    {"prompt": f"Add {i} and {i + 1}.", "completion": str(2 * i + 1), "domain": "math" if i % 2 else "ops"}
+    for i in range(40)
+]
 
 
 def _cfg(source: Path | str, *extra: str):
-    return load_config(None, preset="tiny", overrides=[f"data.source={source}", "cluster.k=2",
-                                                       "cluster.min_cluster_size=4", *extra])
+    return load_config(
+        None, preset="tiny", overrides=[f"data.source={source}", "cluster.k=2", "cluster.min_cluster_size=4", *extra]
+    )
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -30,8 +33,12 @@ def test_every_file_format_reads_the_same_rows(tmp_path: Path, fmt: str) -> None
 
     path = tmp_path / f"d.{fmt}"
     df = pd.DataFrame(PC_ROWS)
-    {"jsonl": lambda: _write_jsonl(path, PC_ROWS), "json": lambda: path.write_text(json.dumps({"data": PC_ROWS})),
-     "csv": lambda: df.to_csv(path, index=False), "parquet": lambda: df.to_parquet(path)}[fmt]()
+    {
+        "jsonl": lambda: _write_jsonl(path, PC_ROWS),
+        "json": lambda: path.write_text(json.dumps({"data": PC_ROWS})),
+        "csv": lambda: df.to_csv(path, index=False),
+        "parquet": lambda: df.to_parquet(path),
+    }[fmt]()
     rows, stats, mode = clean_records(read_source(str(path)))
     assert mode == "prompt_completion" and stats.kept == 40
     assert rows[3]["prompt"] == "Add 3 and 4." and rows[3]["completion"] == "7" and rows[3]["domain"] == "math"
@@ -97,7 +104,7 @@ def test_wrong_type_and_bad_csv_row(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"t\.jsonl:2: field 'text' must be a string, got list"):
         clean_records(read_source(str(path)))
     csv_path = tmp_path / "c.csv"
-    csv_path.write_text("text\nfine\n\"two\",\"cells\"\n")
+    csv_path.write_text('text\nfine\n"two","cells"\n')
     with pytest.raises(DataError, match=r"c\.csv:3: more cells than the header"):
         list(read_source(str(csv_path)))
 

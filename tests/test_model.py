@@ -16,8 +16,14 @@ E, R = 4, 4
 def _model(top_k: int = 2, zero_b: bool = False) -> tuple[MoLEModel, torch.nn.Module]:
     base, tok = load_base("tiny", seed=0)
     ref, _ = load_base("tiny", seed=0)
-    spec = MoLESpec(base_model={"name": "tiny", "seed": 0}, expert_ids=[f"expert_{i:02d}" for i in range(E)], r=R,
-                    lora_alpha=8.0, target_modules=["q_proj", "v_proj"], top_k=top_k)
+    spec = MoLESpec(
+        base_model={"name": "tiny", "seed": 0},
+        expert_ids=[f"expert_{i:02d}" for i in range(E)],
+        r=R,
+        lora_alpha=8.0,
+        target_modules=["q_proj", "v_proj"],
+        top_k=top_k,
+    )
     model = MoLEModel(base=base, tokenizer=tok, spec=spec)
     if not zero_b:
         with torch.no_grad():
@@ -52,7 +58,8 @@ def test_only_expert_and_router_parameters_require_grad() -> None:
     assert trainable
     assert all(".lora_A" in n or ".lora_B" in n or n.startswith("routers.") for n in trainable)
     assert {id(p) for p in model.expert_parameters() + model.router_parameters()} == {
-        id(p) for p in model.parameters() if p.requires_grad}
+        id(p) for p in model.parameters() if p.requires_grad
+    }
 
 
 def test_every_block_routes_k_experts_per_token() -> None:
@@ -81,8 +88,9 @@ def test_expert_round_trips_through_a_peft_adapter_dir_bit_exactly(tmp_path: Pat
     peft_model = PeftModel.from_pretrained(base, str(tmp_path / "e2")).eval()
     ids = _ids()
     with torch.no_grad():
-        torch.testing.assert_close(peft_model(input_ids=ids).logits, model(ids, route=torch.tensor([2, 2])).logits,
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            peft_model(input_ids=ids).logits, model(ids, route=torch.tensor([2, 2])).logits, rtol=1e-5, atol=1e-5
+        )
 
 
 def test_save_then_load_gives_identical_logits(tmp_path: Path) -> None:

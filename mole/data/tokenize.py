@@ -57,7 +57,13 @@ def pad_id(tokenizer: Any) -> int:
 
 
 def train_batches(
-    rows: list[dict[str, Any]], tokenizer: Any, *, batch_size: int, max_length: int, seed: int, steps: int,
+    rows: list[dict[str, Any]],
+    tokenizer: Any,
+    *,
+    batch_size: int,
+    max_length: int,
+    seed: int,
+    steps: int,
     extra: list[Any] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Yield ``steps`` batches, cycling through the rows in a fresh seeded order each epoch.

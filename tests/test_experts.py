@@ -1,0 +1,165 @@
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from mole import stages
+from mole.base import load_base
+from mole.checkpoint import checkpoint_dir
+from mole.config import ExpertsConfig, LoraSection, load_config
+from mole.experts import expert_id, is_finished, lr_factor, run_train_experts, train_lora
+
+ROWS = [{"prompt": f"Add {a} and {b}.\nAnswer:", "completion": str(a + b)} for a in range(3) for b in range(2)]
+LORA = LoraSection(r=4, lora_alpha=8)
+CFG = ExpertsConfig(batch_size=2, max_length=32, lr=1e-2, warmup_steps=1, checkpoint_every=2)
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def _crash_at(step: int):
+    def progress(done: int, total: int, loss: float) -> None:
+        if done == step:
+            raise Crash(f"simulated crash at step {done}")
+
+    return progress
+
+
+def _adapter(out_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out_dir / "adapter_model.safetensors"))
+
+
+def _no_lora(model: torch.nn.Module) -> bool:
+    return not any("lora" in name for name, _ in model.named_modules())
+
+
+@pytest.fixture
+def tiny():
+    return load_base("tiny")
+
+
+def test_expert_id_and_schedule() -> None:
+    assert [expert_id(c) for c in (0, 1, 12)] == ["expert_00", "expert_01", "expert_12"]
+    assert [lr_factor(s, 6, 2) for s in range(6)] == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]  # warmup, decay, never 0
+    assert [lr_factor(s, 3, 0) for s in range(3)] == [1.0, 2 / 3, 1 / 3]
+
+
+def test_expert_overfits_and_round_trips_through_peft(tiny, tmp_path: Path) -> None:
+    model, tok = tiny
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    batch = tok(["Add 2 and 3.\nAnswer: 5"], return_tensors="pt")
+    live: dict[str, torch.Tensor] = {}
+
+    def grab(done: int, total: int, loss: float) -> None:
+        if done == total:  # the adapter is still injected into `model`: its logits are the trained adapter's
+            with torch.no_grad():
+                live["logits"] = model(**batch).logits
+
+    cfg = CFG.model_copy(update={"warmup_steps": 0})
+    metrics = train_lora(model, tok, ROWS[:2], lora=LORA, cfg=cfg, steps=10, out_dir=tmp_path / "e", seed=0,
+                         fingerprint="fp", progress=grab)  # fmt: skip
+    losses = metrics["loss"]
+    assert len(losses) == 10 and losses[-1] < losses[0] - 0.2
+    assert metrics["resumed_from"] == 0 and metrics["rows"] == 2 and metrics["tokens"] > 0
+    assert {"adapter_config.json", "adapter_model.safetensors", "train_metrics.json"} <= {
+        p.name for p in (tmp_path / "e").iterdir()
+    }
+    assert json.loads((tmp_path / "e" / "train_metrics.json").read_text()) == metrics
+    assert not checkpoint_dir(tmp_path / "e").exists() and is_finished(tmp_path / "e", "fp")
+    assert not is_finished(tmp_path / "e", "other")
+
+    # The base object is given back as it was: no LoRA modules, same weights, same flags, eval mode.
+    assert _no_lora(model) and not model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
+
+    fresh, _ = load_base("tiny")
+    loaded = PeftModel.from_pretrained(fresh, str(tmp_path / "e")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, live["logits"], rtol=0, atol=1e-6)
+        assert not torch.allclose(model(**batch).logits, live["logits"])  # the adapter did change the output
+
+
+def test_same_seed_gives_identical_adapter(tiny, tmp_path: Path) -> None:
+    model, tok = tiny
+    kw = {"lora": LORA.model_copy(update={"lora_dropout": 0.1}), "cfg": CFG, "steps": 4, "fingerprint": "fp"}
+    train_lora(model, tok, ROWS, out_dir=tmp_path / "a", seed=3, **kw)
+    train_lora(model, tok, ROWS, out_dir=tmp_path / "b", seed=3, **kw)  # the same base object, reused
+    train_lora(model, tok, ROWS, out_dir=tmp_path / "c", seed=4, **kw)
+    a, b, c = (_adapter(tmp_path / n) for n in "abc")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_resume_after_crash_matches_uninterrupted_run(tiny, tmp_path: Path, caplog) -> None:
+    model, tok = tiny
+    kw = {"lora": LORA.model_copy(update={"lora_dropout": 0.1}), "cfg": CFG, "steps": 6, "seed": 1}
+    full = train_lora(model, tok, ROWS, out_dir=tmp_path / "full", fingerprint="fp", **kw)
+
+    with pytest.raises(Crash):
+        train_lora(model, tok, ROWS, out_dir=tmp_path / "run", fingerprint="fp", progress=_crash_at(3), **kw)
+    ckpt = checkpoint_dir(tmp_path / "run")
+    assert not (tmp_path / "run").exists() and _no_lora(model)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["adapter.safetensors", "optimizer.safetensors", "state.json"]
+    assert json.loads((ckpt / "state.json").read_text())["step"] == 2
+    assert any(k.startswith("exp_avg_sq/") for k in load_file(str(ckpt / "optimizer.safetensors")))
+
+    with caplog.at_level(logging.INFO, logger="mole.experts"):
+        resumed = train_lora(model, tok, ROWS, out_dir=tmp_path / "run", fingerprint="fp", **kw)
+    assert resumed["resumed_from"] == 2 and "resuming from its checkpoint at step 2/6" in caplog.text
+    assert not ckpt.exists() and len(resumed["loss"]) == 6
+    torch.testing.assert_close(torch.tensor(resumed["loss"]), torch.tensor(full["loss"]), rtol=0, atol=1e-6)
+    a, b = _adapter(tmp_path / "full"), _adapter(tmp_path / "run")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_stale_checkpoint_is_ignored(tiny, tmp_path: Path) -> None:
+    model, tok = tiny
+    kw = {"lora": LORA, "cfg": CFG, "steps": 4, "seed": 0, "out_dir": tmp_path / "e"}
+    with pytest.raises(Crash):
+        train_lora(model, tok, ROWS, fingerprint="old", progress=_crash_at(3), **kw)
+    assert checkpoint_dir(tmp_path / "e").is_dir()
+    metrics = train_lora(model, tok, ROWS, fingerprint="new", **kw)
+    assert metrics["resumed_from"] == 0 and metrics["fingerprint"] == "new"
+    assert not checkpoint_dir(tmp_path / "e").exists()
+
+
+def test_run_train_experts_trains_then_reuses(workspace: Path) -> None:
+    overrides = ["cluster.embedder=tfidf", "cluster.k=2", "experts.steps=2", "experts.batch_size=2",
+                 "experts.max_length=32", "experts.checkpoint_every=1"]  # fmt: skip
+    cfg = load_config(None, preset="tiny", overrides=overrides)
+    with pytest.raises(FileNotFoundError, match="run `mole prepare` first"):
+        run_train_experts(cfg)
+    stages.prepare(cfg)
+    stages.cluster(cfg)
+    calls: list[tuple[str, int, int]] = []
+    summary = run_train_experts(cfg, progress=lambda name, step, total, loss: calls.append((name, step, total)))
+
+    assert summary["k"] == 2 and summary["trained"] == ["expert_00", "expert_01", "multitask_lora"]
+    assert ("expert_01", 2, 2) in calls and ("multitask_lora", 4, 4) in calls
+    index = json.loads((workspace / "artifacts/experts/experts.json").read_text())
+    assert [x["id"] for x in index["experts"]] == ["expert_00", "expert_01"]
+    assert index["baseline"]["path"] == "artifacts/baselines/multitask_lora" and index["baseline"]["steps"] == 4
+    assert sum(x["rows"] for x in index["experts"]) == index["baseline"]["rows"]
+    for entry in [*index["experts"], index["baseline"]]:
+        assert is_finished(workspace / entry["path"], entry["fingerprint"]) and not entry["reused"]
+    files = [p for p in (workspace / "artifacts").rglob("*") if p.is_file() and p.name != "experts.json"]
+    assert not [p for p in (workspace / "artifacts").rglob("*") if ".ckpt" in p.name or ".mole-tmp" in p.name]
+    mtimes = {p: p.stat().st_mtime_ns for p in files}
+
+    again = run_train_experts(cfg)
+    assert again["trained"] == [] and again["reused"] == ["expert_00", "expert_01", "multitask_lora"]
+    assert {p: p.stat().st_mtime_ns for p in files} == mtimes
+    assert all(x["reused"] for x in json.loads((workspace / "artifacts/experts/experts.json").read_text())["experts"])
+
+    # More steps is a different fingerprint: everything retrains.
+    more = load_config(None, preset="tiny", overrides=[*overrides[:2], "experts.steps=3", *overrides[3:]])
+    assert run_train_experts(more)["trained"] == ["expert_00", "expert_01", "multitask_lora"]

@@ -1,0 +1,92 @@
+"""The CLI on the tiny preset, as a user runs it: stages in order, kill and resume, warm-start routing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+MOLE = [sys.executable, "-m", "mole.cli"]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "COLUMNS": "200"}
+
+
+def mole(ws: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([*MOLE, *args], cwd=ws, env=ENV, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"mole {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def tiny_ws(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    ws = tmp_path_factory.mktemp("tiny")
+    mole(ws, "prepare", "--preset", "tiny")
+    mole(ws, "cluster", "--preset", "tiny")
+    return ws
+
+
+def test_help_lists_the_commands() -> None:
+    out = subprocess.run([*MOLE, "--help"], env=ENV, capture_output=True, text=True, check=True).stdout
+    for cmd in ("build", "prepare", "cluster", "train-experts", "train-router", "fetch-base", "show-config"):
+        assert cmd in out
+
+
+def test_config_error_fails_before_any_work(tmp_path: Path) -> None:
+    proc = mole(tmp_path, "prepare", "--preset", "tiny", "--set", "cluster.k=0", check=False)
+    assert proc.returncode == 2
+    assert "cluster.k: value 0 is invalid" in proc.stderr
+    assert not (tmp_path / "data").exists()
+
+
+def test_bad_data_file_is_named_and_nothing_is_written(tmp_path: Path) -> None:
+    (tmp_path / "d.jsonl").write_text('{"text": "a"}\n{"text": \n')
+    proc = mole(tmp_path, "prepare", "--preset", "tiny", "--set", "data.source=d.jsonl", check=False)
+    assert proc.returncode == 1 and "d.jsonl:2: malformed JSON" in proc.stderr
+    assert not (tmp_path / "data" / "prepared").exists()
+
+
+def test_killed_train_experts_resumes_without_retraining_finished_experts(tiny_ws: Path) -> None:
+    experts = tiny_ws / "artifacts" / "experts"
+    # Slow enough per expert that the kill lands mid-run, after the first expert finished.
+    args = ["train-experts", "--preset", "tiny", "--set", "experts.steps=40", "--set", "experts.checkpoint_every=5"]
+    proc = subprocess.Popen([*MOLE, *args], cwd=tiny_ws, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (experts / "expert_00" / "train_metrics.json").exists():
+        assert proc.poll() is None, "train-experts ended before it could be killed"
+        assert time.time() < deadline, "first expert never finished"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (experts / "experts.json").exists(), "the run finished before the kill"
+    finished = {p.parent.name: p.stat().st_mtime_ns for p in experts.glob("expert_*/train_metrics.json")}
+    assert "expert_00" in finished
+    mole(tiny_ws, *args)
+    index = json.loads((experts / "experts.json").read_text())
+    reused = {e["id"] for e in index["experts"] if e["reused"]}
+    assert set(finished) <= reused
+    for name, mtime in finished.items():
+        assert (experts / name / "train_metrics.json").stat().st_mtime_ns == mtime
+    assert len(index["experts"]) == json.loads((tiny_ws / "data/clusters/report.json").read_text())["k"]
+    assert not list(experts.glob("*.ckpt")) and not list(experts.glob(".mole-tmp-*"))
+
+
+def test_warm_started_router_routes_like_the_clusterer(tiny_ws: Path) -> None:
+    """Acceptance: before router training, top-1 agreement with the clusters >= 0.9 on the tiny preset's eval rows."""
+    mole(tiny_ws, "train-experts", "--preset", "tiny")
+    mole(tiny_ws, "train-router", "--preset", "tiny", "--set", "router.steps=0")
+    metrics = json.loads((tiny_ws / "artifacts" / "mole" / "train_metrics.json").read_text())
+    print(f"tiny preset: warm-start agreement {metrics['agreement_before_training']:.3f}")
+    assert metrics["agreement_before_training"] >= 0.9
+    util = metrics["utilization"]
+    assert all(abs(sum(block) - 1) < 1e-3 for block in util)
+    from mole.model import MoLEModel
+
+    model = MoLEModel.from_pretrained(tiny_ws / "artifacts" / "mole")
+    assert model.spec.num_experts == len(util[0])
+    assert (tiny_ws / "artifacts" / "mole" / "clusterer" / "centroids.npy").exists()
