@@ -106,14 +106,14 @@ class ExpertsConfig(_Section):
     """One LoRA expert per cluster, plus the multitask LoRA baseline (stage ``train-experts``)."""
 
     lora: LoraSection = LoraSection()
-    steps: int = Field(60, ge=1, description="optimizer steps per expert")
-    batch_size: int = Field(8, ge=1)
-    max_length: int = Field(128, ge=8)
-    lr: float = Field(1e-3, gt=0)
+    steps: int = Field(15, ge=1, description="optimizer steps per expert")
+    batch_size: int = Field(4, ge=1)
+    max_length: int = Field(64, ge=8)
+    lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(5, ge=0)
+    warmup_steps: int = Field(2, ge=0)
     grad_clip: float = Field(1.0, gt=0)
-    checkpoint_every: int = Field(20, ge=1)
+    checkpoint_every: int = Field(10, ge=1)
     multitask_baseline: bool = True
     out_dir: str = "artifacts/experts"
     baseline_dir: str = "artifacts/baselines/multitask_lora"
@@ -126,9 +126,9 @@ class RouterConfig(_Section):
     routing: Literal["token_topk", "cluster"] = "token_topk"
     path: Literal["auto", "dense", "sparse"] = "auto"
     warm_start: bool = True
-    warm_start_rows: int = Field(256, ge=1)
-    steps: int = Field(60, ge=0)
-    batch_size: int = Field(8, ge=1)
+    warm_start_rows: int = Field(192, ge=1)
+    steps: int = Field(20, ge=0)
+    batch_size: int = Field(4, ge=1)
     lr: float = Field(1e-3, gt=0, description="router (gate) learning rate")
     expert_lr: float = Field(1e-4, ge=0, description="expert learning rate in the joint phase")
     freeze_experts: bool = False

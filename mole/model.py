@@ -91,6 +91,7 @@ class MoLEModel(nn.Module):
         self._forced: torch.Tensor | None = None  # (B,) expert per sequence, when routing is forced
         self._mask: torch.Tensor | None = None  # (B, T) attention mask of the current full forward
         self._outputs: list[RouterOutput] = []
+        self.clusterer: Any = None  # a mole.cluster.Clusterer, for cluster-distance routing
         for b, block in enumerate(blocks):
             self._inject(block, self.states[b], prefix=_module_name(base, block))
             block.register_forward_pre_hook(self._make_hook(b), with_kwargs=True)
@@ -186,6 +187,63 @@ class MoLEModel(nn.Module):
         self._outputs = []
         return out
 
+    def route_by_cluster(self, texts: list[str]) -> torch.Tensor:
+        """Cluster-distance routing (c-BTM style): each text's expert is its nearest centroid's, shape (B,)."""
+        if self.clusterer is None:
+            raise RuntimeError("cluster routing needs the clusterer saved with the model (clusterer/ in its dir)")
+        expert_of = {c: i for i, c in enumerate(self.spec.clusters)}
+        return torch.tensor([expert_of[int(c)] for c in self.clusterer.assign(texts)])
+
+    @torch.no_grad()
+    def generate_text(
+        self, prompts: list[str], *, max_new_tokens: int = 32, routing: str | None = None, **kwargs: Any
+    ) -> list[str]:
+        """Greedy (or sampled, via kwargs) completions of prompts; ``routing`` defaults to the spec's.
+
+        Prompts are left-padded together; with ``routing="cluster"`` each prompt is routed whole to the expert
+        of its nearest cluster centroid, otherwise the token routers route every token.
+        """
+        from mole.data.tokenize import completion_sep
+
+        routing = routing or self.spec.routing
+        route = self.route_by_cluster(prompts) if routing == "cluster" else None
+        side, self.tokenizer.padding_side = self.tokenizer.padding_side, "left"
+        try:
+            enc = self.tokenizer(prompts, return_tensors="pt", padding=True)
+        finally:
+            self.tokenizer.padding_side = side
+        dev = next(self.base.parameters()).device
+        kwargs.setdefault("do_sample", False)
+        out = self.generate(
+            enc["input_ids"].to(dev),
+            enc["attention_mask"].to(dev),
+            route=route,
+            max_new_tokens=max_new_tokens,
+            **kwargs,
+        )
+        texts = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        # Training joined prompt and completion with completion_sep; strip it back off.
+        return [
+            t[len(completion_sep(p)) :] if t.startswith(completion_sep(p)) else t
+            for p, t in zip(prompts, texts, strict=True)
+        ]
+
+    @torch.no_grad()
+    def score(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        route: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed negative log-likelihood of the labelled tokens of each row and their count, each (B,)."""
+        logits = self(input_ids, attention_mask, route=route).logits[:, :-1].float()  # (B, T-1, V)
+        target = labels[:, 1:]
+        nll = nn.functional.cross_entropy(logits.transpose(1, 2), target.clamp(min=0), reduction="none")  # (B, T-1)
+        keep = target != -100
+        return (nll * keep).sum(1), keep.sum(1)
+
     def expert_parameters(self) -> list[nn.Parameter]:
         return [p for layer in self.bank.values() for p in (layer.lora_A, layer.lora_B)]
 
@@ -258,6 +316,10 @@ class MoLEModel(nn.Module):
         for i, eid in enumerate(spec.expert_ids):
             model.load_expert(i, directory / "experts" / eid)
         model.routers.load_state_dict(load_file(str(directory / ROUTER_FILE)))
+        if (directory / "clusterer" / "centroids.npy").exists():
+            from mole.cluster import Clusterer
+
+            model.clusterer = Clusterer.load(directory / "clusterer")
         return model.eval()
 
     @classmethod

@@ -125,3 +125,29 @@ def test_forced_route_matches_single_expert_and_bad_adapter_is_refused(tmp_path:
         a = model(ids, route=torch.tensor([1, 3])).logits
         b = model(ids[:1], route=torch.tensor([1])).logits
     torch.testing.assert_close(a[:1], b, rtol=1e-5, atol=1e-5)
+
+
+def test_score_matches_the_mean_loss_and_cluster_routing_uses_the_clusterer() -> None:
+    from mole.cluster import Clusterer
+    from mole.data.tokenize import collate, encode_row
+    from mole.embed import TfidfEmbedder
+
+    model, _ = _model()
+    rows = [
+        {"prompt": "Add 2 and 3.\nAnswer:", "completion": "5"},
+        {"prompt": "Reverse abc\nAnswer:", "completion": "cba"},
+    ]
+    batch = collate([encode_row(model.tokenizer, r, max_length=64) for r in rows], pad_id=0)
+    nll, count = model.score(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    with torch.no_grad():
+        loss = model(batch["input_ids"][:1], batch["attention_mask"][:1], batch["labels"][:1]).lm_loss
+    torch.testing.assert_close(nll[0] / count[0], loss, rtol=1e-5, atol=1e-5)
+    assert count.tolist() == [3, 5]  # " 5" + eos, " cba" + eos: one token per byte
+    texts = ["apple pie recipe"] * 4 + ["train timetable"] * 4
+    emb = TfidfEmbedder(dim=2).fit(texts)
+    x = emb.encode(texts)
+    model.clusterer = Clusterer(embedder=emb, centroids=torch.tensor(x[[0, 4]]).numpy())
+    model.spec.clusters = [1, 0, 2, 3]  # expert 0 serves cluster 1, expert 1 serves cluster 0
+    assert model.route_by_cluster(["apple pie", "train"]).tolist() == [1, 0]
+    outs = model.generate_text(["apple pie", "train"], max_new_tokens=3, routing="cluster")
+    assert len(outs) == 2 and all(isinstance(o, str) for o in outs)

@@ -1,0 +1,37 @@
+"""Slow end-to-end run of the demo preset through the CLI (`make test-slow`): SmolLM2-135M on the demo corpus."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.demo_model]
+
+
+def test_demo_build_end_to_end(tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "mole.cli", "build", "--preset", "demo"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads((tmp_path / "data/clusters/report.json").read_text())
+    assert report["k"] == 6 and report["ari"] >= 0.9
+    index = json.loads((tmp_path / "artifacts/experts/experts.json").read_text())
+    assert len(index["experts"]) == 6 and index["baseline"] is not None
+    metrics = json.loads((tmp_path / "artifacts/mole/train_metrics.json").read_text())
+    loss = metrics["joint"]["loss"]
+    print(
+        f"demo: warm-start agreement {metrics['agreement_before_training']:.3f}, "
+        f"after joint {metrics['agreement']:.3f}, joint loss {loss[0]:.3f} -> {loss[-1]:.3f}"
+    )
+    assert metrics["agreement_before_training"] >= 0.9
