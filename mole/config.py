@@ -137,6 +137,26 @@ class RouterConfig(_Section):
     out_dir: str = "artifacts/mole"
 
 
+class EvaluateConfig(_Section):
+    """Evaluation of every variant on the eval split (stage ``evaluate``)."""
+
+    batch_size: int = Field(8, ge=1)
+    max_new_tokens: int = Field(16, ge=1)
+    generate_rows: int | None = Field(60, ge=1, description="eval rows used for exact match; null = all")
+    latency_reps: int = Field(5, ge=1)
+    out_dir: str = "reports"
+
+
+class MergeConfig(_Section):
+    """Data-driven pruning and merging of experts (stage ``merge-prune``)."""
+
+    utilization_floor: float = Field(0.02, ge=0.0, lt=1.0, description="prune experts routed less than this")
+    similarity_ceiling: float = Field(0.9, gt=-1.0, le=1.0, description="merge expert pairs at least this similar")
+    refit_steps: int = Field(10, ge=0, description="router re-fit steps after a change")
+    tolerance: float = Field(0.02, ge=0.0, description="accept if eval loss rises by less than this fraction")
+    keep_dir: str = "artifacts/mole.unmerged"
+
+
 class BuildConfig(_Section):
     """The whole build: the Prefect flow's parameter and the content of params.yaml."""
 
@@ -147,6 +167,8 @@ class BuildConfig(_Section):
     cluster: ClusterConfig = ClusterConfig()
     experts: ExpertsConfig = ExpertsConfig()
     router: RouterConfig = RouterConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    merge: MergeConfig = MergeConfig()
 
     @model_validator(mode="after")
     def _check_top_k(self) -> BuildConfig:

@@ -43,7 +43,16 @@ class MoLESpec:
     top_k: int = 2
     routing: str = "token_topk"  # token_topk | cluster
     path: str = "auto"
-    clusters: list[int] = field(default_factory=list)  # cluster id of each expert, same order as expert_ids
+    # The cluster(s) each expert serves, same order as expert_ids: an int, or a list after a merge.
+    clusters: list[int | list[int]] = field(default_factory=list)
+
+    def expert_of_cluster(self) -> dict[int, int]:
+        """Cluster id -> index of the expert that serves it."""
+        out: dict[int, int] = {}
+        for i, c in enumerate(self.clusters):
+            for cid in c if isinstance(c, list) else [c]:
+                out[int(cid)] = i
+        return out
 
     @property
     def num_experts(self) -> int:
@@ -191,7 +200,7 @@ class MoLEModel(nn.Module):
         """Cluster-distance routing (c-BTM style): each text's expert is its nearest centroid's, shape (B,)."""
         if self.clusterer is None:
             raise RuntimeError("cluster routing needs the clusterer saved with the model (clusterer/ in its dir)")
-        expert_of = {c: i for i, c in enumerate(self.spec.clusters)}
+        expert_of = self.spec.expert_of_cluster()
         return torch.tensor([expert_of[int(c)] for c in self.clusterer.assign(texts)])
 
     @torch.no_grad()
