@@ -168,6 +168,18 @@ def train_router(
     _summary("MoLE model", {k: v for k, v in res.items() if k != "paths"} | {"dir": res["paths"]["dir"]})
 
 
+@app.command()
+def evaluate(
+    config: ConfigOpt = Path("params.yaml"), preset: PresetOpt = None, set_: SetOpt = None, verbose: VerboseOpt = False
+) -> None:
+    """Evaluate base, multitask LoRA, oracle experts, cluster routing and MoLE on the eval split."""
+    from mole import stages
+
+    _setup_logging(verbose)
+    res = _run("evaluate", stages.evaluate, _config(config, preset, set_))
+    out.print(Path(res["paths"]["markdown"]).read_text(encoding="utf-8").split("![")[0], highlight=False)
+
+
 @app.command("fetch-base")
 def fetch_base(
     config: ConfigOpt = Path("params.yaml"), preset: PresetOpt = None, set_: SetOpt = None, verbose: VerboseOpt = False
@@ -200,6 +212,7 @@ def build(
         results[name] = _run(name, fn, cfg)
     for name, fn in (("train-experts", stages.train_experts), ("train-router", stages.train_router)):
         results[name] = _run_with_bars(name, fn, cfg)
+    results["evaluate"] = _run("evaluate", stages.evaluate, cfg)
     c, m = results["cluster"], results["train-router"]
     _summary(
         "build",

@@ -55,7 +55,7 @@ class MiniLMEmbedder:
         return self
 
     def encode(self, texts: list[str]) -> np.ndarray:
-        out = self._load().encode(texts, batch_size=self.batch_size, normalize_embeddings=True)
+        out = self._load().encode(texts, batch_size=self.batch_size, normalize_embeddings=True, show_progress_bar=False)
         return _unit(np.asarray(out))
 
     def save(self, directory: Path) -> None:

@@ -205,17 +205,25 @@ class MoLEModel(nn.Module):
 
     @torch.no_grad()
     def generate_text(
-        self, prompts: list[str], *, max_new_tokens: int = 32, routing: str | None = None, **kwargs: Any
+        self,
+        prompts: list[str],
+        *,
+        max_new_tokens: int = 32,
+        routing: str | None = None,
+        route: torch.Tensor | None = None,
+        **kwargs: Any,
     ) -> list[str]:
         """Greedy (or sampled, via kwargs) completions of prompts; ``routing`` defaults to the spec's.
 
-        Prompts are left-padded together; with ``routing="cluster"`` each prompt is routed whole to the expert
-        of its nearest cluster centroid, otherwise the token routers route every token.
+        Prompts are left-padded together; ``route`` (B,) forces each prompt to one expert; with
+        ``routing="cluster"`` each prompt is routed whole to the expert of its nearest cluster centroid;
+        otherwise the token routers route every token.
         """
         from mole.data.tokenize import completion_sep
 
         routing = routing or self.spec.routing
-        route = self.route_by_cluster(prompts) if routing == "cluster" else None
+        if route is None and routing == "cluster":
+            route = self.route_by_cluster(prompts)
         side, self.tokenizer.padding_side = self.tokenizer.padding_side, "left"
         try:
             enc = self.tokenizer(prompts, return_tensors="pt", padding=True)

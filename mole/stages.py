@@ -204,3 +204,12 @@ def train_router(cfg: BuildConfig, progress: Any = None) -> dict[str, Any]:
         j = metrics["joint"]
         summary.update(final_loss=j["loss"][-1], seconds=j["seconds"], tokens_per_s=j["tokens_per_s"])
     return {**summary, "experts": len(index), "paths": {k: str(v) for k, v in paths.items()}}
+
+
+def evaluate(cfg: BuildConfig) -> dict[str, Any]:
+    """Evaluate every variant on the eval split: reports/eval.json, eval.md and the PNGs."""
+    from mole.evaluate import run_evaluate
+
+    report = run_evaluate(cfg)
+    out = cfg.path(cfg.evaluate.out_dir)
+    return {**report, "paths": {"eval": str(out / "eval.json"), "markdown": str(out / "eval.md")}}

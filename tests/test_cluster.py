@@ -89,3 +89,34 @@ def test_minilm_auto_k_recovers_demo_skills(workspace: Path) -> None:
     assert len(assigned) == sum(report["sizes"]) and {a["cluster"] for a in assigned} == set(range(report["k"]))
     for name in ("centroids.npy", "clusterer.json", "embedder.json", "eval_assignments.jsonl"):
         assert (workspace / "data" / "clusters" / name).exists()
+
+
+def test_base_model_embedder_clusters_rows(tmp_path: Path) -> None:
+    from mole.embed import BaseModelEmbedder
+
+    rows = [{"text": w * 6, "domain": w} for w in ("aaaa ", "zzzz ", "0000 ") for _ in range(4)]
+    rows = [{**r, "text": r["text"] + str(i)} for i, r in enumerate(rows)]
+    emb = BaseModelEmbedder(base_spec="tiny", batch_size=4, max_length=32)
+    x = emb.encode([r["text"] for r in rows])
+    assert x.shape == (12, 64)
+    np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, rtol=1e-5)
+    clusterer, labels, report = fit_clusters(
+        rows, emb, k=3, k_min=2, k_max=4, min_cluster_size=2, balanced=False, n_init=5, seed=0
+    )
+    assert report["ari"] == 1.0
+    clusterer.save(tmp_path)
+    np.testing.assert_array_equal(Clusterer.load(tmp_path).assign([r["text"] for r in rows]), labels)
+
+
+def test_atomic_outputs_get_ordinary_permissions(tmp_path: Path) -> None:
+    import os
+
+    from mole.io import atomic_dir, write_json
+
+    write_json(tmp_path / "a.json", {"x": 1})
+    with atomic_dir(tmp_path / "d") as d:
+        (d / "f").write_text("x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o666 & ~mask
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o777 & ~mask

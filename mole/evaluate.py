@@ -1,0 +1,300 @@
+"""Evaluation of every variant on the same eval rows in one run: reports/eval.json, eval.md and plots.
+
+Variants (DESIGN.md "Evaluation"): ``base``; ``multitask_lora`` (the peft baseline); ``mole`` (token routers);
+``oracle_experts`` (each row forced to the expert of its true group: information unavailable at inference);
+``cluster_routing`` (each row routed whole by its prompt's nearest centroid). A later stage adds ``mole_merged``
+with :func:`add_variant`. Models are loaded one at a time; the base stays loaded for the latency comparison.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mole.config import BuildConfig
+from mole.data.tokenize import eval_batches
+from mole.io import atomic_path, read_jsonl, write_json
+from mole.metrics import (
+    Generate,
+    ModelScorer,
+    Route,
+    Rows,
+    Scorer,
+    fixed_route,
+    hf_generator,
+    loss_summary,
+    mole_generator,
+    render_markdown,
+    true_groups,
+)
+
+__all__ = ["ModelScorer", "Scorer", "add_variant", "evaluate_variant", "normalize_answer", "run_evaluate"]
+logger = logging.getLogger(__name__)
+
+
+def normalize_answer(text: str) -> str:
+    """Canonical answer for exact match: first line, stripped, whitespace collapsed, no trailing period, casefolded."""
+    lines = text.splitlines()
+    first = " ".join(lines[0].split()) if lines else ""  # split() also strips
+    return first.removesuffix(".").rstrip().casefold()
+
+
+def evaluate_variant(
+    name: str,
+    scorer: Scorer,
+    rows: Rows,
+    clusters: list[int],
+    *,
+    batch_size: int,
+    max_length: int,
+    generate: Generate | None = None,
+    generate_rows: int | None = None,
+) -> dict[str, Any]:
+    """Loss, perplexity and exact match of one variant, overall and per eval cluster.
+
+    Args:
+        name: the variant's name (for logging).
+        scorer: scores batches of ``rows`` encoded with its tokenizer.
+        rows: eval rows (``text``, or ``prompt`` + ``completion``).
+        clusters: each row's eval cluster, same length as ``rows``.
+        batch_size: rows per scoring and generation batch.
+        max_length: token limit of an encoded row (as in training).
+        generate: rows -> greedy completions; None skips exact match.
+        generate_rows: exact match on the first this many rows (all when None).
+
+    Returns:
+        {"loss", "ppl", "exact_match", "tokens", "per_cluster": {str(c): {"loss", "ppl", "exact_match", "rows"}}};
+        loss is the token-weighted mean NLL of the labelled tokens; exact_match is None without completions.
+    """
+    if len(rows) != len(clusters) or not rows:
+        raise ValueError(f"{name}: expected one cluster per row and at least one row, got {len(clusters)}/{len(rows)}")
+    t0 = time.perf_counter()
+    nll, tokens = torch.zeros(len(rows), dtype=torch.float64), torch.zeros(len(rows), dtype=torch.long)
+    for idx, batch in eval_batches(rows, scorer.tokenizer, batch_size=batch_size, max_length=max_length):
+        s, n = scorer(batch, [rows[i] for i in idx])
+        nll[idx], tokens[idx] = s.double().cpu(), n.long().cpu()
+    if not tokens.sum():
+        raise ValueError(f"{name}: the {len(rows)} rows have no labelled tokens to score")
+    hits = _exact_matches(rows[:generate_rows] if generate_rows else rows, generate, batch_size)
+    out = {**_summary(nll, tokens, hits, range(len(rows))), "tokens": int(tokens.sum())}
+    del out["rows"]  # only per cluster
+    out["per_cluster"] = {
+        str(c): _summary(nll, tokens, hits, [i for i, ci in enumerate(clusters) if ci == c])
+        for c in sorted(set(clusters))
+    }
+    logger.info(
+        "%s: loss %.4f ppl %.2f exact match %s (%d rows, %.1fs)",
+        name, out["loss"], out["ppl"], out["exact_match"], len(rows), time.perf_counter() - t0,
+    )  # fmt: skip
+    return out
+
+
+def _exact_matches(rows: Rows, generate: Generate | None, batch_size: int) -> dict[int, bool]:
+    """Row index -> whether the greedy completion matches, for the rows with a completion."""
+    todo = [i for i, r in enumerate(rows) if "completion" in r] if generate is not None else []
+    hits: dict[int, bool] = {}
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start : start + batch_size]
+        for i, text in zip(chunk, generate([rows[i] for i in chunk]), strict=True):
+            hits[i] = normalize_answer(text) == normalize_answer(rows[i]["completion"])
+    return hits
+
+
+def _summary(nll: torch.Tensor, tokens: torch.Tensor, hits: dict[int, bool], idx: Any) -> dict[str, Any]:
+    idx = list(idx)
+    scored = [hits[i] for i in idx if i in hits]
+    out = loss_summary(float(nll[idx].sum()), int(tokens[idx].sum()))
+    return {**out, "exact_match": sum(scored) / len(scored) if scored else None, "rows": len(idx)}
+
+
+# --------------------------------------------------------------------------------------------- the stage
+def _eval_inputs(cfg: BuildConfig) -> tuple[Rows, list[int], list[int], dict[str, Any]]:
+    """Eval rows, their eval clusters, their true groups (for the oracle) and the cluster report."""
+    from mole.stages import _load_prepared, cluster_paths
+
+    _, rows = _load_prepared(cfg)
+    cp = cluster_paths(cfg)
+    for p in (cp["assignments"], cp["eval_assignments"], cp["report"]):
+        if not p.exists():
+            raise FileNotFoundError(f"{p} does not exist; run `mole cluster` first")
+    of = {a["id"]: int(a["cluster"]) for a in read_jsonl(cp["eval_assignments"])}
+    missing = [r["id"] for r in rows if r["id"] not in of]
+    if missing:
+        raise ValueError(f"{cp['eval_assignments']}: no cluster for eval rows {missing[:3]}; re-run `mole cluster`")
+    clusters = [of[r["id"]] for r in rows]
+    groups = true_groups(rows, clusters, read_jsonl(cp["assignments"]))
+    return rows, clusters, groups, json.loads(cp["report"].read_text(encoding="utf-8"))
+
+
+def _variant_kwargs(cfg: BuildConfig) -> dict[str, Any]:
+    ev = cfg.evaluate
+    return {"batch_size": ev.batch_size, "max_length": cfg.experts.max_length, "generate_rows": ev.generate_rows}
+
+
+def _load_base(cfg: BuildConfig) -> tuple[nn.Module, Any]:
+    from mole.base import load_base
+
+    bm = cfg.base_model
+    kw = {"revision": bm.revision, "trust_remote_code": bm.trust_remote_code, "dtype": bm.dtype, "device": bm.device}
+    return load_base(bm.name, **kw, seed=cfg.seed)
+
+
+def _evaluate_lm(name: str, model: nn.Module, tok: Any, cfg: BuildConfig, rows: Rows, clusters: list[int]) -> dict:
+    gen = hf_generator(model, tok, max_new_tokens=cfg.evaluate.max_new_tokens)
+    return evaluate_variant(name, ModelScorer(model, tok), rows, clusters, **_variant_kwargs(cfg), generate=gen)
+
+
+def _multitask_lora(cfg: BuildConfig, tok: Any, rows: Rows, clusters: list[int]) -> dict[str, Any] | None:
+    """The multitask LoRA baseline on a fresh base; None (with a warning) when it was not trained."""
+    from peft import PeftModel
+
+    from mole.stages import experts_paths
+
+    adapter = experts_paths(cfg)["baseline"]
+    if not (adapter / "adapter_config.json").exists():
+        logger.warning("multitask_lora: %s holds no adapter; skipping the baseline variant", adapter)
+        return None
+    model = PeftModel.from_pretrained(_load_base(cfg)[0], str(adapter)).eval()
+    return _evaluate_lm("multitask_lora", model, tok, cfg, rows, clusters)
+
+
+def run_evaluate(cfg: BuildConfig, *, extra_variants: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Evaluate every variant on the eval split; write eval.json, eval.md and the plots into ``evaluate.out_dir``.
+
+    Args:
+        cfg: the build configuration.
+        extra_variants: name -> metrics (as from :func:`evaluate_variant`) of further variants to report.
+
+    Returns:
+        The eval.json content: {"variants", "routing", "clustering", "cost"}.
+
+    Raises:
+        FileNotFoundError: an output of an earlier stage is missing (the message names the stage to run).
+    """
+    from mole.stages import mole_paths
+
+    mole_dir = mole_paths(cfg)["dir"]
+    if not (mole_dir / "mole_config.json").exists():
+        raise FileNotFoundError(f"{mole_dir} holds no MoLE model; run `mole train-router` first")
+    rows, clusters, groups, creport = _eval_inputs(cfg)
+    base, tok = _load_base(cfg)
+    variants = {"base": _evaluate_lm("base", base, tok, cfg, rows, clusters)}
+    if (lora := _multitask_lora(cfg, tok, rows, clusters)) is not None:
+        variants["multitask_lora"] = lora
+    _collect()  # the baseline model became unreachable when _multitask_lora returned
+    mole = _evaluate_mole(cfg, mole_dir, base, rows, clusters, groups)
+    del base
+    _collect()
+    variants.update(mole["variants"], **(extra_variants or {}))
+    order = ["base", "multitask_lora", "oracle_experts", "cluster_routing", "mole"]
+    report = {
+        "variants": {n: variants[n] for n in order if n in variants} | variants,
+        "routing": mole["routing"],
+        "clustering": {k: creport.get(k) for k in ("k", "silhouette", "ari")},
+        "cost": mole["cost"],
+    }
+    out_dir = cfg.path(cfg.evaluate.out_dir)
+    write_report(out_dir / "eval.json", report)
+    _write_plots(cfg, out_dir, report, mole["expert_ids"])
+    logger.info("wrote %s, eval.md and plots", out_dir / "eval.json")
+    return report
+
+
+def _collect() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _evaluate_mole(
+    cfg: BuildConfig, mole_dir: Path, base: nn.Module, rows: Rows, clusters: list[int], groups: list[int]
+) -> dict[str, Any]:
+    """The MoLE variants, routing statistics and cost (latency against ``base``), from one load of the model."""
+    from mole.cluster import row_text
+    from mole.metrics import mole_cost, routing_stats
+    from mole.model import MoLEModel
+    from mole.train import row_routing
+
+    model = MoLEModel.from_pretrained(mole_dir, device=cfg.base_model.device)
+    expert_of = model.spec.expert_of_cluster()
+    unserved = sorted({c for c in clusters + groups if c not in expert_of})
+    if unserved:
+        raise ValueError(f"{mole_dir}: no expert serves clusters {unserved}; the model does not match the clusters")
+    fixed = {"oracle_experts": [expert_of[g] for g in groups]}  # each row's expert, where routing is fixed per row
+    if model.clusterer is not None:  # embed all prompts once rather than batch by batch
+        fixed["cluster_routing"] = model.route_by_cluster([row_text(r) for r in rows]).tolist()
+    else:
+        logger.warning("cluster_routing: %s has no clusterer/; skipping the variant", mole_dir)
+    routes: dict[str, Route | None] = {name: fixed_route(rows, experts) for name, experts in fixed.items()}
+    routes["mole"] = None
+    ev = cfg.evaluate
+    variants = {}
+    for name, route in routes.items():
+        gen = mole_generator(model, max_new_tokens=ev.max_new_tokens, route=route)
+        scorer = ModelScorer(model, model.tokenizer, route)
+        variants[name] = evaluate_variant(name, scorer, rows, clusters, **_variant_kwargs(cfg), generate=gen)
+    weights, logits = row_routing(model, rows, batch_size=ev.batch_size, max_length=cfg.experts.max_length)
+    routing = routing_stats(weights, logits, [expert_of[c] for c in clusters])
+    _, batch = next(eval_batches(rows, model.tokenizer, batch_size=ev.batch_size, max_length=cfg.experts.max_length))
+    cost = mole_cost(model, base, batch, mole_dir, reps=ev.latency_reps)
+    logger.info("top-1 agreement %.3f; forward x%.3f of base", routing["top1_agreement"], cost["latency_ratio_vs_base"])
+    return {"variants": variants, "routing": routing, "cost": cost, "expert_ids": list(model.spec.expert_ids)}
+
+
+# --------------------------------------------------------------------------------------------- reports
+def write_report(path: str | Path, report: dict[str, Any]) -> Path:
+    """Write ``report`` as eval.json at ``path`` and its markdown as eval.md beside it, each atomically."""
+    path = Path(path)
+    write_json(path, report)
+    with atomic_path(path.with_suffix(".md")) as tmp:
+        tmp.write_text(render_markdown(report), encoding="utf-8")
+    return path
+
+
+def add_variant(path: str | Path, name: str, metrics: dict[str, Any]) -> dict[str, Any]:
+    """Add (or replace) one variant in an existing eval.json; rewrite it, eval.md and per_cluster_loss.png.
+
+    Args:
+        path: the eval.json written by :func:`run_evaluate`.
+        name: the variant's name, e.g. ``"mole_merged"``.
+        metrics: its metrics, as returned by :func:`evaluate_variant`.
+
+    Returns:
+        The updated report.
+    """
+    from mole.plots import per_cluster_loss
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; run `mole evaluate` first")
+    report = json.loads(path.read_text(encoding="utf-8"))
+    report["variants"][name] = metrics
+    write_report(path, report)
+    per_cluster_loss(report["variants"], path.parent / "per_cluster_loss.png")
+    return report
+
+
+def _write_plots(cfg: BuildConfig, out_dir: Path, report: dict[str, Any], expert_ids: list[str]) -> None:
+    from mole.plots import loss_curves, per_cluster_loss, routing_heatmap
+    from mole.stages import experts_paths, mole_paths
+
+    curves: dict[str, list[float]] = {}
+    index_path = experts_paths(cfg)["index"]
+    index = json.loads(index_path.read_text(encoding="utf-8")) if index_path.exists() else {}
+    entries = [*index.get("experts", []), *([index["baseline"]] if index.get("baseline") else [])]
+    for e in entries:
+        metrics = cfg.path(e["path"]) / "train_metrics.json"
+        if metrics.exists():
+            curves[e["id"]] = json.loads(metrics.read_text(encoding="utf-8"))["loss"]
+    mole_metrics = mole_paths(cfg)["metrics"]
+    joint = json.loads(mole_metrics.read_text(encoding="utf-8")).get("joint") if mole_metrics.exists() else None
+    loss_curves(curves, joint["loss"] if joint else None, out_dir / "loss_curves.png")
+    per_cluster_loss(report["variants"], out_dir / "per_cluster_loss.png")
+    routing_heatmap(report["routing"]["utilization_per_layer"], expert_ids, out_dir / "routing_heatmap.png")

@@ -1,0 +1,186 @@
+"""The evaluate stage on a tiny workspace built once: eval.json shape and invariants, eval.md, plots, add_variant."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from mole import stages
+from mole.config import BuildConfig, load_config
+from mole.evaluate import ModelScorer, add_variant, evaluate_variant, normalize_answer, run_evaluate
+from mole.io import read_jsonl
+
+VARIANTS = ("base", "multitask_lora", "oracle_experts", "cluster_routing", "mole")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# Small everywhere: tf-idf clusters (no sentence-transformer load), 3 experts, a few steps, short generations.
+OVERRIDES = [
+    "data.demo_rows_per_skill=12",
+    "cluster.embedder=tfidf",
+    "cluster.k=3",
+    "experts.steps=3",
+    "router.steps=2",
+    "evaluate.generate_rows=8",
+    "evaluate.max_new_tokens=6",
+    "evaluate.latency_reps=2",
+]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[BuildConfig, dict[str, Any]]:
+    ws = tmp_path_factory.mktemp("eval_ws")
+    cfg = load_config(None, preset="tiny", overrides=[f"workspace={ws}", *OVERRIDES])
+    assert cfg.path("data") == ws / "data"  # every stage writes under the workspace, not the cwd
+    for stage in (stages.prepare, stages.cluster, stages.train_experts, stages.train_router):
+        stage(cfg)
+    return cfg, run_evaluate(cfg)
+
+
+@pytest.fixture(scope="module")
+def eval_rows(built: tuple[BuildConfig, dict[str, Any]]) -> list[dict[str, Any]]:
+    return read_jsonl(stages.prepared_paths(built[0])["eval"])
+
+
+def test_every_variant_has_finite_metrics(built: tuple[BuildConfig, dict[str, Any]]) -> None:
+    cfg, report = built
+    on_disk = json.loads((cfg.path(cfg.evaluate.out_dir) / "eval.json").read_text())
+    assert on_disk == json.loads(json.dumps(report))
+    assert set(report) == {"variants", "routing", "clustering", "cost"}
+    assert list(report["variants"]) == list(VARIANTS)
+    for name, v in report["variants"].items():
+        assert set(v) == {"loss", "ppl", "exact_match", "tokens", "per_cluster"}, name
+        assert math.isfinite(v["loss"]) and math.isfinite(v["ppl"]), name
+        assert v["ppl"] == pytest.approx(math.exp(v["loss"]))
+        assert 0.0 <= v["exact_match"] <= 1.0, name  # demo rows are prompt/completion
+        assert v["tokens"] > 0
+
+
+def test_per_cluster_rows_cover_the_eval_split(built: tuple[BuildConfig, dict[str, Any]], eval_rows: list) -> None:
+    cfg, report = built
+    assigned = read_jsonl(stages.cluster_paths(cfg)["eval_assignments"])
+    expected = {str(c): sum(a["cluster"] == c for a in assigned) for c in {a["cluster"] for a in assigned}}
+    for v in report["variants"].values():
+        assert {c: p["rows"] for c, p in v["per_cluster"].items()} == expected
+        assert sum(p["rows"] for p in v["per_cluster"].values()) == len(eval_rows)
+        # The overall loss is the token-weighted mean of the clusters' losses, so it lies within their range.
+        losses = [p["loss"] for p in v["per_cluster"].values()]
+        assert min(losses) - 1e-9 <= v["loss"] <= max(losses) + 1e-9
+
+
+def test_routing_statistics(built: tuple[BuildConfig, dict[str, Any]], eval_rows: list) -> None:
+    from mole.model import MoLEModel
+    from mole.train import routing_agreement, row_routing
+
+    cfg, report = built
+    r = report["routing"]
+    assert sum(r["utilization"]) == pytest.approx(1.0, abs=1e-4)
+    assert len(r["utilization_per_layer"]) == 2  # the tiny base has 2 blocks
+    for layer in r["utilization_per_layer"]:
+        assert len(layer) == 3 and sum(layer) == pytest.approx(1.0, abs=1e-4)
+    assert 0.0 <= r["normalized_entropy"] <= 1.0 + 1e-9
+    assert r["entropy"] == pytest.approx(r["normalized_entropy"] * math.log(3))
+    assert 0.0 <= r["top1_agreement"] <= 1.0
+    model = MoLEModel.from_pretrained(stages.mole_paths(cfg)["dir"])
+    clusters = {a["id"]: a["cluster"] for a in read_jsonl(stages.cluster_paths(cfg)["eval_assignments"])}
+    experts = [model.spec.expert_of_cluster()[clusters[row["id"]]] for row in eval_rows]
+    _, logits = row_routing(model, eval_rows, batch_size=cfg.evaluate.batch_size, max_length=cfg.experts.max_length)
+    assert r["top1_agreement"] == pytest.approx(routing_agreement(logits, experts))
+
+
+def test_clustering_and_cost(built: tuple[BuildConfig, dict[str, Any]]) -> None:
+    cfg, report = built
+    assert report["clustering"]["k"] == 3 and set(report["clustering"]) == {"k", "silhouette", "ari"}
+    cost = report["cost"]
+    assert cost["trainable_params"] > 0 and cost["adapter_mb"] > 0
+    assert cost["base_ms"] > 0 and cost["mole_ms"] > 0
+    assert cost["latency_ratio_vs_base"] == pytest.approx(cost["mole_ms"] / cost["base_ms"])
+
+
+def test_markdown_and_plots(built: tuple[BuildConfig, dict[str, Any]]) -> None:
+    cfg, _ = built
+    out = cfg.path(cfg.evaluate.out_dir)
+    md = (out / "eval.md").read_text()
+    for name in VARIANTS:
+        assert f"| {name} |" in md
+    assert "top-1 agreement" in md and "trainable parameters" in md
+    for png in ("loss_curves.png", "per_cluster_loss.png", "routing_heatmap.png"):
+        assert (out / png).read_bytes()[:8] == PNG_MAGIC, png
+    assert not list(out.glob(".mole-tmp-*"))
+
+
+def test_add_variant_keeps_the_others(built: tuple[BuildConfig, dict[str, Any]], tmp_path: Path) -> None:
+    cfg, report = built
+    path = shutil.copy(cfg.path(cfg.evaluate.out_dir) / "eval.json", tmp_path / "eval.json")
+    merged = {**report["variants"]["mole"], "loss": 1.0, "ppl": math.e}
+    updated = add_variant(path, "mole_merged", merged)
+    on_disk = json.loads(Path(path).read_text())
+    assert list(on_disk["variants"]) == [*VARIANTS, "mole_merged"] and on_disk == updated
+    assert on_disk["variants"]["base"] == json.loads(json.dumps(report["variants"]["base"]))
+    assert on_disk["routing"] == json.loads(json.dumps(report["routing"]))
+    assert "| mole_merged | 1.0000 | 2.72 |" in (tmp_path / "eval.md").read_text()
+    assert (tmp_path / "per_cluster_loss.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_missing_baseline_is_skipped_with_a_warning(
+    built: tuple[BuildConfig, dict[str, Any]], caplog: pytest.LogCaptureFixture
+) -> None:
+    from mole.evaluate import _multitask_lora
+
+    cfg = built[0].model_copy(update={"experts": built[0].experts.model_copy(update={"baseline_dir": "nowhere"})})
+    with caplog.at_level(logging.WARNING, logger="mole.evaluate"):
+        assert _multitask_lora(cfg, None, [], []) is None
+    assert "skipping the baseline" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("  Paris.  ", "paris"),
+        ("2025-12-14\nQuestion: next", "2025-12-14"),
+        ("New   York\tCity", "new york city"),
+        ("3.14", "3.14"),
+        ("Alice .", "alice"),
+        ("", ""),
+        ("\nlate answer", ""),  # the first line is empty: the answer must come first
+        ("ÉCOLE", "école"),
+    ],
+)
+def test_normalize_answer(text: str, expected: str) -> None:
+    assert normalize_answer(text) == expected
+
+
+def test_evaluate_variant_matches_a_hand_computation() -> None:
+    from mole.base import build_tiny
+    from mole.data.tokenize import encode_row
+
+    model, tok = build_tiny(seed=1)
+    rows = [
+        {"id": "a", "text": "the quick brown fox jumps"},
+        {"id": "b", "prompt": "2 + 2 =", "completion": "4"},
+    ]
+    nll, count = [], []
+    for row in rows:  # one row at a time: no padding involved
+        enc = encode_row(tok, row, max_length=64)
+        ids, labels = torch.tensor([enc["input_ids"]]), torch.tensor(enc["labels"])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, :-1]
+        keep = labels[1:] != -100
+        nll.append(torch.nn.functional.cross_entropy(logits[keep], labels[1:][keep], reduction="sum").item())
+        count.append(int(keep.sum()))
+    got = evaluate_variant(
+        "hand", ModelScorer(model, tok), rows, [0, 1], batch_size=2, max_length=64, generate=lambda rs: ["4.\nx"]
+    )
+    assert got["tokens"] == sum(count) == len("the quick brown fox jumps") + 1 + len(" 4") + 1  # bytes + eos
+    assert got["loss"] == pytest.approx(sum(nll) / sum(count), rel=1e-5)
+    assert got["ppl"] == pytest.approx(math.exp(sum(nll) / sum(count)), rel=1e-5)
+    assert got["per_cluster"]["0"]["loss"] == pytest.approx(nll[0] / count[0], rel=1e-5)
+    assert got["per_cluster"]["1"] == {**got["per_cluster"]["1"], "exact_match": 1.0, "rows": 1}
+    assert got["exact_match"] == 1.0 and got["per_cluster"]["0"]["exact_match"] is None  # text rows have no answer
+    no_gen = evaluate_variant("hand", ModelScorer(model, tok), rows[:1], [0], batch_size=2, max_length=64)
+    assert no_gen["exact_match"] is None
