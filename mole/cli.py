@@ -180,6 +180,18 @@ def evaluate(
     out.print(Path(res["paths"]["markdown"]).read_text(encoding="utf-8").split("![")[0], highlight=False)
 
 
+@app.command("merge-prune")
+def merge_prune(
+    config: ConfigOpt = Path("params.yaml"), preset: PresetOpt = None, set_: SetOpt = None, verbose: VerboseOpt = False
+) -> None:
+    """Prune experts the router does not use and merge similar ones, if eval loss stays within the tolerance."""
+    from mole import stages
+
+    _setup_logging(verbose)
+    res = _run("merge-prune", stages.merge_prune, _config(config, preset, set_))
+    _summary("merge / prune", {k: v for k, v in res.items() if k not in ("paths", "decisions")})
+
+
 @app.command("fetch-base")
 def fetch_base(
     config: ConfigOpt = Path("params.yaml"), preset: PresetOpt = None, set_: SetOpt = None, verbose: VerboseOpt = False
@@ -213,6 +225,7 @@ def build(
     for name, fn in (("train-experts", stages.train_experts), ("train-router", stages.train_router)):
         results[name] = _run_with_bars(name, fn, cfg)
     results["evaluate"] = _run("evaluate", stages.evaluate, cfg)
+    results["merge-prune"] = _run("merge-prune", stages.merge_prune, cfg)
     c, m = results["cluster"], results["train-router"]
     _summary(
         "build",

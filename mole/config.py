@@ -129,7 +129,7 @@ class RouterConfig(_Section):
     warm_start_rows: int = Field(192, ge=1)
     steps: int = Field(20, ge=0)
     batch_size: int = Field(4, ge=1)
-    lr: float = Field(1e-3, gt=0, description="router (gate) learning rate")
+    lr: float = Field(1e-4, gt=0, description="router (gate) learning rate")
     expert_lr: float = Field(1e-4, ge=0, description="expert learning rate in the joint phase")
     freeze_experts: bool = False
     aux_loss_coef: float = Field(0.01, ge=0)
@@ -151,8 +151,9 @@ class MergeConfig(_Section):
     """Data-driven pruning and merging of experts (stage ``merge-prune``)."""
 
     utilization_floor: float = Field(0.02, ge=0.0, lt=1.0, description="prune experts routed less than this")
-    similarity_ceiling: float = Field(0.9, gt=-1.0, le=1.0, description="merge expert pairs at least this similar")
+    similarity_ceiling: float = Field(0.9, ge=-1.0, le=1.0, description="merge expert pairs at least this similar")
     refit_steps: int = Field(10, ge=0, description="router re-fit steps after a change")
+    refit_lr: float = Field(1e-3, gt=0, description="gate learning rate of the re-fit")
     tolerance: float = Field(0.02, ge=0.0, description="accept if eval loss rises by less than this fraction")
     keep_dir: str = "artifacts/mole.unmerged"
 

@@ -274,7 +274,7 @@ def _refit_score(cfg: BuildConfig, cand_dir: Path, train: Rows, evals: Rows, los
     m, kw = cfg.merge, {"batch_size": cfg.evaluate.batch_size, "max_length": cfg.experts.max_length}
     cand, out = MoLEModel.from_pretrained(cand_dir), {}
     if m.refit_steps > 0:
-        rcfg = cfg.router.model_copy(update={"steps": m.refit_steps, "freeze_experts": True})
+        rcfg = cfg.router.model_copy(update={"steps": m.refit_steps, "freeze_experts": True, "lr": m.refit_lr})
         refit = joint_train(cand, train, rcfg, max_length=cfg.experts.max_length, seed=cfg.seed)
         out["refit"] = {k: refit[k] for k in ("steps", "loss", "seconds")}
         cand.save_pretrained(cand_dir, extra_files=extra)

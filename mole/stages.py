@@ -213,3 +213,28 @@ def evaluate(cfg: BuildConfig) -> dict[str, Any]:
     report = run_evaluate(cfg)
     out = cfg.path(cfg.evaluate.out_dir)
     return {**report, "paths": {"eval": str(out / "eval.json"), "markdown": str(out / "eval.md")}}
+
+
+def merge_prune(cfg: BuildConfig) -> dict[str, Any]:
+    """Prune unused and merge similar experts; keep the result only if eval loss stays within the tolerance.
+
+    When the change is accepted, the merged model is evaluated and added to reports/eval.json as ``mole_merged``.
+    """
+    from mole.merge import run_merge_prune
+
+    summary = run_merge_prune(cfg)
+    report = cfg.path(cfg.evaluate.out_dir) / "eval.json"
+    if summary.get("accepted") and report.exists():
+        from mole.evaluate import _eval_inputs, _variant_kwargs, add_variant, evaluate_variant
+        from mole.metrics import ModelScorer, mole_generator
+        from mole.model import MoLEModel
+
+        rows, clusters, _, _ = _eval_inputs(cfg)
+        model = MoLEModel.from_pretrained(mole_paths(cfg)["dir"], device=cfg.base_model.device)
+        gen = mole_generator(model, max_new_tokens=cfg.evaluate.max_new_tokens)
+        metrics = evaluate_variant(
+            "mole_merged", ModelScorer(model, model.tokenizer), rows, clusters, **_variant_kwargs(cfg), generate=gen
+        )
+        add_variant(report, "mole_merged", metrics)
+        summary["mole_merged"] = {k: metrics[k] for k in ("loss", "ppl", "exact_match")}
+    return summary

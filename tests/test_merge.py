@@ -11,6 +11,7 @@ import torch
 
 from mole.base import load_base
 from mole.config import BuildConfig, MergeConfig
+from mole.data.tokenize import eval_batches
 from mole.io import write_jsonl
 from mole.merge import (
     apply_plan,
@@ -160,13 +161,13 @@ def test_unused_expert_has_zero_utilization_and_is_pruned(tmp_path: Path) -> Non
     _silence(model, 2)
     util = utilization(model, ROWS, batch_size=4, max_length=32)
     assert util.shape == (4,) and util.sum() == pytest.approx(1.0)
-    assert util[2] < 1e-6 and (np.delete(util, 2) > 0.1).all()
+    assert util[2] < 1e-6 and (np.delete(util, 2) > 0.02).all()
     sim = expert_similarity(model)
     decisions = plan(util, sim, MergeConfig(utilization_floor=0.02, similarity_ceiling=1.0), ids=model.spec.expert_ids)
     assert len(decisions) == 1
     d = decisions[0]
     assert (d["action"], d["expert"], d["id"], d["floor"]) == ("prune", 2, "expert_02", 0.02)
-    assert d["utilization"] == pytest.approx(util[2]) and d["clusters_to"] == int(np.argmax(np.delete(sim[2], 2)))
+    assert d["utilization"] == pytest.approx(util[2]) and d["clusters_to"] == max((0, 1, 3), key=lambda j: sim[2, j])
     pruned = MoLEModel.from_pretrained(apply_plan(model, decisions, tmp_path / "p"))
     assert pruned.spec.expert_ids == ["expert_00", "expert_01", "expert_03"]
     assert sorted(pruned.spec.expert_of_cluster()) == [0, 1, 2, 3]  # cluster 2 is still served
@@ -207,14 +208,27 @@ def _snapshot(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-def test_a_merge_that_raises_eval_loss_is_rejected_and_leaves_the_model_untouched(tmp_path: Path) -> None:
-    """Two harmful experts the router never picks, merged: the merged row's ``+ log 2`` now beats the harmless one.
+def _fit_expert(model: MoLEModel, expert: int, steps: int = 10) -> None:
+    """Train one expert alone (every token forced to it) on ROWS, so that it lowers their loss."""
+    _, batch = next(eval_batches(ROWS, model.tokenizer, batch_size=len(ROWS), max_length=32))
+    opt = torch.optim.Adam(model.expert_parameters(), lr=3e-2)  # the other experts get zero gradients
+    route = torch.full((len(ROWS),), expert)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(batch["input_ids"], batch["attention_mask"], batch["labels"], route=route).lm_loss.backward()
+        opt.step()
+    model.eval()
 
-    Gate logits are the biases (0, 0, 0.5) for every token: top-1 picks the zero expert 2, so the original model is
-    the base. The merged expert's logit is log 2 > 0.5, so with no re-fit every token goes to the (large, random)
-    merged expert and the eval loss rises; zero tolerance must refuse it and leave artifacts/mole as it was.
+
+def test_a_merge_that_raises_eval_loss_is_rejected_and_leaves_the_model_untouched(tmp_path: Path) -> None:
+    """Merging two random experts the router never picks: the merged row's ``+ log 2`` beats the fitted expert.
+
+    Gate logits are the biases (0, 0, 0.5) for every token, so top-1 sends everything to expert 2, fitted to the
+    eval rows. The merged expert's logit is log 2 > 0.5, so with no re-fit every token goes to the random merged
+    expert, the fit is lost and eval loss rises; the gate must refuse it and leave artifacts/mole as it was.
     """
     model = _model(num_experts=3, top_k=1, random=False)
+    _fit_expert(model, 2)
     with torch.no_grad():
         for layer in model.bank.values():
             a, b = layer.expert(0)
@@ -229,7 +243,7 @@ def test_a_merge_that_raises_eval_loss_is_rejected_and_leaves_the_model_untouche
     summary = run_merge_prune(cfg)
     report = json.loads((tmp_path / "reports/merge_prune.json").read_text())
     assert summary["accepted"] is False and report["accepted"] is False
-    assert report["relative_change"] > 1e-3 and report["loss_after"] > report["loss_before"]
+    assert report["relative_change"] > MergeConfig().tolerance  # refused by any sensible tolerance, not a rounding
     (d,) = report["decisions"]
     assert d["action"] == "merge" and d["experts"] == [0, 1] and d["weights"] == [0.5, 0.5]  # both unused
     assert 0 < d["similarity"] < MergeConfig().similarity_ceiling and d["ceiling"] == -0.99  # a dissimilar pair
