@@ -35,3 +35,8 @@ def test_demo_build_end_to_end(tmp_path: Path) -> None:
         f"after joint {metrics['agreement']:.3f}, joint loss {loss[0]:.3f} -> {loss[-1]:.3f}"
     )
     assert metrics["agreement_before_training"] >= 0.9
+    ev = json.loads((tmp_path / "reports/eval.json").read_text())
+    assert {"base", "multitask_lora", "oracle_experts", "cluster_routing", "mole"} <= set(ev["variants"])
+    assert ev["variants"]["mole"]["loss"] < ev["variants"]["base"]["loss"]
+    assert json.loads((tmp_path / "reports/merge_prune.json").read_text())["decisions"] is not None
+    print((tmp_path / "reports/eval.md").read_text())
