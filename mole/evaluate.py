@@ -117,9 +117,9 @@ def _summary(nll: torch.Tensor, tokens: torch.Tensor, hits: dict[int, bool], idx
 # --------------------------------------------------------------------------------------------- the stage
 def _eval_inputs(cfg: BuildConfig) -> tuple[Rows, list[int], list[int], dict[str, Any]]:
     """Eval rows, their eval clusters, their true groups (for the oracle) and the cluster report."""
-    from mole.stages import _load_prepared, cluster_paths
+    from mole.stages import cluster_paths, load_prepared
 
-    _, rows = _load_prepared(cfg)
+    _, rows = load_prepared(cfg)
     cp = cluster_paths(cfg)
     for p in (cp["assignments"], cp["eval_assignments"], cp["report"]):
         if not p.exists():

@@ -25,7 +25,7 @@ from mole.config import BuildConfig, MergeConfig
 from mole.data.tokenize import eval_batches
 from mole.io import atomic_dir, write_json
 from mole.model import ROUTER_FILE, SPEC_FILE, MoLEModel
-from mole.stages import _load_prepared, mole_paths
+from mole.stages import load_prepared, mole_paths
 from mole.train import joint_train, row_routing
 
 logger = logging.getLogger(__name__)
@@ -241,7 +241,7 @@ def run_merge_prune(cfg: BuildConfig) -> dict[str, Any]:
     src = mole_paths(cfg)["dir"]
     if not (src / SPEC_FILE).exists():
         raise FileNotFoundError(f"{src / SPEC_FILE} does not exist; run `mole train-router` first")
-    train, evals = _load_prepared(cfg)
+    train, evals = load_prepared(cfg)
     kw = {"batch_size": cfg.evaluate.batch_size, "max_length": cfg.experts.max_length}
     model = MoLEModel.from_pretrained(src)
     util, sim = utilization(model, evals, **kw), expert_similarity(model)

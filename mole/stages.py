@@ -48,7 +48,8 @@ def prepare(cfg: BuildConfig) -> dict[str, Any]:
     return {**stats, "paths": {k: str(v) for k, v in paths.items()}}
 
 
-def _load_prepared(cfg: BuildConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def load_prepared(cfg: BuildConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The prepared (train, eval) rows; a clear error when `mole prepare` has not run."""
     paths = prepared_paths(cfg)
     for key in ("train", "eval"):
         if not paths[key].exists():
@@ -61,7 +62,7 @@ def cluster(cfg: BuildConfig) -> dict[str, Any]:
     from mole.cluster import fit_clusters, row_text
     from mole.embed import make_embedder
 
-    train, evals = _load_prepared(cfg)
+    train, evals = load_prepared(cfg)
     c = cfg.cluster
     if len(train) < c.min_rows():
         raise ValueError(
@@ -146,7 +147,7 @@ def train_router(cfg: BuildConfig, progress: Any = None) -> dict[str, Any]:
     from mole.model import MoLEModel
     from mole.train import joint_train, routing_agreement, row_routing, warm_start
 
-    train, evals = _load_prepared(cfg)
+    train, evals = load_prepared(cfg)
     index_path = experts_paths(cfg)["index"]
     if not index_path.exists():
         raise FileNotFoundError(f"{index_path} does not exist; run `mole train-experts` first")
