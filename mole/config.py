@@ -114,6 +114,9 @@ class ExpertsConfig(_Section):
     warmup_steps: int = Field(2, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     checkpoint_every: int = Field(10, ge=1)
+    mode: Literal["separate", "packed"] = Field(
+        "separate", description="separate: one run per expert; packed: all experts in one run over one base"
+    )
     multitask_baseline: bool = True
     out_dir: str = "artifacts/experts"
     baseline_dir: str = "artifacts/baselines/multitask_lora"
@@ -158,6 +161,41 @@ class MergeConfig(_Section):
     keep_dir: str = "artifacts/mole.unmerged"
 
 
+class FlowConfig(_Section):
+    """How the Prefect build flow runs its tasks (flows/build.py)."""
+
+    runner: Literal["threads", "dask", "ray"] = Field("threads", description="task runner of the expert fan-out")
+    address: str | None = Field(None, description="dask scheduler / ray address; null = a local cluster")
+    max_workers: int = Field(2, ge=1, description="experts trained at once")
+    torch_threads: int | None = Field(None, ge=1, description="torch threads per task; null = cores / max_workers")
+    gpus_per_expert: float = Field(0.0, ge=0.0, description="GPUs requested per expert task (ray)")
+    retries: int = Field(2, ge=0, description="retries of I/O and server tasks")
+    retry_delay_s: float = Field(5.0, ge=0.0, description="first retry delay; doubles on each retry")
+    run_name: str = Field("mole-{base}-{date}", description="flow-run name; {base}, {date}, {preset} filled in")
+
+
+class TrackingConfig(_Section):
+    """MLflow tracking, model registry and the promotion gate (flows/registry.py)."""
+
+    enabled: bool = True
+    uri: str | None = Field(None, description="null = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the workspace")
+    experiment: str = Field("mole", min_length=1)
+    model_name: str = Field("mole", min_length=1, description="registered model name")
+    metric: str = Field("loss", description="eval.json metric of variant `mole` compared for promotion")
+    greater_is_better: bool = False
+    promotion_margin: float = Field(0.0, ge=0.0, description="relative improvement needed to replace the champion")
+    bundle_base_max_mb: float = Field(600.0, ge=0.0, description="bundle the base weights in the model when smaller")
+    retries: int = Field(3, ge=0, description="attempts to reach the tracking server before failing")
+
+
+class DvcConfig(_Section):
+    """DVC versioning of the datasets and adapters each build wrote."""
+
+    enabled: bool = True
+    remote: str | None = Field(None, description="remote URL (a local dir or s3://…); null = .dvc/remote-storage")
+    push: bool = True
+
+
 class BuildConfig(_Section):
     """The whole build: the Prefect flow's parameter and the content of params.yaml."""
 
@@ -170,6 +208,9 @@ class BuildConfig(_Section):
     router: RouterConfig = RouterConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     merge: MergeConfig = MergeConfig()
+    flow: FlowConfig = FlowConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    dvc: DvcConfig = DvcConfig()
 
     @model_validator(mode="after")
     def _check_top_k(self) -> BuildConfig:
