@@ -251,6 +251,53 @@ def _run_job(
             "fingerprint": fingerprint}  # fmt: skip
 
 
+def job_names(cfg: BuildConfig) -> list[str]:
+    """The adapters ``train-experts`` trains, in order: one expert per cluster, then the multitask baseline."""
+    return [job.name for job in _jobs(cfg, load_cluster_rows(cfg))]
+
+
+def train_job(
+    cfg: BuildConfig,
+    name: str,
+    *,
+    progress: Callable[[str, int, int, float], None] | None = None,
+    get_base: Callable[[], tuple] | None = None,
+) -> dict[str, Any]:
+    """Train (or reuse) one adapter of ``job_names(cfg)`` on its own; returns its experts.json entry.
+
+    This is the unit of the Prefect flow's expert fan-out: each call loads its own base model (unless
+    ``get_base`` is given), so calls may run in parallel threads or processes.
+
+    Raises:
+        ValueError: ``name`` is not one of ``job_names(cfg)``.
+    """
+    jobs = {job.name: job for job in _jobs(cfg, load_cluster_rows(cfg))}
+    if name not in jobs:
+        raise ValueError(f"no adapter named {name!r} in this build; expected one of {sorted(jobs)}")
+    return _run_job(cfg, jobs[name], get_base or functools.cache(lambda: _load_base(cfg)), progress)
+
+
+def write_index(cfg: BuildConfig, entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Write artifacts/experts/experts.json from the entries of every job; return the stage summary."""
+    groups = load_cluster_rows(cfg)
+    experts_dir = cfg.path(cfg.experts.out_dir)
+    _remove_stale_experts(experts_dir, keep={expert_id(c) for c in groups})
+    experts = sorted((x for x in entries if x["cluster"] is not None), key=lambda x: x["cluster"])
+    baseline = next((x for x in entries if x["cluster"] is None), None)
+    index = {"k": len(groups), "base_model": cfg.base_model.name, "lora": cfg.experts.lora.model_dump(mode="json")}
+    write_json(experts_dir / "experts.json", {**index, "experts": experts, "baseline": baseline})
+    return {
+        "k": len(groups),
+        "trained": [x["id"] for x in entries if not x["reused"]],
+        "reused": [x["id"] for x in entries if x["reused"]],
+        "paths": {
+            "experts": str(experts_dir),
+            "experts_json": str(experts_dir / "experts.json"),
+            "baseline": str(cfg.path(cfg.experts.baseline_dir)) if baseline else None,
+        },
+    }
+
+
 def run_train_experts(cfg: BuildConfig, *, progress: Callable[[str, int, int, float], None] | None = None) -> dict:
     """Train (or reuse) one LoRA expert per cluster and the multitask baseline; write experts.json.
 
@@ -270,26 +317,10 @@ def run_train_experts(cfg: BuildConfig, *, progress: Callable[[str, int, int, fl
     """
     t0 = time.perf_counter()
     groups = load_cluster_rows(cfg)
-    experts_dir = cfg.path(cfg.experts.out_dir)
-    _remove_stale_experts(experts_dir, keep={expert_id(c) for c in groups})
+    _remove_stale_experts(cfg.path(cfg.experts.out_dir), keep={expert_id(c) for c in groups})
     get_base = functools.cache(lambda: _load_base(cfg))
     entries = [_run_job(cfg, job, get_base, progress) for job in _jobs(cfg, groups)]
-    experts = [x for x in entries if x["cluster"] is not None]
-    baseline = next((x for x in entries if x["cluster"] is None), None)
-    index = {"k": len(groups), "base_model": cfg.base_model.name, "lora": cfg.experts.lora.model_dump(mode="json")}
-    write_json(experts_dir / "experts.json", {**index, "experts": experts, "baseline": baseline})
-    baseline_dir = str(cfg.path(cfg.experts.baseline_dir)) if baseline else None
-    return {
-        "k": len(groups),
-        "trained": [x["id"] for x in entries if not x["reused"]],
-        "reused": [x["id"] for x in entries if x["reused"]],
-        "seconds": round(time.perf_counter() - t0, 3),
-        "paths": {
-            "experts": str(experts_dir),
-            "experts_json": str(experts_dir / "experts.json"),
-            "baseline": baseline_dir,
-        },
-    }
+    return {**write_index(cfg, entries), "seconds": round(time.perf_counter() - t0, 3)}
 
 
 def _load_base(cfg: BuildConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
