@@ -210,36 +210,133 @@ def fetch_base(
     _summary("base model", describe_base(bm.name, revision=bm.revision))
 
 
+def _prefect_env() -> None:
+    """Prefect settings mole runs with unless the user set them: library logs in the UI, no analytics."""
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "mole")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The temporary server starts in 4-9 s on an idle machine; give a busy one more time before giving up.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
 @app.command()
 def build(
     config: ConfigOpt = Path("params.yaml"), preset: PresetOpt = None, set_: SetOpt = None, verbose: VerboseOpt = False
 ) -> None:
-    """Run the whole build: every stage in order."""
-    from mole import stages
+    """Run the whole build as the Prefect flow `build-mole` (on a temporary server unless PREFECT_API_URL is set)."""
+    _setup_logging(verbose)
+    cfg = _config(config, preset, set_)
+    _prefect_env()
+    from flows.build import build_mole
+
+    api = os.environ.get("PREFECT_API_URL")
+    console.print(f"Prefect API: {api or 'a temporary local server (set PREFECT_API_URL to watch runs in the UI)'}")
+    start = time.perf_counter()
+    state = build_mole(config=cfg, return_state=True)
+    run_id = state.state_details.flow_run_id
+    if not state.is_completed():
+        console.print(f"[bold red]build failed[/] (flow run {run_id}): {state.message}", highlight=False)
+        raise typer.Exit(1)
+    summary = state.result()
+    console.print(f"[green]✓[/] build ({time.perf_counter() - start:.1f}s)")
+    where = {"flow run": _flow_run_url(run_id) if api else str(run_id)}
+    _summary("build", {**where, **{k: v for k, v in summary.items() if v is not None}})
+
+
+def _flow_run_url(run_id: object) -> str:
+    from prefect.settings import PREFECT_UI_URL
+
+    ui = PREFECT_UI_URL.value()
+    return f"{ui}/runs/flow-run/{run_id}" if ui else str(run_id)
+
+
+@app.command()
+def deploy(
+    config: ConfigOpt = Path("params.yaml"),
+    preset: PresetOpt = None,
+    set_: SetOpt = None,
+    name: Annotated[str, typer.Option(help="Deployment name.")] = "scheduled-retrain",
+    cron: Annotated[str, typer.Option(help="Retraining schedule (cron, UTC).")] = "0 3 * * 1",
+    pool: Annotated[str | None, typer.Option(help="Register on this work pool instead of serving here.")] = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Deploy the scheduled retraining with this config: served from this process, or registered on a work pool."""
+    _setup_logging(verbose)
+    cfg = _config(config, preset, set_)
+    _prefect_env()
+    from flows.build import build_mole
+
+    params = {"config": cfg.model_dump(mode="json")}
+    if pool is None:
+        console.print(f"serving {name!r} ({cron}); runs happen in this process until you stop it (Ctrl-C)")
+        build_mole.serve(name=name, cron=cron, parameters=params)
+        return
+    root = Path(__file__).resolve().parent.parent
+    flow = build_mole.from_source(source=str(root), entrypoint="flows/build.py:build_mole")
+    dep_id = flow.deploy(name=name, work_pool_name=pool, cron=cron, parameters=params, print_next_steps=False)
+    console.print(
+        f"[green]✓[/] deployment {name!r} ({dep_id}) on pool {pool!r}; start a worker: "
+        f"prefect worker start --pool {pool}",
+        highlight=False,
+    )
+
+
+@app.command()
+def register(
+    config: ConfigOpt = Path("params.yaml"), preset: PresetOpt = None, set_: SetOpt = None, verbose: VerboseOpt = False
+) -> None:
+    """Record the workspace's outputs with DVC, then log the build to MLflow and register its model."""
+    _setup_logging(verbose)
+    cfg = _config(config, preset, set_)
+    hashes = None
+    if cfg.dvc.enabled:
+        from flows.versioning import record_outputs
+
+        hashes = _run("dvc commit + push", record_outputs, cfg)["hashes"]
+    if not cfg.tracking.enabled:
+        console.print("tracking.enabled is false: nothing registered")
+        return
+    from flows.registry import register_build
+
+    res = _run("register", lambda c: register_build(c, dvc_hashes=hashes), cfg)
+    _summary(
+        "registered model",
+        {
+            "model": res["model_uri"],
+            "aliases": ", ".join(res["aliases"]),
+            "decision": "champion" if res["champion"] else "challenger",
+            "reason": res["reason"],
+            "already registered": res["already_registered"],
+            "run": res["run_url"] or res["run_id"],
+            "tracking": res["tracking_uri"],
+        },
+    )
+
+
+@app.command()
+def predict(
+    model: Annotated[str, typer.Option("--model", "-m", help="models:/<name>@champion, an MLflow or MoLE model dir.")],
+    prompt: Annotated[list[str], typer.Option("--prompt", help="A prompt to complete (repeatable).")],
+    max_new_tokens: Annotated[int | None, typer.Option(help="Default: evaluate.max_new_tokens.")] = None,
+    temperature: Annotated[float, typer.Option(help="0 decodes greedily; above 0 samples.")] = 0.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print [{prompt, completion}] as JSON.")] = False,
+    config: ConfigOpt = Path("params.yaml"),
+    preset: PresetOpt = None,
+    set_: SetOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Complete prompts with a registered model (through MLflow pyfunc) or a model directory."""
+    from flows.lineage import tracking_uri
+    from flows.registry import predict as run_predict
 
     _setup_logging(verbose)
     cfg = _config(config, preset, set_)
-    results = {}
-    for name, fn in (("prepare", stages.prepare), ("cluster", stages.cluster)):
-        results[name] = _run(name, fn, cfg)
-    for name, fn in (("train-experts", stages.train_experts), ("train-router", stages.train_router)):
-        results[name] = _run_with_bars(name, fn, cfg)
-    results["evaluate"] = _run("evaluate", stages.evaluate, cfg)
-    results["merge-prune"] = _run("merge-prune", stages.merge_prune, cfg)
-    c, m = results["cluster"], results["train-router"]
-    _summary(
-        "build",
-        {
-            "train rows": results["prepare"]["train_rows"],
-            "eval rows": results["prepare"]["eval_rows"],
-            "k": c["k"],
-            "silhouette": c["silhouette"],
-            "ari": c["ari"],
-            "router agreement": m["agreement"],
-            "cluster report": c["paths"]["report"],
-            "MoLE model": m["paths"]["dir"],
-        },
-    )
+    kw = {"max_new_tokens": max_new_tokens or cfg.evaluate.max_new_tokens, "temperature": temperature}
+    res = _run("predict", lambda c: {"out": run_predict(model, prompt, **kw, uri=tracking_uri(c))}, cfg)
+    if as_json:
+        out.print_json(data=[{"prompt": p, "completion": c} for p, c in zip(prompt, res["out"], strict=True)])
+    else:
+        for completion in res["out"]:
+            out.print(completion, highlight=False, markup=False)
 
 
 @app.command("show-config")

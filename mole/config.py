@@ -171,7 +171,7 @@ class FlowConfig(_Section):
     gpus_per_expert: float = Field(0.0, ge=0.0, description="GPUs requested per expert task (ray)")
     retries: int = Field(2, ge=0, description="retries of I/O and server tasks")
     retry_delay_s: float = Field(5.0, ge=0.0, description="first retry delay; doubles on each retry")
-    run_name: str = Field("mole-{base}-{date}", description="flow-run name; {base}, {date}, {preset} filled in")
+    run_name: str = Field("mole-{base}-{date}", description="flow-run name; {base} and {date} are filled in")
 
 
 class TrackingConfig(_Section):

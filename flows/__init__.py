@@ -1,0 +1,1 @@
+"""Prefect orchestration of mole: thin tasks around ``mole.stages``, the build flow and its deployments."""

@@ -1,0 +1,86 @@
+"""What the Prefect UI shows of a build: table, markdown and link artifacts made from the stages' results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+
+
+def _key(config_name: str, what: str) -> str:
+    # Artifact keys allow lowercase letters, digits and dashes; keyed artifacts keep their history across runs.
+    safe = "".join(c if c.isalnum() else "-" for c in config_name.lower()).strip("-")
+    return f"{safe}-{what}"[:100]
+
+
+def clusters_table(clusters: dict[str, Any], *, name: str) -> None:
+    """One row per cluster: size, eval rows, top terms and the majority domain when labels exist."""
+    majority = clusters.get("majority_domain") or {}
+    eval_sizes = clusters.get("eval_sizes") or [None] * clusters["k"]
+    rows = [
+        {
+            "cluster": c,
+            "train_rows": size,
+            "eval_rows": eval_sizes[c],
+            "top_terms": ", ".join(clusters.get("top_terms", {}).get(str(c), [])[:6]),
+            "majority_domain": majority.get(str(c), majority.get(c)),
+        }
+        for c, size in enumerate(clusters["sizes"])
+    ]
+    desc = f"k = {clusters['k']} (silhouette {clusters['silhouette']}, ARI {clusters.get('ari')})"
+    create_table_artifact(rows, key=_key(name, "clusters"), description=desc)
+
+
+def experts_table(index: Path, *, name: str) -> None:
+    """One row per trained adapter of experts.json: rows, steps, final loss, seconds, whether it was reused."""
+    data = json.loads(index.read_text(encoding="utf-8"))
+    entries = [*data["experts"], *([data["baseline"]] if data.get("baseline") else [])]
+    keys = ("id", "cluster", "rows", "steps", "final_loss", "seconds", "reused")
+    rows = [{k: e.get(k) for k in keys} for e in entries]
+    create_table_artifact(rows, key=_key(name, "experts"), description="per-expert training metrics")
+
+
+def evaluation_table(path: Path, *, name: str) -> None:
+    """One row per variant of eval.json (loss, ppl, exact match) plus routing and cost in the description."""
+    report = json.loads(path.read_text(encoding="utf-8"))
+    rows = [
+        {"variant": v, "loss": m.get("loss"), "ppl": m.get("ppl"), "exact_match": m.get("exact_match")}
+        for v, m in report["variants"].items()
+    ]
+    routing, cost = report.get("routing", {}), report.get("cost", {})
+    desc = (
+        f"router top-1 agreement {routing.get('top1_agreement')}, entropy {routing.get('entropy')}; "
+        f"{cost.get('trainable_params')} trainable params, latency x{cost.get('latency_ratio_vs_base')} of base"
+    )
+    create_table_artifact(rows, key=_key(name, "evaluation"), description=desc)
+
+
+def tracking_link(registered: dict[str, Any], *, name: str) -> None:
+    """A link to the MLflow run (or, for a local sqlite store, how to open it)."""
+    text = f"MLflow run {registered['run_id']}: {registered['model_name']} v{registered['version']}"
+    if registered.get("run_url"):
+        create_link_artifact(registered["run_url"], link_text=text, key=_key(name, "mlflow-run"))
+    else:
+        create_markdown_artifact(
+            f"**{text}** ({registered['reason']})\n\nTracking URI `{registered['tracking_uri']}`: open it with "
+            f"`mlflow ui --backend-store-uri {registered['tracking_uri']}`.",
+            key=_key(name, "mlflow-run"),
+        )
+
+
+def summary_markdown(summary: dict[str, Any], *, name: str) -> None:
+    """Where the build's outputs are."""
+    lines = [f"- **{k}**: `{v}`" for k, v in summary.items() if isinstance(v, str | int | float) and v is not None]
+    create_markdown_artifact("## mole build\n\n" + "\n".join(lines), key=_key(name, "summary"))
+
+
+def report_paths(config_workspace: str, out_dir: str) -> dict[str, str]:
+    """The report files a user opens after a build."""
+    out = Path(config_workspace) / out_dir
+    return {
+        "eval_json": str(out / "eval.json"),
+        "eval_md": str(out / "eval.md"),
+        "merge": str(out / "merge_prune.json"),
+    }

@@ -1,0 +1,139 @@
+"""The ``build_mole`` Prefect flow: prepare → cluster → one expert per cluster (in parallel) → joint router
+training → evaluate → merge/prune → DVC record → MLflow register.
+
+Its one parameter is the pydantic ``BuildConfig``, so the UI and deployments validate it before anything runs.
+Tasks pass configs, paths and small dicts, never models.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.futures import wait
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows import artifacts, tasks
+from flows.cache import outputs_exist
+from mole import stages
+from mole.config import BuildConfig, FlowConfig
+from mole.experts import BASELINE_ID, job_names
+
+
+def task_runner(f: FlowConfig) -> Any:
+    """The expert fan-out's task runner: threads, or a Dask / Ray cluster (local, or the one at ``f.address``)."""
+    if f.runner == "threads":
+        return ThreadPoolTaskRunner(max_workers=f.max_workers)
+    if f.runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if f.address:
+            return DaskTaskRunner(address=f.address)
+        local = {"n_workers": f.max_workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None}
+        return DaskTaskRunner(cluster_kwargs=local)
+    try:
+        from prefect_ray import RayTaskRunner
+    except ImportError:
+        raise RuntimeError("flow.runner = 'ray' needs prefect-ray: pip install 'mole[ray]'") from None
+    return RayTaskRunner(address=f.address, init_kwargs=None if f.address else {"num_cpus": f.max_workers})
+
+
+@contextlib.contextmanager
+def _expert_resources(f: FlowConfig) -> Iterator[None]:
+    """Per-task GPU requests on Ray (prefect-ray's remote options); nothing for other runners."""
+    if f.runner == "ray" and f.gpus_per_expert > 0:
+        from prefect_ray.context import remote_options
+
+        with remote_options(num_gpus=f.gpus_per_expert):
+            yield
+    else:
+        yield
+
+
+def _adapter_dir(config: BuildConfig, name: str) -> Path:
+    e = config.experts
+    return config.path(e.baseline_dir if name == BASELINE_ID else f"{e.out_dir}/{name}")
+
+
+def _fresh(task: Any, outputs: list[Path]) -> Any:
+    """``task``, refreshing its cache entry when its outputs are not on disk (deleted since it was cached)."""
+    return task.with_options(refresh_cache=not outputs_exist(outputs))
+
+
+@flow(name="train-experts", validate_parameters=False)
+def expert_fanout(config: BuildConfig, clusters: dict[str, Any]) -> list[dict[str, Any]]:
+    """Train one adapter per cluster (and the multitask baseline) in parallel on the configured task runner.
+
+    Raises:
+        RuntimeError: naming every adapter whose training failed; the finished ones stay on disk.
+    """
+    names = job_names(config)
+    with _expert_resources(config.flow):
+        futures = [
+            _fresh(tasks.train_expert, [_adapter_dir(config, n) / "adapter_model.safetensors"]).submit(
+                config, n, clusters
+            )
+            for n in names
+        ]
+    wait(futures)
+    failed = [f"{n}: {f.state.message}" for n, f in zip(names, futures, strict=True) if not f.state.is_completed()]
+    if failed:
+        raise RuntimeError(f"training failed for {len(failed)} of {len(names)} adapters: " + "; ".join(failed))
+    return [f.result() for f in futures]
+
+
+def _run_name() -> str:
+    from prefect.runtime import flow_run
+
+    config = flow_run.parameters.get("config")
+    cfg = config if isinstance(config, BuildConfig) else BuildConfig.model_validate(config or {})
+    base = Path(cfg.base_model.name).name.replace("/", "-")
+    return cfg.flow.run_name.format(base=base, date=dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
+
+
+@flow(name="build-mole", flow_run_name=_run_name)
+def build_mole(config: BuildConfig = BuildConfig()) -> dict[str, Any]:  # noqa: B008 - pydantic default, immutable use
+    """Build a MoLE model from domain data and a base causal LM, evaluate it, version it and register it."""
+    log, name = get_run_logger(), config.tracking.model_name
+    prepared = _fresh(tasks.prepare, list(stages.prepared_paths(config).values()))(config)
+    clusters = _fresh(tasks.cluster, [stages.cluster_paths(config)["report"]])(config, prepared)
+    artifacts.clusters_table(clusters, name=name)
+    index = stages.experts_paths(config)["index"]
+    if config.experts.mode == "packed":
+        experts = _fresh(tasks.train_experts_packed, [index])(config, clusters)
+    else:
+        entries = expert_fanout.with_options(task_runner=task_runner(config.flow))(config, clusters)
+        experts = _fresh(tasks.index_experts, [index])(config, entries)
+    artifacts.experts_table(index, name=name)
+    model = _fresh(tasks.train_router, [stages.mole_paths(config)["config"]])(config, experts)
+    report = _fresh(tasks.evaluate, [config.path(config.evaluate.out_dir) / "eval.json"])(config, model)
+    merged = _fresh(tasks.merge_prune, [config.path(config.evaluate.out_dir) / "merge_prune.json"])(config, report)
+    artifacts.evaluation_table(config.path(config.evaluate.out_dir) / "eval.json", name=name)
+    versions = tasks.with_retries(tasks.record_outputs, config)(config, merged) if config.dvc.enabled else None
+    registered = None
+    if config.tracking.enabled:
+        registered = tasks.with_retries(tasks.register, config)(config, merged, versions)
+        artifacts.tracking_link(registered, name=name)
+    summary = _summary(config, clusters, model, report, registered)
+    artifacts.summary_markdown(summary, name=name)
+    log.info("build finished: %s", summary)
+    return summary
+
+
+def _summary(config: BuildConfig, clusters: dict, model: dict, report: dict, registered: dict | None) -> dict:
+    mole = report["variants"].get("mole", {})
+    out = {
+        "k": clusters["k"],
+        "router_agreement": model["agreement"],
+        "mole_loss": mole.get("loss"),
+        "mole_exact_match": mole.get("exact_match"),
+        "model_dir": str(stages.mole_paths(config)["dir"]),
+        **artifacts.report_paths(config.workspace, config.evaluate.out_dir),
+    }
+    if registered:
+        out |= {k: registered.get(k) for k in ("model_uri", "version", "champion", "tracking_uri", "run_url")}
+    return out

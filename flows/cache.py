@@ -1,0 +1,91 @@
+"""Cache keys of the build flow's tasks, from the content of each task's inputs.
+
+A key covers the workspace, the config sections a stage reads, the code version and the content hashes that
+upstream tasks return, so re-running a crashed build skips every stage and expert that already finished with
+the same inputs, and changes anywhere upstream re-run everything downstream.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from mole.config import BuildConfig
+
+CHUNK = 1 << 20
+
+
+def content_hash(paths: Iterable[str | Path], *, root: str | Path | None = None) -> str:
+    """SHA-256 over the names and bytes of files and directory trees (missing paths count as absent)."""
+    h = hashlib.sha256()
+    for path in sorted(Path(p) for p in paths):
+        files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+        for f in files:
+            name = str(f.relative_to(root)) if root else str(f)
+            h.update(name.encode() + b"\0")
+            if not f.exists():
+                h.update(b"<absent>")
+                continue
+            with f.open("rb") as fh:
+                while block := fh.read(CHUNK):
+                    h.update(block)
+    return h.hexdigest()[:32]
+
+
+@functools.cache
+def code_version() -> str:
+    """Hash of the mole package's sources: a code change invalidates every cached stage."""
+    import mole
+
+    src = Path(mole.__file__).parent
+    return content_hash([*src.rglob("*.py"), *src.rglob("*.yaml")], root=src)
+
+
+def source_hash(cfg: BuildConfig) -> str:
+    """Content of ``data.source``/``data.eval_source`` when local; otherwise the names (dataset ids, 'demo')."""
+    parts = []
+    for source in (cfg.data.source, cfg.data.eval_source):
+        path = cfg.path(source) if source else None
+        parts.append(content_hash([path]) if path is not None and path.exists() else str(source))
+    return "+".join(parts)
+
+
+def _fingerprint(value: Any) -> Any:
+    """What of an upstream result enters the key: its content hash when it has one."""
+    if isinstance(value, dict):
+        return value.get("hash", value)
+    if isinstance(value, list):
+        return [_fingerprint(v) for v in value]
+    return value
+
+
+def stage_key(*sections: str, data: bool = False) -> Callable[[Any, dict[str, Any]], str]:
+    """A Prefect ``cache_key_fn`` for a stage task whose first parameter is ``config``.
+
+    Args:
+        sections: the BuildConfig sections the stage reads (``seed`` and ``base_model`` are always included).
+        data: also hash the raw data source (the ``prepare`` stage).
+    """
+
+    def key(context: Any, parameters: dict[str, Any]) -> str:
+        cfg: BuildConfig = parameters["config"]
+        payload = {
+            "task": context.task.name,
+            "workspace": str(Path(cfg.workspace).resolve()),
+            "config": cfg.section_hash("seed", "base_model", *sections),
+            "code": code_version(),
+            "upstream": {k: _fingerprint(v) for k, v in sorted(parameters.items()) if k != "config"},
+            "data": source_hash(cfg) if data else None,
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+    return key
+
+
+def outputs_exist(paths: Iterable[str | Path]) -> bool:
+    """Whether every output of a stage is on disk; when not, the flow refreshes that stage's cache entry."""
+    return all(Path(p).exists() for p in paths)

@@ -1,0 +1,152 @@
+"""Thin Prefect tasks around ``mole.stages``: config and small dicts in, paths and small dicts out.
+
+Stage tasks are deterministic, so they do not retry; their cache keys (flows/cache.py) let a re-run of a crashed
+build skip what already finished. Only the steps that talk to servers or remotes retry, with backoff.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+from flows.cache import content_hash, stage_key
+from mole import stages
+from mole.config import BuildConfig
+
+
+def torch_threads(cfg: BuildConfig, *, parallel: int = 1) -> int:
+    """Set and return torch's thread count for a task that runs beside ``parallel - 1`` others."""
+    import torch
+
+    n = cfg.flow.torch_threads or max(1, (os.cpu_count() or 1) // parallel)
+    torch.set_num_threads(n)
+    return n
+
+
+@task(name="prepare", cache_key_fn=stage_key("data", data=True), persist_result=True)
+def prepare(config: BuildConfig) -> dict[str, Any]:
+    """Validate, clean and split the data."""
+    res = stages.prepare(config)
+    get_run_logger().info("prepared %d train and %d eval rows", res["train_rows"], res["eval_rows"])
+    return {**res, "hash": content_hash(stages.prepared_paths(config).values())}
+
+
+@task(name="cluster", cache_key_fn=stage_key("cluster"), persist_result=True)
+def cluster(config: BuildConfig, prepared: dict[str, Any]) -> dict[str, Any]:
+    """Embed and cluster the training rows (k chosen automatically unless set)."""
+    torch_threads(config)
+    res = stages.cluster(config)
+    get_run_logger().info("k=%d sizes=%s silhouette=%.3f", res["k"], res["sizes"], res["silhouette"])
+    return {**res, "hash": content_hash([stages.cluster_paths(config)["dir"]])}
+
+
+class _ProgressArtifact:
+    """Feeds a Prefect progress artifact (and the run log, every 10 %) from the trainers' progress calls."""
+
+    def __init__(self, name: str) -> None:
+        self.logger = get_run_logger()
+        self.id = create_progress_artifact(0.0, description=f"training {name}")
+        self.logged, self.updated = -100.0, 0.0  # percent last logged, time of the last artifact update
+
+    def __call__(self, name: str, step: int, total: int, loss: float) -> None:
+        pct, now = 100.0 * step / max(1, total), time.monotonic()
+        if step >= total or now - self.updated >= 2.0:  # the API is not called on every step
+            update_progress_artifact(self.id, pct, description=f"{name}: step {step}/{total}, loss {loss:.4f}")
+            self.updated = now
+        if step >= total or pct - self.logged >= 10.0:
+            self.logger.info("%s step %d/%d loss %.4f", name, step, total, loss)
+            self.logged = pct
+
+
+@task(name="train-expert", task_run_name="train-{name}", cache_key_fn=stage_key("experts"), persist_result=True)
+def train_expert(config: BuildConfig, name: str, clusters: dict[str, Any]) -> dict[str, Any]:
+    """Train (or reuse) one LoRA adapter: a cluster's expert or the multitask baseline."""
+    from mole.experts import train_job
+
+    threads = torch_threads(config, parallel=config.flow.max_workers)
+    get_run_logger().info("training %s with %d torch threads", name, threads)
+    entry = train_job(config, name, progress=_ProgressArtifact(name))
+    # pid: which process trained it (a thread of the flow's, or a Dask/Ray worker).
+    return {**entry, "pid": os.getpid(), "hash": content_hash([config.path(entry["path"])])}
+
+
+@task(name="train-experts-packed", cache_key_fn=stage_key("experts"), persist_result=True)
+def train_experts_packed(config: BuildConfig, clusters: dict[str, Any]) -> dict[str, Any]:
+    """Train every expert in one packed run over one copy of the base (``experts.mode = packed``)."""
+    torch_threads(config)
+    res = stages.train_experts(config, progress=_ProgressArtifact("experts (packed)"))
+    return {**res, "hash": content_hash([stages.experts_paths(config)["dir"]])}
+
+
+@task(name="index-experts", cache_key_fn=stage_key("experts"), persist_result=True)
+def index_experts(config: BuildConfig, entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Write artifacts/experts/experts.json from the fan-out's results."""
+    from mole.experts import write_index
+
+    res = write_index(config, [{k: v for k, v in e.items() if k not in ("hash", "pid")} for e in entries])
+    return {**res, "hash": content_hash([stages.experts_paths(config)["index"]])}
+
+
+@task(name="train-router", cache_key_fn=stage_key("router", "experts"), persist_result=True)
+def train_router(config: BuildConfig, experts: dict[str, Any]) -> dict[str, Any]:
+    """Warm-start the routers and fine-tune routers and experts jointly."""
+    torch_threads(config)
+    res = stages.train_router(config, progress=_ProgressArtifact("router"))
+    get_run_logger().info("router agreement with the clusters: %.3f", res["agreement"])
+    return {**res, "hash": content_hash([stages.mole_paths(config)["dir"]])}
+
+
+@task(name="evaluate", cache_key_fn=stage_key("evaluate", "experts", "router"), persist_result=True)
+def evaluate(config: BuildConfig, model: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate every variant on the eval split."""
+    torch_threads(config)
+    res = stages.evaluate(config)
+    return {**res, "hash": content_hash([res["paths"]["eval"]])}
+
+
+@task(name="merge-prune", cache_key_fn=stage_key("merge", "evaluate", "router"), persist_result=True)
+def merge_prune(config: BuildConfig, report: dict[str, Any]) -> dict[str, Any]:
+    """Prune unused and merge similar experts when eval loss allows."""
+    torch_threads(config)
+    res = stages.merge_prune(config)
+    get_run_logger().info("merge/prune: %s", "accepted" if res.get("accepted") else "kept the original")
+    out = config.path(config.evaluate.out_dir)
+    return {**res, "hash": content_hash([stages.mole_paths(config)["dir"], out / "eval.json"])}
+
+
+def _backoff(config: BuildConfig) -> dict[str, Any]:
+    """Retry options for tasks that talk to servers or remotes: ``flow.retries`` with doubling delays."""
+    f = config.flow
+    return {"retries": f.retries, "retry_delay_seconds": [f.retry_delay_s * 2**i for i in range(f.retries)]}
+
+
+@task(name="record-outputs")
+def record_outputs(config: BuildConfig, merged: dict[str, Any]) -> dict[str, Any]:
+    """Record the build's datasets and adapters with DVC (dvc commit) and push them to the remote."""
+    from flows.versioning import record_outputs as record
+
+    res = record(config)
+    get_run_logger().info("DVC: %d outputs recorded, pushed=%s", len(res.get("hashes", {})), res.get("pushed"))
+    return res
+
+
+@task(name="register")
+def register(config: BuildConfig, merged: dict[str, Any], versions: dict[str, Any] | None) -> dict[str, Any]:
+    """Log the build to MLflow, register the model as challenger and promote it when it beats the champion."""
+    from prefect.runtime import flow_run
+
+    from flows.registry import register_build
+
+    hashes = (versions or {}).get("hashes")
+    res = register_build(config, flow_run_id=flow_run.id, flow_run_url=flow_run.ui_url, dvc_hashes=hashes)
+    get_run_logger().info("registered %s version %s: %s", res["model_name"], res["version"], res["reason"])
+    return res
+
+
+def with_retries(t: Any, config: BuildConfig) -> Any:
+    """``t`` with the flow's retry options."""
+    return t.with_options(**_backoff(config))
