@@ -301,7 +301,8 @@ def write_index(cfg: BuildConfig, entries: list[dict[str, Any]]) -> dict[str, An
 def run_train_experts(cfg: BuildConfig, *, progress: Callable[[str, int, int, float], None] | None = None) -> dict:
     """Train (or reuse) one LoRA expert per cluster and the multitask baseline; write experts.json.
 
-    The base model is loaded once, and only if some adapter needs training.
+    The base model is loaded once, and only if some adapter needs training. With ``experts.mode == "packed"`` the
+    experts are trained together by :func:`mole.packed.run_packed`.
 
     Args:
         cfg: the build configuration (``workspace``, ``base_model``, ``experts``, ``seed``).
@@ -319,7 +320,13 @@ def run_train_experts(cfg: BuildConfig, *, progress: Callable[[str, int, int, fl
     groups = load_cluster_rows(cfg)
     _remove_stale_experts(cfg.path(cfg.experts.out_dir), keep={expert_id(c) for c in groups})
     get_base = functools.cache(lambda: _load_base(cfg))
-    entries = [_run_job(cfg, job, get_base, progress) for job in _jobs(cfg, groups)]
+    jobs, entries = _jobs(cfg, groups), []
+    if cfg.experts.mode == "packed":  # all experts in one run over one base; the multitask baseline on its own
+        from mole.packed import run_packed
+
+        entries = run_packed(cfg, [job for job in jobs if job.cluster is not None], get_base, progress)
+        jobs = [job for job in jobs if job.cluster is None]
+    entries += [_run_job(cfg, job, get_base, progress) for job in jobs]
     return {**write_index(cfg, entries), "seconds": round(time.perf_counter() - t0, 3)}
 
 
