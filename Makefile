@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: build test test-slow lint fetch-base clean
+.PHONY: build test test-slow test-e2e lint fetch-base clean
 
 ## build: the whole mole build on the embedded default (demo corpus, SmolLM2-135M)
 build: $(STAMP) fetch-base
@@ -20,6 +20,10 @@ test: $(STAMP) fetch-base
 ## test-slow: end-to-end runs on the demo preset
 test-slow: $(STAMP) fetch-base
 	$(BIN)/python -m pytest -q -m slow
+
+## test-e2e: the scheduled-retrain deployment run by a process worker against real Prefect and MLflow servers
+test-e2e: $(STAMP) fetch-base
+	$(BIN)/python -m pytest -q -m e2e
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
