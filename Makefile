@@ -25,6 +25,11 @@ test-slow: $(STAMP) fetch-base
 test-e2e: $(STAMP) fetch-base
 	$(BIN)/python -m pytest -q -m e2e
 
+## bench: the benchmark suite, quick mode (bench/ is a directory, hence .PHONY)
+.PHONY: bench
+bench: $(STAMP) fetch-base
+	$(BIN)/python -m bench --quick
+
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 

@@ -339,6 +339,23 @@ def predict(
             out.print(completion, highlight=False, markup=False)
 
 
+@app.command("bench")
+def bench(
+    full: Annotated[bool, typer.Option("--full", help="The whole grid with more rounds (default: --quick).")] = False,
+    cases: Annotated[str, typer.Option(help="Comma-separated subset of forward,generate,merge,train.")] = "",
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Results directory (default bench/results).")] = None,
+) -> None:
+    """Run the benchmark suite (same as `python -m bench`): MoLE vs base and peers, packed vs separate training."""
+    root = Path(__file__).resolve().parent.parent
+    if (root / "bench" / "__main__.py").is_file() and str(root) not in sys.path:
+        sys.path.insert(0, str(root))  # a checkout installed before bench/ was a package does not map it
+    from bench.__main__ import CASES
+    from bench.__main__ import main as run_bench
+
+    argv = ["--full" if full else "--quick", "--cases", cases or ",".join(CASES)]
+    raise typer.Exit(run_bench([*argv, *(["--out", str(out_dir)] if out_dir else [])]))
+
+
 @app.command("show-config")
 def show_config(config: ConfigOpt = Path("params.yaml"), preset: PresetOpt = None, set_: SetOpt = None) -> None:
     """Print the resolved configuration (after preset and overrides) as YAML."""

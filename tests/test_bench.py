@@ -1,0 +1,62 @@
+"""The benchmark suite's pieces on the tiny model: shared weights, adapters, every peer builds and runs, headline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bench.__main__ import headline
+from bench.common import make_adapters, shared_copy
+from bench.forward import _variants, layer_floor
+from mole.base import load_base
+
+
+def test_layer_floor_is_the_banks_extra_flops() -> None:
+    # N=8, r=16 on a 576 x 576 linear: 8 * 16 * 1152 / 576**2 extra.
+    assert layer_floor(8, 16, 576, 576) == pytest.approx(1 + 8 * 16 * 1152 / 576**2)
+    assert layer_floor(1, 1, 4, 4) == 1.5
+
+
+def test_shared_copy_shares_weights_not_modules() -> None:
+    model, _ = load_base("tiny")
+    copy = shared_copy(model)
+    assert copy is not model and copy.model.layers[0] is not model.model.layers[0]
+    assert all(a is b for a, b in zip(model.parameters(), copy.parameters(), strict=True))
+
+
+def test_peers_build_on_the_same_adapters_and_run(tmp_path: Path) -> None:
+    model, tok = load_base("tiny")
+    dirs = make_adapters(model, tmp_path, n=3, r=2)
+    tensors = load_file(str(dirs[0] / "adapter_model.safetensors"))
+    assert all(t.abs().sum() > 0 for t in tensors.values())  # A and B both non-zero: experts change the output
+    fns, failed = _variants(model, tok, dirs, ks=[1, 2], peer_ks=[2])
+    assert failed == {}
+    assert sorted(fns) == ["arrow k=2", "base", "mole k=1", "mole k=2", "naive sum", "xlora k=2"]
+    ids = torch.randint(0, 256, (2, 8))
+    with torch.inference_mode():
+        base = fns["base"](ids).logits
+        for name, fn in fns.items():
+            out = fn(ids)
+            logits = out if isinstance(out, torch.Tensor) else out.logits
+            assert logits.shape == base.shape, name
+            if name != "base":
+                assert not torch.allclose(logits, base), name  # the experts are really in the forward
+    assert all(isinstance(m, torch.nn.Linear) for n, m in model.named_modules() if n.endswith("q_proj"))
+
+
+def test_headline_compares_with_the_goals() -> None:
+    forward = {"rows": [{"variant": "mole k=2", "N": 8, "r": 16, "ms": 110.0, "ratio_to_base": 1.1},
+                        {"variant": "xlora k=2", "N": 8, "r": 16, "ms": 330.0, "ratio_to_base": 3.3}]}  # fmt: skip
+    train = {"rows": [{"mode": "one", "tokens_per_s": 10.0, "peak_rss_mb": 1000.0},
+                      {"mode": "sequential", "tokens_per_s": 10.0, "peak_rss_mb": 1010.0},
+                      {"mode": "packed", "tokens_per_s": 12.0, "peak_rss_mb": 1400.0}]}  # fmt: skip
+    got = {h["metric"]: (h["value"], h["met"]) for h in headline({"forward": forward, "train": train})}
+    assert got == {
+        "MoLE / base forward, N=8 k=2 r=16": (1.1, True),
+        "X-LoRA / MoLE forward time, N=8 k=2 r=16": (3.0, False),
+        "packed / sequential training tokens/s": (1.2, True),
+        "packed peak RSS / one expert's": (1.4, False),
+    }
