@@ -332,11 +332,13 @@ def predict(
     cfg = _config(config, preset, set_)
     kw = {"max_new_tokens": max_new_tokens or cfg.evaluate.max_new_tokens, "temperature": temperature}
     res = _run("predict", lambda c: {"out": run_predict(model, prompt, **kw, uri=tracking_uri(c))}, cfg)
+    # Plain stdout, not rich: completions are data for scripts, and rich would wrap long lines.
     if as_json:
-        out.print_json(data=[{"prompt": p, "completion": c} for p, c in zip(prompt, res["out"], strict=True)])
+        rows = [{"prompt": p, "completion": c} for p, c in zip(prompt, res["out"], strict=True)]
+        typer.echo(json.dumps(rows, ensure_ascii=False))
     else:
         for completion in res["out"]:
-            out.print(completion, highlight=False, markup=False)
+            typer.echo(completion)
 
 
 @app.command("bench")

@@ -1,0 +1,84 @@
+"""The promotion gate: does a new build take alias ``champion`` from the current one? Pure logic, no MLflow.
+
+Both builds are compared on ``tracking.metric`` of the variant describing their model, on the same eval rows:
+when the champion's recorded eval-set hash (tag ``mole.eval_set_hash``) equals this build's, its recorded value
+is used; otherwise the champion is re-scored on this build's eval rows (``rescore``) before comparing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from mole.config import BuildConfig
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The gate's verdict and the numbers behind it (all written to the version's tags)."""
+
+    promote: bool
+    reason: str
+    metric: str
+    value: float
+    margin: float
+    champion_version: str | None = None
+    champion_value: float | None = None
+    champion_source: str | None = None  # "tag": same eval set; "rescored": re-scored on this build's eval rows
+    improvement: float | None = None
+
+    @property
+    def alias(self) -> str:
+        return "champion" if self.promote else "challenger"
+
+    def tags(self) -> dict[str, str]:
+        """``mole.promotion.*`` tags: decision, reason and numbers."""
+        values = {
+            "decision": self.alias, "reason": self.reason, "metric": self.metric, "value": repr(self.value),
+            "margin": repr(self.margin), "champion_version": self.champion_version,
+            "champion_value": None if self.champion_value is None else repr(self.champion_value),
+            "champion_source": self.champion_source,
+            "improvement": None if self.improvement is None else repr(self.improvement),
+        }  # fmt: skip
+        return {f"mole.promotion.{k}": v for k, v in values.items() if v is not None}
+
+
+def relative_improvement(new: float, old: float, *, greater_is_better: bool) -> float:
+    """How much better ``new`` is than ``old``, as a fraction of ``|old|`` (negative when worse)."""
+    gain = new - old if greater_is_better else old - new
+    return gain / max(abs(old), 1e-12)
+
+
+def decide(cfg: BuildConfig, champion: Any, build: dict[str, Any], *, rescore: Callable[[Any], float]) -> Decision:
+    """Whether the build becomes champion.
+
+    Args:
+        cfg: gives ``tracking.metric``, ``greater_is_better`` and ``promotion_margin``.
+        champion: the registered version holding alias ``champion`` (with ``.version`` and ``.tags``), or None.
+        build: ``value`` (this build's metric) and ``eval_set_hash``.
+        rescore: champion -> its metric on this build's eval rows; called only when the eval sets differ.
+
+    Returns:
+        The Decision: promote when there is no champion, or when the relative improvement exceeds the margin.
+    """
+    t, value = cfg.tracking, float(build["value"])
+    common = {"metric": t.metric, "value": value, "margin": t.promotion_margin}
+    if champion is None:
+        return Decision(True, "first version with a metric: no champion yet", **common)
+    tags = champion.tags
+    same_set = tags.get("mole.eval_set_hash") == build["eval_set_hash"] and tags.get("mole.metric") == t.metric
+    if same_set and "mole.metric_value" in tags:
+        old, source = float(tags["mole.metric_value"]), "tag"
+    else:
+        old, source = float(rescore(champion)), "rescored"
+    gain = relative_improvement(value, old, greater_is_better=t.greater_is_better)
+    promote = gain > t.promotion_margin
+    how = "same eval set" if source == "tag" else "champion re-scored on this build's eval rows"
+    reason = (
+        f"{t.metric} {value:.6g} vs champion v{champion.version} {old:.6g} ({how}): relative improvement "
+        f"{gain:+.3%} {'>' if promote else '<='} margin {t.promotion_margin:.3%}; "
+        f"{'promoted to champion' if promote else 'stays challenger'}"
+    )
+    return Decision(promote, reason, **common, champion_version=str(champion.version), champion_value=old,
+                    champion_source=source, improvement=gain)  # fmt: skip

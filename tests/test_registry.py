@@ -1,0 +1,453 @@
+"""MLflow tracking, registry and promotion gate against a real `mlflow server` on 127.0.0.1, on a tiny build.
+
+One tiny workspace is built per module (stages called directly) and registered once; later tests add builds
+(a worse one, a changed margin, a failing one) and end by stopping the server to check the unreachable case.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from flows import lineage, registry
+from flows.promotion import decide, relative_improvement
+from flows.registry import register_build
+from flows.versioning import record_outputs
+from mole import stages
+from mole.config import BuildConfig, load_config
+from mole.model import MoLEModel
+
+mlflow = pytest.importorskip("mlflow")
+from mlflow import MlflowClient  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+NAME = "mole-test"
+OVERRIDES = [
+    "data.demo_rows_per_skill=12",
+    "cluster.embedder=tfidf",  # no sentence-transformer load
+    "cluster.k=3",
+    "experts.steps=6",
+    "router.steps=2",
+    "evaluate.generate_rows=6",
+    "evaluate.max_new_tokens=6",
+    "evaluate.latency_reps=1",
+    f"tracking.model_name={NAME}",
+    "tracking.retries=2",
+    "dvc.push=false",
+]
+GEN = {"max_new_tokens": 6}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> float:
+    """Seconds until ``url`` answers 200; fails with the process's log if it exits or times out."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout:
+        if proc.poll() is not None:
+            raise AssertionError(f"{proc.args[:3]} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return time.perf_counter() - t0
+        except OSError:
+            time.sleep(0.25)
+    raise AssertionError(f"{url} did not answer within {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+def spawn(cmd: list[str], log: Path, **kwargs: Any) -> subprocess.Popen:
+    """Start a server in its own session, its output in ``log`` (a pipe nobody reads would fill and block it)."""
+    with log.open("w") as fh:
+        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, **kwargs)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """End a process started in its own session, and its children."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(15)
+
+
+@dataclass
+class Server:
+    uri: str
+    store: str  # the backend store, readable directly once the server is down
+    proc: subprocess.Popen
+    log: Path
+    start_s: float | None = None
+
+    def ready(self) -> Server:
+        """Wait for /health once: the server starts while the module's workspace is built."""
+        if self.start_s is None:
+            self.start_s = wait_http(f"{self.uri}/health", self.proc, self.log, timeout=180)
+            print(f"mlflow server answered {self.start_s:.1f}s after the first wait began")
+        return self
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Server:
+    root, port = tmp_path_factory.mktemp("mlflow"), free_port()
+    store = f"sqlite:///{root / 'mlflow.db'}"
+    cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--backend-store-uri", store, "--artifacts-destination", str(root / "artifacts")]  # fmt: skip
+    env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job-runner process for tests
+    t0 = time.perf_counter()
+    proc = spawn(cmd, root / "server.log", env=env)
+    try:
+        yield Server(f"http://127.0.0.1:{port}", store, proc, root / "server.log")
+    finally:
+        stop(proc)
+        print(f"mlflow server ran {time.perf_counter() - t0:.1f}s")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory, server: Server) -> BuildConfig:
+    ws = tmp_path_factory.mktemp("reg_ws")
+    cfg = load_config(None, preset="tiny", overrides=[f"workspace={ws}", f"tracking.uri={server.uri}", *OVERRIDES])
+    for stage in (stages.prepare, stages.cluster, stages.train_experts, stages.train_router, stages.evaluate):
+        stage(cfg)
+    stages.merge_prune(cfg)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def first(built: BuildConfig, server: Server) -> dict[str, Any]:
+    versions = record_outputs(built)
+    server.ready()
+    t0 = time.perf_counter()
+    res = register_build(
+        built, flow_run_id="flow-run-1", flow_run_url="http://prefect.test/runs/1", dvc_hashes=versions["hashes"]
+    )
+    print(f"first registration: {time.perf_counter() - t0:.1f}s")
+    return {**res, "dvc": versions["hashes"]}
+
+
+@pytest.fixture(scope="module")
+def client(server: Server) -> MlflowClient:
+    return MlflowClient(server.ready().uri, registry_uri=server.uri)
+
+
+@pytest.fixture(scope="module")
+def prompts(built: BuildConfig) -> list[str]:
+    return [r["prompt"] for r in stages.load_prepared(built)[1][:3]]
+
+
+@pytest.fixture(scope="module")
+def expected(built: BuildConfig, prompts: list[str]) -> list[str]:
+    """Greedy completions of the workspace's MoLE model, loaded the plain way (base rebuilt from its seed)."""
+    return MoLEModel.from_pretrained(stages.mole_paths(built)["dir"]).generate_text(prompts, **GEN)
+
+
+def _eval_value(cfg: BuildConfig) -> float:
+    report = json.loads((cfg.path(cfg.evaluate.out_dir) / "eval.json").read_text())
+    return report["variants"][lineage.registered_variant(report)]["loss"]
+
+
+def _versions(client: MlflowClient) -> list[Any]:
+    return client.search_model_versions(f"name = '{NAME}'")
+
+
+# ------------------------------------------------------------------------------------------- the gate alone
+@dataclass
+class FakeVersion:
+    version: str
+    tags: dict[str, str]
+
+
+def _gate_cfg(**tracking: Any) -> BuildConfig:
+    return BuildConfig.model_validate({"tracking": tracking})
+
+
+def test_gate_first_build_becomes_champion() -> None:
+    d = decide(_gate_cfg(), None, {"value": 2.0, "eval_set_hash": "e"}, rescore=lambda v: pytest.fail("rescored"))
+    assert d.promote and d.alias == "champion" and "no champion" in d.reason
+
+
+@pytest.mark.parametrize(
+    ("value", "margin", "greater", "promote"),
+    [(1.8, 0.0, False, True), (1.8, 0.2, False, False), (2.0, 0.0, False, False), (2.2, 0.05, True, True)],
+)
+def test_gate_compares_with_the_recorded_champion_value(value: float, margin: float, greater: bool, promote: bool):
+    champ = FakeVersion("3", {"mole.eval_set_hash": "e", "mole.metric": "loss", "mole.metric_value": "2.0"})
+    cfg = _gate_cfg(promotion_margin=margin, greater_is_better=greater)
+    d = decide(cfg, champ, {"value": value, "eval_set_hash": "e"}, rescore=lambda v: pytest.fail("rescored"))
+    assert d.promote is promote
+    assert d.champion_value == 2.0 and d.champion_source == "tag" and d.champion_version == "3"
+    assert d.improvement == pytest.approx(relative_improvement(value, 2.0, greater_is_better=greater))
+    assert d.tags()["mole.promotion.decision"] == ("champion" if promote else "challenger")
+    assert ("promoted" if promote else "stays challenger") in d.reason
+
+
+def test_gate_rescores_a_champion_measured_on_other_eval_rows() -> None:
+    champ = FakeVersion("1", {"mole.eval_set_hash": "old", "mole.metric": "loss", "mole.metric_value": "9.0"})
+    d = decide(_gate_cfg(), champ, {"value": 2.0, "eval_set_hash": "new"}, rescore=lambda v: 1.5)
+    assert not d.promote and d.champion_value == 1.5 and d.champion_source == "rescored"
+    assert "re-scored" in d.reason
+
+
+# ------------------------------------------------------------------------------------ against the server
+def test_first_build_logs_parent_and_nested_runs(first: dict, built: BuildConfig, client: MlflowClient) -> None:
+    run = client.get_run(first["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["experts.lora.r"] == "8" and run.data.params["base_model.name"] == "tiny"
+    assert run.data.params["experts.lora.target_modules"] == '["q_proj", "v_proj"]'
+    report = json.loads((built.path("reports") / "eval.json").read_text())
+    for variant, v in report["variants"].items():
+        assert run.data.metrics[f"{variant}.loss"] == pytest.approx(v["loss"])
+    assert "multitask_lora.exact_match" in run.data.metrics and "routing.top1_agreement" in run.data.metrics
+    tags = run.data.tags
+    assert tags["mole.flow_run_id"] == "flow-run-1" and tags["mole.flow_run_url"] == "http://prefect.test/runs/1"
+    assert tags["mole.config_hash"] == built.section_hash()
+    assert tags["mole.dvc.data/prepared"] == first["dvc"]["data/prepared"] and tags["mole.dvc.data/prepared"]
+    assert tags["mole.dvc.artifacts/experts"] == first["dvc"]["artifacts/experts"]
+    assert tags["mole.git_commit"] == (lineage.git_commit(REPO) or "none")
+    reports = {a.path for a in client.list_artifacts(first["run_id"], "reports")}
+    expected = {
+        "eval.json",
+        "eval.md",
+        "merge_prune.json",
+        "loss_curves.png",
+        "per_cluster_loss.png",
+        "routing_heatmap.png",
+    }
+    assert {f"reports/{n}" for n in expected} <= reports
+    children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{first['run_id']}'")
+    index = json.loads((built.path("artifacts/experts/experts.json")).read_text())
+    assert sorted(c.data.tags["mole.expert"] for c in children) == sorted(
+        [e["id"] for e in index["experts"]] + [index["baseline"]["id"]]
+    )
+    for child in children:
+        history = client.get_metric_history(child.info.run_id, "loss")
+        steps = int(child.data.params["steps"])
+        assert [m.step for m in history] == list(range(steps)), child.data.tags["mole.expert"]
+        assert child.data.metrics["tokens_per_s"] > 0 and child.data.metrics["seconds"] > 0
+
+
+def test_first_build_is_champion_with_lineage_tags(first: dict, built: BuildConfig, client: MlflowClient) -> None:
+    assert first["champion"] and not first["already_registered"]
+    assert first["model_uri"] == f"models:/{NAME}/{first['version']}"
+    experiment = client.get_run(first["run_id"]).info.experiment_id
+    assert first["run_url"] == f"{built.tracking.uri}/#/experiments/{experiment}/runs/{first['run_id']}"
+    v = client.get_model_version_by_alias(NAME, "champion")
+    assert v.version == first["version"] and set(v.aliases) == {"champion", "challenger"}
+    assert v.tags["mole.promotion.decision"] == "champion" and "no champion yet" in v.tags["mole.promotion.reason"]
+    assert float(v.tags["mole.metric_value"]) == pytest.approx(_eval_value(built))
+    assert v.tags["mole.eval_set_hash"] == lineage.eval_set_hash(built)
+    assert v.tags["mole.config_hash"] == built.section_hash() and v.tags["mole.flow_run_id"] == "flow-run-1"
+    assert v.tags["mole.dvc.data/prepared"] == first["dvc"]["data/prepared"]
+    assert v.tags["mole.dvc.artifacts/mole/router.safetensors"] == first["dvc"]["artifacts/mole/router.safetensors"]
+
+
+def test_same_build_twice_is_one_version(first: dict, built: BuildConfig, client: MlflowClient) -> None:
+    again = register_build(built, flow_run_id="flow-run-2")
+    assert again["already_registered"] and again["version"] == first["version"] and again["run_id"] == first["run_id"]
+    key = client.get_model_version(NAME, first["version"]).tags["mole.build_key"]
+    assert len(client.search_model_versions(f"name = '{NAME}' and tags.`mole.build_key` = '{key}'")) == 1
+
+
+def test_registration_leaves_the_callers_mlflow_settings_alone(first: dict, built: BuildConfig) -> None:
+    env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    uri = mlflow.get_tracking_uri()
+    assert register_build(built)["already_registered"]
+    assert {k: os.environ.get(k) for k in env} == env and mlflow.get_tracking_uri() == uri != built.tracking.uri
+
+
+def test_champion_loads_in_a_fresh_process(
+    first: dict, server: Server, tmp_path: Path, prompts: list, expected: list
+) -> None:
+    script = (
+        "import json, sys, mlflow, pandas as pd\n"
+        f"m = mlflow.pyfunc.load_model('models:/{NAME}@champion')\n"
+        f"out = m.predict(pd.DataFrame({{'prompt': {prompts!r}}}), params={GEN!r})\n"
+        "print(json.dumps({'out': list(out), 'mole': sys.modules['mole'].__file__}))\n"
+    )
+    env = os.environ | {"MLFLOW_TRACKING_URI": server.uri}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["out"] == expected and all(isinstance(c, str) for c in got["out"])
+    assert not got["mole"].startswith(str(REPO)), "the model must run on its bundled copy of the mole code"
+
+
+def test_bundled_base_is_what_the_model_loads(
+    first: dict, server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prompts: list, expected: list
+) -> None:
+    with registry._tracking(server.uri):
+        local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}@champion", dst_path=str(tmp_path)))
+    info = json.loads((local / "artifacts" / "base" / "base.json").read_text())
+    assert info["kind"] == "tiny" and info["source"]["seed"] == 0
+    assert (local / "artifacts" / "base" / "model.safetensors").exists()
+    requirements = (local / "requirements.txt").read_text().split()
+    assert f"mlflow=={mlflow.__version__}" in requirements and any(r.startswith("torch==") for r in requirements)
+    import mole.base
+    from flows.pyfunc import load_mole
+
+    monkeypatch.setattr(mole.base, "build_tiny", lambda **kw: pytest.fail("rebuilt the base instead of the bundle"))
+    model = load_mole(local / "artifacts" / "mole", local / "artifacts" / "base")
+    assert model.generate_text(prompts, **GEN) == expected
+
+
+def test_worse_build_stays_challenger(first: dict, built: BuildConfig, client: MlflowClient, tmp_path: Path) -> None:
+    ws = tmp_path / "worse"
+    shutil.copytree(built.workspace, ws, ignore=shutil.ignore_patterns(".dvc", "dvc.lock", "baselines"))
+    cheaper = ["experts.multitask_baseline=false", "evaluate.generate_rows=1"]  # the gate reads the loss only
+    worse = load_config(None, preset="tiny", overrides=[*_overrides(built, ws), "experts.steps=1", *cheaper])
+    for stage in (stages.train_experts, stages.train_router, stages.evaluate, stages.merge_prune):
+        stage(worse)
+    assert _eval_value(worse) > _eval_value(built), "precondition: fewer expert steps give a worse eval loss"
+    res = register_build(worse, flow_run_id="flow-run-worse")
+    assert not res["champion"] and res["aliases"] == ["challenger"] and res["version"] != first["version"]
+    v = client.get_model_version(NAME, res["version"])
+    assert v.tags["mole.promotion.decision"] == "challenger" and "stays challenger" in v.tags["mole.promotion.reason"]
+    assert float(v.tags["mole.promotion.champion_value"]) == pytest.approx(_eval_value(built))
+    assert float(v.tags["mole.promotion.value"]) == pytest.approx(_eval_value(worse))
+    assert float(v.tags["mole.promotion.improvement"]) < 0 and v.tags["mole.promotion.champion_source"] == "tag"
+    assert client.get_model_version_by_alias(NAME, "champion").version == first["version"]
+
+
+def test_champion_from_other_eval_rows_is_rescored(first: dict, built: BuildConfig, client: MlflowClient) -> None:
+    """A champion tagged with another eval set is scored again on this build's rows: the same model, same value."""
+    true_hash = client.get_model_version(NAME, first["version"]).tags["mole.eval_set_hash"]
+    client.set_model_version_tag(NAME, first["version"], "mole.eval_set_hash", "another-eval-set")
+    try:
+        margin = built.model_copy(update={"tracking": built.tracking.model_copy(update={"promotion_margin": 0.5})})
+        res = register_build(margin)
+    finally:
+        client.set_model_version_tag(NAME, first["version"], "mole.eval_set_hash", true_hash)
+    v = client.get_model_version(NAME, res["version"])
+    assert not res["champion"] and v.tags["mole.promotion.champion_source"] == "rescored"
+    assert float(v.tags["mole.promotion.champion_value"]) == pytest.approx(_eval_value(built), rel=1e-5)
+    assert "re-scored" in res["reason"] and "margin 50.000%" in res["reason"]
+
+
+def test_failure_after_registering_leaves_no_version(
+    first: dict, built: BuildConfig, client: MlflowClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = {v.version for v in _versions(client)}
+
+    def boom(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("alias service down")
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", boom)
+    failing = built.model_copy(update={"seed": 1})  # another config hash: a new build
+    with pytest.raises(RuntimeError, match="alias service down"):
+        register_build(failing)
+    monkeypatch.undo()
+    assert {v.version for v in _versions(client)} == before
+    runs = client.search_runs(
+        [client.get_experiment_by_name(built.tracking.experiment).experiment_id],
+        f"tags.`mole.config_hash` = '{failing.section_hash()}'",
+    )
+    assert [r.info.status for r in runs] == ["FAILED"]
+
+
+def test_mole_predict_and_register_commands(
+    first: dict, built: BuildConfig, prompts: list, expected: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from mole.cli import app
+
+    monkeypatch.chdir(built.workspace)  # its params.yaml (written by record_outputs) is the config
+    monkeypatch.setenv("COLUMNS", "200")
+    args = ["predict", "--json", "--max-new-tokens", "6", "--model", f"models:/{NAME}@champion"]
+    res = CliRunner().invoke(app, [*args, *(a for p in prompts for a in ("--prompt", p))])
+    assert res.exit_code == 0, res.output
+    assert [r["completion"] for r in json.loads(res.stdout)] == expected
+    model_dir = str(stages.mole_paths(built)["dir"])
+    res = CliRunner().invoke(app, ["predict", "--max-new-tokens", "6", "--model", model_dir, "--prompt", prompts[0]])
+    assert res.exit_code == 0 and res.stdout == expected[0] + "\n"
+    res = CliRunner().invoke(app, ["register"])
+    assert res.exit_code == 0, res.output
+    assert f"models:/{NAME}/{first['version']}" in res.stdout and "already registered │ true" in res.stdout
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_invocations(first: dict, server: Server, tmp_path: Path, prompts, expected):
+    port = free_port()
+    cmd = [
+        str(BIN / "mlflow"),
+        "models",
+        "serve",
+        "-m",
+        f"models:/{NAME}@champion",
+        "--env-manager",
+        "local",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    # The scoring server is `uvicorn` from the environment's bin: on PATH, as in an activated venv.
+    env = os.environ | {"MLFLOW_TRACKING_URI": server.uri, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    log = tmp_path / "serve.log"
+    proc = spawn(cmd, log, cwd=tmp_path, env=env)
+    try:
+        print(f"mlflow models serve ready in {wait_http(f'http://127.0.0.1:{port}/ping', proc, log, 240):.1f}s")
+        body = json.dumps({"dataframe_records": [{"prompt": p} for p in prompts], "params": GEN}).encode()
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            assert resp.status == 200
+            assert json.loads(resp.read())["predictions"] == expected
+    finally:
+        stop(proc)
+
+
+def test_server_down_fails_clearly_and_registers_nothing(
+    first: dict, built: BuildConfig, server: Server, client: MlflowClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Runs last: it stops the module's server."""
+    before = {str(v.version) for v in client.search_model_versions(f"name = '{NAME}'")}
+    stop(server.proc)
+    monkeypatch.setattr(registry, "BACKOFF_S", 0.05)
+    down = built.model_copy(update={"seed": 2})
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeError, match=f"{server.uri}.*unreachable after 2 attempts"):
+        register_build(down)
+    assert time.perf_counter() - t0 < 30
+    store = MlflowClient(server.store, registry_uri=server.store)  # the server's own database, read directly
+    assert not store.search_model_versions(f"name = '{NAME}' and tags.`mole.config_hash` = '{down.section_hash()}'")
+    assert {str(v.version) for v in store.search_model_versions(f"name = '{NAME}'")} == before
+
+
+def _overrides(cfg: BuildConfig, ws: Path) -> list[str]:
+    return [f"workspace={ws}", f"tracking.uri={cfg.tracking.uri}", *OVERRIDES]
+
+
+def test_pyfunc_input_shapes() -> None:
+    from flows.pyfunc import generation_kwargs, prompts_of
+
+    assert prompts_of(pd.DataFrame({"prompt": ["a", "b"]})) == ["a", "b"]
+    assert prompts_of({"prompt": ["a"]}) == ["a"] and prompts_of("a") == ["a"]
+    with pytest.raises(ValueError, match="'prompt' column"):
+        prompts_of(pd.DataFrame({"text": ["a"]}))
+    assert generation_kwargs({"max_new_tokens": 3, "temperature": 0.0}) == {"max_new_tokens": 3}
+    assert generation_kwargs({"temperature": 0.7})["do_sample"] is True
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generation_kwargs({"max_new_tokens": 0})
