@@ -114,8 +114,8 @@ def dvc(ws: Path, *args: str, timeout: float = 600) -> str:
 
 
 def _configure_remote(cfg: BuildConfig, ws: Path) -> None:
-    """``dvc.remote`` as the default remote; else keep a default the repo has; else the local default."""
-    url = cfg.dvc.remote
+    """``dvc.remote`` (or $MOLE_DVC_REMOTE) as the default remote; else keep the repo's default; else the local one."""
+    url = cfg.dvc.remote or os.environ.get("MOLE_DVC_REMOTE") or None
     if url is None:
         if _remote_url(ws) is not None:
             return

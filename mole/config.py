@@ -192,7 +192,9 @@ class DvcConfig(_Section):
     """DVC versioning of the datasets and adapters each build wrote."""
 
     enabled: bool = True
-    remote: str | None = Field(None, description="remote URL (a local dir or s3://…); null = .dvc/remote-storage")
+    remote: str | None = Field(
+        None, description="remote URL (a local dir or s3://…); null = $MOLE_DVC_REMOTE, else .dvc/remote-storage"
+    )
     push: bool = True
 
 

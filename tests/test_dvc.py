@@ -125,6 +125,16 @@ def test_workspace_outside_git_is_a_no_scm_repo_with_the_pipeline(tmp_path: Path
     assert (ws / ".dvcignore").read_text().count(".mole-tmp-*") == 1
 
 
+def test_remote_from_the_environment_when_config_has_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers of the infra stack name the remote with MOLE_DVC_REMOTE; an explicit dvc.remote still wins."""
+    env_remote, cfg_remote = tmp_path / "env-remote", tmp_path / "cfg-remote"
+    monkeypatch.setenv("MOLE_DVC_REMOTE", str(env_remote))
+    cfg = load_config(None, preset="tiny", overrides=[f"workspace={tmp_path / 'ws'}"])
+    assert versioning._remote_url(versioning.ensure_repo(cfg)) == str(env_remote)
+    cfg = load_config(None, preset="tiny", overrides=[f"workspace={tmp_path / 'ws'}", f"dvc.remote={cfg_remote}"])
+    assert versioning._remote_url(versioning.ensure_repo(cfg)) == str(cfg_remote)
+
+
 # ----------------------------------------------------------- a Prefect-style build: record, push, pull
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory: pytest.TempPathFactory) -> dict:
