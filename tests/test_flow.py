@@ -69,7 +69,7 @@ def resumed_build(prefect_api: str, tmp_path_factory: pytest.TempPathFactory) ->
     """`mole build` SIGKILLed once some experts finished, then run again to the end with the same config."""
     ws = tmp_path_factory.mktemp("flow") / "ws"
     # Experts one at a time and slow enough to be killed between them; no multitask baseline (k × steps).
-    slow = ("--set", "experts.steps=24", "--set", "flow.max_workers=1", "--set", "experts.multitask_baseline=false")
+    slow = ("--set", "experts.steps=12", "--set", "flow.max_workers=1", "--set", "experts.multitask_baseline=false")
     proc = _build(ws, prefect_api, *slow)
     experts = ws / "artifacts" / "experts"
     deadline = time.monotonic() + 300
