@@ -1,7 +1,8 @@
 """Shared pieces of the benchmark suite: the model, shared-weight copies, expert adapters, timing, tables, JSON.
 
 Every case measures its variants on one base model in one process and interleaves them (one call of each variant
-per round, medians over rounds), so slow drifts of the machine's load hit every variant alike.
+per round), so slow drifts of the machine's load hit every variant alike. Times are medians over rounds; ratios to the
+base are medians of the per-round ratios.
 """
 
 from __future__ import annotations
@@ -95,6 +96,11 @@ def interleaved(fns: dict[str, Callable[[], object]], *, reps: int, warmup: int 
 def median(xs: list[float]) -> float:
     """The median of a list of floats."""
     return statistics.median(xs)
+
+
+def paired_ratio(times: list[float], base: list[float]) -> float:
+    """Median over rounds of ``times[i] / base[i]``: each round's pair ran back to back, so load bursts cancel."""
+    return statistics.median(t / b for t, b in zip(times, base, strict=True))
 
 
 def table(title: str, columns: list[str], rows: list[dict[str, Any]]) -> None:

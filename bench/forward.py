@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from bench.common import TARGETS, interleaved, make_adapters, median, shared_copy, table
+from bench.common import TARGETS, interleaved, make_adapters, median, paired_ratio, shared_copy, table
 from bench.layer import floor_ratio
 
 GRID = {
@@ -121,12 +121,11 @@ def run(model: torch.nn.Module, tok: Any, *, mode: str) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="mole-bench-") as tmp:
             fns, failed = _variants(model, tok, make_adapters(model, Path(tmp), n=n, r=r), ks, peer_ks)
             times = interleaved({name: (lambda f=f: f(ids)) for name, f in fns.items()}, reps=reps)
-        base_ms = 1000 * median(times["base"])
         floors = {f"floor_{t}": round(layer_floor(n, r, *dims[t]), 3) for t in TARGETS}
         group = []
         for name, ts in times.items():
-            ms = 1000 * median(ts)
-            group.append({"variant": name, "N": n, "r": r, "ms": round(ms, 1), "ratio_to_base": round(ms / base_ms, 3),
+            ms, ratio = 1000 * median(ts), paired_ratio(ts, times["base"])
+            group.append({"variant": name, "N": n, "r": r, "ms": round(ms, 1), "ratio_to_base": round(ratio, 3),
                           "floor_model": round(floor_ratio(n, r, list(TARGETS)), 3), **floors})  # fmt: skip
         group += [{"variant": name, "N": n, "r": r, "error": err} for name, err in failed.items()]
         cols = ["variant", "N", "r", "ms", "ratio_to_base", "floor_model", *floors]

@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 
-from bench.common import interleaved, make_adapters, median, table
+from bench.common import interleaved, make_adapters, median, paired_ratio, table
 from bench.forward import mole_model, xlora_model
 
-SETTINGS = {"quick": (32, 3), "full": (64, 5)}  # new tokens, timed rounds
+SETTINGS = {"quick": (16, 3), "full": (48, 5)}  # new tokens, timed rounds
 PROMPT = "Convert 3.5 kilometers to meters.\nAnswer:"
 N, K, R = 8, 2, 16
 
@@ -37,14 +37,13 @@ def run(model: torch.nn.Module, tok: Any, *, mode: str) -> dict[str, Any]:
         ),
     }
     times = interleaved(fns, reps=reps)
-    base_s = median(times["base"])
     rows = [
         {
             "variant": name,
             "new_tokens": new,
             "s": round(median(ts), 3),
-            "tokens_per_s": round(new / median(ts), 1),
-            "time_ratio_to_base": round(median(ts) / base_s, 3),
+            "tokens_per_s": round(new / median(ts), 2),
+            "time_ratio_to_base": round(paired_ratio(ts, times["base"]), 3),
         }  # fmt: skip
         for name, ts in times.items()
     ]

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from bench.common import interleaved, make_adapters, median, shared_copy, table
+from bench.common import interleaved, make_adapters, median, paired_ratio, shared_copy, table
 from bench.forward import SHAPES, mole_model
 
 N, K, R = 8, 2, 16
@@ -44,7 +44,6 @@ def run(model: torch.nn.Module, tok: Any, *, mode: str) -> dict[str, Any]:
         sizes = {"before": _size_mb(root / "before"), "after": _size_mb(root / "after")}
     fns = {"base": lambda: model(input_ids=ids), "before": lambda: before(ids), "after": lambda: after(ids)}
     times = interleaved(fns, reps=reps)
-    base_ms = 1000 * median(times["base"])
     experts = {"base": 0, "before": before.spec.num_experts, "after": after.spec.num_experts}
     rows = [
         {
@@ -52,7 +51,7 @@ def run(model: torch.nn.Module, tok: Any, *, mode: str) -> dict[str, Any]:
             "experts": experts[name],
             "adapter_mb": round(sizes.get(name, 0.0), 2),
             "ms": round(1000 * median(ts), 1),
-            "ratio_to_base": round(1000 * median(ts) / base_ms, 3),
+            "ratio_to_base": round(paired_ratio(ts, times["base"]), 3),
         }  # fmt: skip
         for name, ts in times.items()
     ]
