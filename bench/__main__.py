@@ -18,6 +18,23 @@ from typing import Any
 CASES = ("forward", "generate", "merge", "train")
 
 
+def _cpu_times() -> list[int] | None:
+    """The machine's aggregate CPU jiffies from /proc/stat (user, nice, system, idle, iowait, irq, softirq, steal)."""
+    try:
+        return [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _busy_share(start: list[int] | None, end: list[int] | None) -> dict[str, float] | None:
+    """Of the machine's CPU time during the run: the share stolen by the hypervisor, and the share not idle."""
+    if not start or not end:
+        return None
+    d = [b - a for a, b in zip(start, end, strict=True)]
+    total = max(sum(d), 1)
+    return {"steal": round(d[7] / total, 3), "busy": round(1 - (d[3] + d[4]) / total, 3)}
+
+
 def _find(rows: list[dict[str, Any]], **match: Any) -> dict[str, Any] | None:
     return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), None)
 
@@ -69,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench import common
 
     mode, out = ("full" if args.full else "quick"), args.out or common.RESULTS
-    t0, load0 = time.perf_counter(), os.getloadavg()
+    t0, load0, cpu0 = time.perf_counter(), os.getloadavg(), _cpu_times()
     results: dict[str, dict[str, Any]] = {}
     in_process = [c for c in cases if c != "train"]
     if in_process:
@@ -87,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = headline(results)
     wall = round(time.perf_counter() - t0, 1)
     common.table(f"headline ({mode}, {wall}s wall)", ["metric", "value", "goal", "met"], summary)
-    env = {**common.environment(), "loadavg_start": load0, "loadavg_end": os.getloadavg()}
+    env = {**common.environment(), "loadavg_start": load0, "loadavg_end": os.getloadavg(),
+           "cpu_share_during_run": _busy_share(cpu0, _cpu_times())}  # fmt: skip
     common.write_result("summary", mode, {"cases": cases, "wall_s": wall, "headline": summary, "environment": env}, out)
     return 0
 
