@@ -242,6 +242,57 @@ def build(
     _summary("build", {**where, **{k: v for k, v in summary.items() if v is not None}})
 
 
+@app.command()
+def trigger(
+    config: ConfigOpt = Path("params.yaml"),
+    preset: PresetOpt = None,
+    set_: SetOpt = None,
+    deployment: Annotated[str, typer.Option(help="FLOW/DEPLOYMENT to run.")] = "build-mole/scheduled-retrain",
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for the run to end; exit 1 unless it completes.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds --wait waits.")] = 7200,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Start a run of a registered deployment now, with this config, on its work pool (needs PREFECT_API_URL)."""
+    _setup_logging(verbose)
+    cfg = _config(config, preset, set_)
+    if not os.environ.get("PREFECT_API_URL"):
+        console.print("[bold red]error:[/] PREFECT_API_URL is not set: a deployment lives on a Prefect server")
+        raise typer.Exit(2)
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        try:
+            dep = client.read_deployment_by_name(deployment)
+        except Exception as exc:  # ObjectNotFound, or the server refusing the name
+            console.print(f"[bold red]error:[/] deployment {deployment!r}: {exc}", highlight=False)
+            raise typer.Exit(2) from exc
+        run = client.create_flow_run_from_deployment(dep.id, parameters={"config": cfg.model_dump(mode="json")})
+        console.print(
+            f"flow run {run.name} on pool {dep.work_pool_name!r}: {_flow_run_url(run.id)}\n"
+            f"(a worker of that pool runs it: prefect worker start --pool {dep.work_pool_name})",
+            highlight=False,
+        )
+        if not wait:
+            return
+        deadline, last = time.monotonic() + timeout, None
+        while True:
+            run = client.read_flow_run(run.id)
+            name = run.state.name if run.state else "unknown"
+            if name != last:
+                console.print(f"  {time.strftime('%H:%M:%S')} {name}", highlight=False)
+                last = name
+            if run.state is not None and run.state.is_final():
+                break
+            if time.monotonic() > deadline:
+                console.print(f"[bold red]still {name} after {timeout:.0f}s[/]; the run goes on", highlight=False)
+                raise typer.Exit(1)
+            time.sleep(3)
+    if not run.state.is_completed():
+        console.print(f"[bold red]flow run {run.name} ended {name}[/]: {run.state.message}", highlight=False)
+        raise typer.Exit(1)
+    console.print(f"[green]✓[/] flow run {run.name} completed")
+
+
 def _flow_run_url(run_id: object) -> str:
     from prefect.settings import PREFECT_UI_URL
 

@@ -185,3 +185,31 @@ def test_prefect_deploy_registers_the_scheduled_retrain_deployment(prefect_api: 
         assert "config" in schema["properties"] and "BuildConfig" in json.dumps(schema)
         with pytest.raises(Exception, match="(?i)validat"):  # the server checks parameters against the schema
             c.create_flow_run_from_deployment(dep.id, parameters={"config": {"cluster": {"k": 0}}})
+
+
+def test_mole_trigger_starts_a_run_of_the_deployment_with_the_resolved_config(prefect_api: str, tmp_path: Path) -> None:
+    """`mole trigger` creates a flow run of the registered deployment whose parameter is the resolved config; an
+    unknown deployment exits 2 naming it. No worker polls the pool here, so the run stays scheduled."""
+    from tests.conftest import REPO
+
+    test_prefect_deploy_registers_the_scheduled_retrain_deployment(prefect_api)  # idempotent: deploy overwrites
+    mole = str(Path(sys.executable).parent / "mole")
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    ws = tmp_path / "ws"
+    cmd = [mole, "trigger", *TINY, "--set", f"workspace={ws}", "--set", "cluster.k=3"]
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    runs = _runs_of(ws)
+    assert len(runs) == 1, [r.name for r in runs]
+    run = runs[0]
+    assert f"/runs/flow-run/{run.id}" in res.stdout + res.stderr  # the UI link
+    assert run.work_pool_name == "mole-process" and run.state.is_scheduled(), (run.work_pool_name, run.state)
+    assert run.parameters["config"]["cluster"]["k"] == 3 and run.parameters["config"]["base_model"]["name"] == "tiny"
+    with _client() as c:
+        c.delete_flow_run(run.id)  # nothing will ever run it
+
+    bad = subprocess.run([*cmd, "--deployment", "build-mole/no-such"], env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "build-mole/no-such" in bad.stdout + bad.stderr, bad.stdout + bad.stderr
+    unset = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
+    res = subprocess.run(cmd, cwd=REPO, env=unset, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "PREFECT_API_URL" in res.stdout + res.stderr
