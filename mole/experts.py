@@ -277,6 +277,20 @@ def train_job(
     return _run_job(cfg, jobs[name], get_base or functools.cache(lambda: _load_base(cfg)), progress)
 
 
+def _mark_baseline_not_trained(path: Path) -> None:
+    """Leave ``path`` holding only NOT_TRAINED.json (experts.multitask_baseline is false).
+
+    The directory stays an out of the train-experts stage, so ``dvc commit`` finds it, and an adapter left there
+    by an earlier build is removed, so evaluate does not report a stale baseline as this build's.
+    """
+    marker = {"reason": "experts.multitask_baseline is false: the multitask LoRA baseline was not trained"}
+    if (path / "NOT_TRAINED.json").is_file() and len(list(path.iterdir())) == 1:
+        return
+    with atomic_dir(path) as tmp:
+        write_json(tmp / "NOT_TRAINED.json", marker)
+    logger.info("multitask baseline not trained: %s holds only NOT_TRAINED.json", path)
+
+
 def write_index(cfg: BuildConfig, entries: list[dict[str, Any]]) -> dict[str, Any]:
     """Write artifacts/experts/experts.json from the entries of every job; return the stage summary."""
     groups = load_cluster_rows(cfg)
@@ -284,6 +298,8 @@ def write_index(cfg: BuildConfig, entries: list[dict[str, Any]]) -> dict[str, An
     _remove_stale_experts(experts_dir, keep={expert_id(c) for c in groups})
     experts = sorted((x for x in entries if x["cluster"] is not None), key=lambda x: x["cluster"])
     baseline = next((x for x in entries if x["cluster"] is None), None)
+    if baseline is None:
+        _mark_baseline_not_trained(cfg.path(cfg.experts.baseline_dir))
     index = {"k": len(groups), "base_model": cfg.base_model.name, "lora": cfg.experts.lora.model_dump(mode="json")}
     write_json(experts_dir / "experts.json", {**index, "experts": experts, "baseline": baseline})
     return {

@@ -192,6 +192,25 @@ def test_failed_push_names_the_command(recorded: dict) -> None:
         versioning.dvc(ws, "remote", "add", "--force", "--default", "mole", str(ws / ".dvc" / "remote-storage"))
 
 
+def test_build_without_multitask_baseline_is_recorded(tmp_path: Path) -> None:
+    """experts.multitask_baseline=false: the baseline out holds only NOT_TRAINED.json (an adapter an earlier build
+    left there is gone, so evaluate reports no stale baseline), and `dvc commit` finds every out."""
+    ws = tmp_path / "ws"
+    cfg = load_config(None, preset="tiny", overrides=[f"workspace={ws}", *OVERRIDES, "experts.multitask_baseline=false"])
+    stale = cfg.path(cfg.experts.baseline_dir)
+    stale.mkdir(parents=True)
+    (stale / "adapter_config.json").write_text("{}")  # as an earlier build with the baseline would have left it
+    for stage in (stages.prepare, stages.cluster, stages.train_experts, stages.train_router, stages.evaluate):
+        stage(cfg)
+    stages.merge_prune(cfg)
+    assert [p.name for p in stale.iterdir()] == ["NOT_TRAINED.json"]
+    report = yaml.safe_load((ws / "reports" / "eval.json").read_text())
+    assert "multitask_lora" not in report["variants"] and "mole" in report["variants"]
+    res = versioning.record_outputs(cfg)
+    assert res["hashes"][cfg.experts.baseline_dir].endswith(".dir")
+    assert "up to date" in run(ws, sys.executable, "-m", "dvc", "status")
+
+
 # ---------------------------------------------------------------------------------------- dvc repro
 @pytest.mark.slow
 def test_dvc_repro_runs_every_stage_and_then_nothing(tmp_path: Path) -> None:
