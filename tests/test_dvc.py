@@ -196,7 +196,8 @@ def test_build_without_multitask_baseline_is_recorded(tmp_path: Path) -> None:
     """experts.multitask_baseline=false: the baseline out holds only NOT_TRAINED.json (an adapter an earlier build
     left there is gone, so evaluate reports no stale baseline), and `dvc commit` finds every out."""
     ws = tmp_path / "ws"
-    cfg = load_config(None, preset="tiny", overrides=[f"workspace={ws}", *OVERRIDES, "experts.multitask_baseline=false"])
+    overrides = [f"workspace={ws}", *OVERRIDES, "experts.multitask_baseline=false"]
+    cfg = load_config(None, preset="tiny", overrides=overrides)
     stale = cfg.path(cfg.experts.baseline_dir)
     stale.mkdir(parents=True)
     (stale / "adapter_config.json").write_text("{}")  # as an earlier build with the baseline would have left it
