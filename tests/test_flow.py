@@ -185,6 +185,34 @@ def test_prefect_deploy_registers_the_scheduled_retrain_deployment(prefect_api: 
         assert "config" in schema["properties"] and "BuildConfig" in json.dumps(schema)
         with pytest.raises(Exception, match="(?i)validat"):  # the server checks parameters against the schema
             c.create_flow_run_from_deployment(dep.id, parameters={"config": {"cluster": {"k": 0}}})
+    # The server's scheduler turns the cron into scheduled runs (its loop for recently changed deployments runs
+    # every 5 s); each is a Monday, 03:00 UTC.
+    runs, deadline = [], time.monotonic() + 180
+    while not runs and time.monotonic() < deadline:
+        time.sleep(3)
+        runs = _scheduled_runs(dep.id)
+    assert runs, f"the server scheduled no run of {dep.name} within 180 s; its log may say why"
+    assert all(r.expected_start_time.weekday() == 0 and r.expected_start_time.hour == 3 for r in runs), runs
+
+
+def _scheduled_runs(deployment_id: Any) -> list[Any]:
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    scheduled = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])))
+    with _client() as c:
+        runs = c.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
+            flow_run_filter=scheduled,
+            limit=20,
+        )
+    return [r for r in runs if r.auto_scheduled]
 
 
 def test_mole_trigger_starts_a_run_of_the_deployment_with_the_resolved_config(prefect_api: str, tmp_path: Path) -> None:
