@@ -130,6 +130,13 @@ class RouterConfig(_Section):
     path: Literal["auto", "dense", "sparse"] = "auto"
     warm_start: bool = True
     warm_start_rows: int = Field(192, ge=1)
+    warm_start_method: Literal["auto", "logistic", "means"] = Field(
+        "auto",
+        description="gate init: logistic regression of a token's cluster, nearest cluster mean, or auto (the one "
+        "with the lower LM loss on a held-out quarter of the warm-start rows)",
+    )
+    warm_start_c: float = Field(0.01, gt=0, description="inverse L2 strength of the logistic warm start")
+    warm_start_tokens: int = Field(16384, ge=1, description="tokens sampled for the logistic warm start")
     steps: int = Field(20, ge=0)
     batch_size: int = Field(4, ge=1)
     lr: float = Field(1e-4, gt=0, description="router (gate) learning rate")

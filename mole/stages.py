@@ -145,7 +145,7 @@ def train_router(cfg: BuildConfig, progress: Any = None) -> dict[str, Any]:
 
     from mole.base import load_base
     from mole.model import MoLEModel
-    from mole.train import joint_train, routing_agreement, row_routing, warm_start
+    from mole.train import joint_train, routing_agreement, row_routing, warm_start_gates
 
     train, evals = load_prepared(cfg)
     index_path = experts_paths(cfg)["index"]
@@ -179,10 +179,13 @@ def train_router(cfg: BuildConfig, progress: Any = None) -> dict[str, Any]:
     r, max_len = cfg.router, cfg.experts.max_length
     train_experts_idx = [expert_of[clusters[row["id"]]] for row in train]
     eval_experts_idx = [expert_of[eval_clusters[row["id"]]] for row in evals]
-    metrics: dict[str, Any] = {"warm_start": r.warm_start}
+    metrics: dict[str, Any] = {"warm_start": None}
     if r.warm_start:
-        rows = train[: r.warm_start_rows]
-        warm_start(model, rows, train_experts_idx[: len(rows)], batch_size=r.batch_size, max_length=max_len)
+        metrics["warm_start"] = warm_start_gates(
+            model, train[: r.warm_start_rows], train_experts_idx[: r.warm_start_rows], method=r.warm_start_method,
+            c=r.warm_start_c, batch_size=r.batch_size, max_length=max_len, max_tokens=r.warm_start_tokens,
+            seed=cfg.seed,
+        )  # fmt: skip
     metrics["agreement_before_training"] = routing_agreement(
         row_routing(model, evals, batch_size=r.batch_size, max_length=max_len)[1], eval_experts_idx
     )

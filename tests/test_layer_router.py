@@ -235,6 +235,44 @@ def test_warm_start_routes_like_the_clusterer() -> None:
         router.warm_start(means[:3], h.mean(0))
 
 
+@pytest.mark.parametrize("e", [2, 4])
+def test_logistic_gate_separates_tokens_the_nearest_mean_rule_cannot(e: int) -> None:
+    """Clusters that differ along a few quiet dimensions, under loud uninformative ones and a large offset: the
+    nearest-mean gate is near chance per token, the logistic gate is not, and its softmax is the regression's."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from mole.train import fit_gate
+
+    g = torch.Generator().manual_seed(0)
+    d, n = 24, 400
+
+    def sample() -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.arange(e).repeat(n)
+        h = 40.0 + torch.randn(len(labels), d, generator=g)
+        h[:, :4] += 4.0 * torch.nn.functional.one_hot(labels % 4, 4).float()  # the signal
+        h[:, 8:] *= 12.0  # loud noise
+        return h, labels
+
+    h, labels = sample()
+    test_h, test_labels = sample()
+    means = torch.stack([h[labels == i].mean(0) for i in range(e)])
+    nearest = TokenTopKRouter(dim=d, num_experts=e, top_k=1)
+    nearest.warm_start(means, h.mean(0))
+    logistic = TokenTopKRouter(dim=d, num_experts=e, top_k=1)
+    train_acc = fit_gate(logistic, h.numpy(), labels.numpy(), c=1.0)
+
+    def accuracy(router: TokenTopKRouter) -> float:
+        return float((router(test_h[None]).indices[0, :, 0] == test_labels).float().mean())
+
+    assert accuracy(logistic) >= 0.85 and train_acc >= 0.85, (accuracy(logistic), train_acc)
+    assert accuracy(nearest) < accuracy(logistic) - 0.2, (accuracy(nearest), accuracy(logistic))
+    scaler = StandardScaler().fit(h.numpy())
+    clf = LogisticRegression(C=1.0, max_iter=500, random_state=0).fit(scaler.transform(h.numpy()), labels.numpy())
+    expected = torch.from_numpy(clf.predict_proba(scaler.transform(test_h.numpy()))).float()
+    torch.testing.assert_close(logistic(test_h[None]).logits[0].softmax(-1), expected, atol=1e-4, rtol=1e-3)
+
+
 def test_bf16_and_autocast() -> None:
     layer, router, state = _layer(path="dense")
     _randomise_experts(layer)

@@ -85,6 +85,13 @@ def test_warm_started_router_routes_like_the_clusterer(tiny_ws: Path) -> None:
     metrics = json.loads((tiny_ws / "artifacts" / "mole" / "train_metrics.json").read_text())
     print(f"tiny preset: warm-start agreement {metrics['agreement_before_training']:.3f}")
     assert metrics["agreement_before_training"] >= 0.9
+    # warm_start_method auto: both rules were scored on held-out warm-start rows, and the rule kept follows them
+    from mole.train import AUTO_MARGIN
+
+    ws = metrics["warm_start"]
+    losses = ws["heldout_loss"]
+    assert set(losses) == {"means", "logistic"} and all(0 < v < 20 for v in losses.values()), ws
+    assert ws["method"] == ("logistic" if losses["logistic"] < losses["means"] * (1 - AUTO_MARGIN) else "means"), ws
     util = metrics["utilization"]
     assert all(abs(sum(block) - 1) < 1e-3 for block in util)
     from mole.model import MoLEModel
