@@ -164,7 +164,9 @@ def test_cli_build_rejects_a_bad_value_naming_the_field(tmp_path: Path) -> None:
     assert not any(tmp_path.iterdir())
 
 
-def test_prefect_deploy_registers_the_scheduled_retrain_deployment(prefect_api: str) -> None:
+@pytest.fixture(scope="module")
+def deployed(prefect_api: str) -> None:
+    """The pool and prefect.yaml's `scheduled-retrain` deployment, created with the Prefect CLI."""
     from tests.conftest import REPO
 
     prefect = str(Path(sys.executable).parent / "prefect")
@@ -175,6 +177,11 @@ def test_prefect_deploy_registers_the_scheduled_retrain_deployment(prefect_api: 
     ):
         res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_prefect_deploy_registers_the_scheduled_retrain_deployment(deployed: None) -> None:
+    from tests.conftest import REPO
+
     with _client() as c:
         dep = c.read_deployment_by_name("build-mole/scheduled-retrain")
         assert [s.schedule.cron for s in dep.schedules] == ["0 3 * * 1"]
@@ -215,12 +222,13 @@ def _scheduled_runs(deployment_id: Any) -> list[Any]:
     return [r for r in runs if r.auto_scheduled]
 
 
-def test_mole_trigger_starts_a_run_of_the_deployment_with_the_resolved_config(prefect_api: str, tmp_path: Path) -> None:
+def test_mole_trigger_starts_a_run_of_the_deployment_with_the_resolved_config(
+    prefect_api: str, deployed: None, tmp_path: Path
+) -> None:
     """`mole trigger` creates a flow run of the registered deployment whose parameter is the resolved config; an
     unknown deployment exits 2 naming it. No worker polls the pool here, so the run stays scheduled."""
     from tests.conftest import REPO
 
-    test_prefect_deploy_registers_the_scheduled_retrain_deployment(prefect_api)  # idempotent: deploy overwrites
     mole = str(Path(sys.executable).parent / "mole")
     env = {**os.environ, "PREFECT_API_URL": prefect_api}
     ws = tmp_path / "ws"
