@@ -86,6 +86,15 @@ def stage_key(*sections: str, data: bool = False) -> Callable[[Any, dict[str, An
     return key
 
 
+def adapter_key(context: Any, parameters: dict[str, Any]) -> str:
+    """Cache key of one ``train-expert`` task: the multitask baseline also reads the router section (its steps
+    include the joint phase's, see ``mole.experts.multitask_steps``); an expert reads ``experts`` only."""
+    from mole.experts import BASELINE_ID
+
+    sections = ("experts", "router") if parameters.get("name") == BASELINE_ID else ("experts",)
+    return stage_key(*sections)(context, parameters)
+
+
 def outputs_exist(paths: Iterable[str | Path]) -> bool:
     """Whether every output of a stage is on disk; when not, the flow refreshes that stage's cache entry."""
     return all(Path(p).exists() for p in paths)

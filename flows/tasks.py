@@ -13,7 +13,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-from flows.cache import content_hash, stage_key
+from flows.cache import adapter_key, content_hash, stage_key
 from mole import stages
 from mole.config import BuildConfig
 
@@ -62,7 +62,7 @@ class _ProgressArtifact:
             self.logged = pct
 
 
-@task(name="train-expert", task_run_name="train-{name}", cache_key_fn=stage_key("experts"), persist_result=True)
+@task(name="train-expert", task_run_name="train-{name}", cache_key_fn=adapter_key, persist_result=True)
 def train_expert(config: BuildConfig, name: str, clusters: dict[str, Any]) -> dict[str, Any]:
     """Train (or reuse) one LoRA adapter: a cluster's expert or the multitask baseline."""
     from mole.experts import train_job
@@ -74,7 +74,7 @@ def train_expert(config: BuildConfig, name: str, clusters: dict[str, Any]) -> di
     return {**entry, "pid": os.getpid(), "hash": content_hash([config.path(entry["path"])])}
 
 
-@task(name="train-experts-packed", cache_key_fn=stage_key("experts"), persist_result=True)
+@task(name="train-experts-packed", cache_key_fn=stage_key("experts", "router"), persist_result=True)
 def train_experts_packed(config: BuildConfig, clusters: dict[str, Any]) -> dict[str, Any]:
     """Train every expert in one packed run over one copy of the base (``experts.mode = packed``)."""
     torch_threads(config)

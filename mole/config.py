@@ -118,6 +118,12 @@ class ExpertsConfig(_Section):
         "separate", description="separate: one run per expert; packed: all experts in one run over one base"
     )
     multitask_baseline: bool = True
+    multitask_steps: int | None = Field(
+        None,
+        ge=1,
+        description="steps of the multitask baseline; null = the experts' steps together plus the joint phase's "
+        "router.steps when it trains the experts (the expert training MoLE gets)",
+    )
     out_dir: str = "artifacts/experts"
     baseline_dir: str = "artifacts/baselines/multitask_lora"
 

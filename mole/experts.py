@@ -160,7 +160,7 @@ def _metrics(state: dict, *, rows: list, lora: LoraSection, cfg: ExpertsConfig, 
 
 def _fingerprint(cfg: BuildConfig, *, kind: str, seed: int, steps: int, row_ids: list[str]) -> str:
     # Options that cannot change the adapter (where it goes, how often it checkpoints) are left out.
-    unused = {"out_dir", "baseline_dir", "checkpoint_every", "multitask_baseline"}
+    unused = {"out_dir", "baseline_dir", "checkpoint_every", "multitask_baseline", "multitask_steps"}
     payload = {"kind": kind, "experts": cfg.experts.model_dump(mode="json", exclude=unused), "seed": seed,
                "base_model": cfg.base_model.model_dump(mode="json"), "base_seed": cfg.seed, "steps": steps,
                "rows": sorted(row_ids)}  # fmt: skip
@@ -221,9 +221,22 @@ def _jobs(cfg: BuildConfig, groups: dict[int, list[dict[str, Any]]]) -> list[_Jo
     ]
     if e.multitask_baseline:
         every_row = [r for rows in groups.values() for r in rows]
-        # Same total steps as all experts together (DESIGN.md, "Evaluation").
-        jobs.append(_Job(BASELINE_ID, None, every_row, e.baseline_dir, cfg.seed, len(groups) * e.steps))
+        jobs.append(_Job(BASELINE_ID, None, every_row, e.baseline_dir, cfg.seed, multitask_steps(cfg, len(groups))))
     return jobs
+
+
+def multitask_steps(cfg: BuildConfig, k: int) -> int:
+    """Steps of the multitask baseline: ``experts.multitask_steps``, else the expert training MoLE gets.
+
+    That is the same total steps as all k experts together (DESIGN.md, "Evaluation"), plus the joint phase's
+    ``router.steps`` when that phase trains the experts too, so the baseline is not short of the joint phase's
+    extra expert updates.
+    """
+    e, r = cfg.experts, cfg.router
+    if e.multitask_steps is not None:
+        return e.multitask_steps
+    joint = r.routing == "token_topk" and not r.freeze_experts and r.expert_lr > 0
+    return k * e.steps + (r.steps if joint else 0)
 
 
 def _run_job(

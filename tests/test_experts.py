@@ -144,10 +144,11 @@ def test_run_train_experts_trains_then_reuses(workspace: Path) -> None:
     summary = run_train_experts(cfg, progress=lambda name, step, total, loss: calls.append((name, step, total)))
 
     assert summary["k"] == 2 and summary["trained"] == ["expert_00", "expert_01", "multitask_lora"]
-    assert ("expert_01", 2, 2) in calls and ("multitask_lora", 4, 4) in calls
+    mt = 2 * 2 + cfg.router.steps  # both experts' steps plus the joint phase's, which trains the experts too
+    assert ("expert_01", 2, 2) in calls and ("multitask_lora", mt, mt) in calls
     index = json.loads((workspace / "artifacts/experts/experts.json").read_text())
     assert [x["id"] for x in index["experts"]] == ["expert_00", "expert_01"]
-    assert index["baseline"]["path"] == "artifacts/baselines/multitask_lora" and index["baseline"]["steps"] == 4
+    assert index["baseline"]["path"] == "artifacts/baselines/multitask_lora" and index["baseline"]["steps"] == mt
     assert sum(x["rows"] for x in index["experts"]) == index["baseline"]["rows"]
     for entry in [*index["experts"], index["baseline"]]:
         assert is_finished(workspace / entry["path"], entry["fingerprint"]) and not entry["reused"]
@@ -160,6 +161,27 @@ def test_run_train_experts_trains_then_reuses(workspace: Path) -> None:
     assert {p: p.stat().st_mtime_ns for p in files} == mtimes
     assert all(x["reused"] for x in json.loads((workspace / "artifacts/experts/experts.json").read_text())["experts"])
 
+    # A longer joint phase changes the baseline's steps only: the experts are reused.
+    longer = load_config(None, preset="tiny", overrides=[*overrides, f"router.steps={cfg.router.steps + 1}"])
+    assert run_train_experts(longer)["trained"] == ["multitask_lora"]
     # More steps is a different fingerprint: everything retrains.
     more = load_config(None, preset="tiny", overrides=[*overrides[:2], "experts.steps=3", *overrides[3:]])
     assert run_train_experts(more)["trained"] == ["expert_00", "expert_01", "multitask_lora"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ([], 3 * 15 + 20),
+        (["router.freeze_experts=true"], 3 * 15),
+        (["router.expert_lr=0"], 3 * 15),
+        (["router.routing=cluster"], 3 * 15),
+        (["router.steps=0"], 3 * 15),
+        (["experts.multitask_steps=7"], 7),
+    ],
+)
+def test_multitask_baseline_gets_the_expert_training_mole_gets(overrides: list[str], expected: int) -> None:
+    from mole.experts import multitask_steps
+
+    cfg = load_config(None, overrides=["experts.steps=15", "router.steps=20", *overrides])
+    assert multitask_steps(cfg, 3) == expected
