@@ -22,11 +22,10 @@ from safetensors.torch import save_file
 
 from mole.adapters import write_adapter
 from mole.config import BuildConfig, MergeConfig
-from mole.data.tokenize import eval_batches
 from mole.io import atomic_dir, write_json
 from mole.model import ROUTER_FILE, SPEC_FILE, MoLEModel
 from mole.stages import load_prepared, mole_paths
-from mole.train import joint_train, row_routing
+from mole.train import eval_loss, joint_train, row_routing
 
 logger = logging.getLogger(__name__)
 Decision = dict[str, Any]
@@ -213,17 +212,6 @@ def _router_state(model: MoLEModel, groups: list[list[int]]) -> dict[str, torch.
         if bias is not None:
             state[f"{b}.gate.bias"] = torch.stack([bias[g].mean() + math.log(len(g)) for g in groups]).detach().cpu()
     return state
-
-
-@torch.no_grad()
-def eval_loss(model: MoLEModel, rows: Rows, *, batch_size: int, max_length: int) -> float:
-    """Token-weighted mean NLL of the rows' labelled tokens under the model's token routing."""
-    dev = next(model.base.parameters()).device
-    nll, count = 0.0, 0
-    for _, batch in eval_batches(rows, model.tokenizer, batch_size=batch_size, max_length=max_length):
-        s, n = model.score(*(batch[k].to(dev) for k in ("input_ids", "attention_mask", "labels")))
-        nll, count = nll + float(s.sum()), count + int(n.sum())
-    return nll / max(count, 1)
 
 
 def _adapter_mb(directory: Path) -> float:

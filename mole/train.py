@@ -205,8 +205,8 @@ def fit_gate(router: TokenTopKRouter, x: np.ndarray, labels: np.ndarray, *, c: f
 
 
 @torch.no_grad()
-def heldout_loss(model: MoLEModel, rows: list[dict[str, Any]], *, batch_size: int, max_length: int) -> float:
-    """Mean next-token NLL of the rows' labelled tokens under the model's own routing."""
+def eval_loss(model: MoLEModel, rows: list[dict[str, Any]], *, batch_size: int, max_length: int) -> float:
+    """Token-weighted mean next-token NLL of the rows' labelled tokens under the model's own routing."""
     model.eval()
     dev = next(model.base.parameters()).device
     total, count = 0.0, 0
@@ -258,7 +258,7 @@ def warm_start_gates(
     losses, details, states = {}, {}, {}
     for rule in ("means", "logistic"):
         details[rule] = fit(rule, fit_rows, fit_experts)
-        losses[rule] = round(heldout_loss(model, rows[:n_val], batch_size=batch_size, max_length=max_length), 5)
+        losses[rule] = round(eval_loss(model, rows[:n_val], batch_size=batch_size, max_length=max_length), 5)
         states[rule] = {k: v.clone() for k, v in model.routers.state_dict().items()}
     # The nearest-mean rule is the design's; the logistic fit replaces it only when the held-out rows show a gain
     # beyond the noise of a few dozen rows.
