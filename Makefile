@@ -37,11 +37,13 @@ lint: $(STAMP)
 fetch-base: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/mole fetch-base --preset demo
 
-# torch first, by exact version: that pins the CPU wheel instead of a multi-GB CUDA build.
+# torch first, by exact version, from TORCH_INDEX_URL when set. On public PyPI the Linux torch wheel is the CUDA
+# build (multi-GB); for CPU only: make test TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+TORCH_INDEX_URL ?=
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==$$(sed -n 's/^torch==//p' constraints.txt)
+	$(BIN)/python -m pip install -q torch==$$(sed -n 's/^torch==//p' constraints.txt) $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
