@@ -287,5 +287,9 @@ def test_champion_loads_in_a_fresh_process_and_completes_prompts(stack: Stack, f
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     line = next(ln for ln in res.stdout.splitlines() if ln.startswith("COMPLETIONS="))
     completions = json.loads(line.removeprefix("COMPLETIONS="))
-    assert len(completions) == len(PROMPTS), completions
-    assert all(isinstance(c, str) and c.strip() for c in completions), completions
+    # The champion is the model this run built: the same greedy completions as the workspace's model, loaded the
+    # plain way (a random tiny model may well answer with blanks, so that is what is compared, not "non-empty").
+    from mole.model import MoLEModel
+
+    built = MoLEModel.from_pretrained(finished["ws"] / "artifacts" / "mole")
+    assert completions == built.generate_text(PROMPTS, max_new_tokens=8), completions
