@@ -238,7 +238,9 @@ def build(
         raise typer.Exit(1)
     summary = state.result()
     console.print(f"[green]✓[/] build ({time.perf_counter() - start:.1f}s)")
-    where = {"flow run": _flow_run_url(run_id) if api else str(run_id)}
+    from flows.deployments import flow_run_url
+
+    where = {"flow run": flow_run_url(run_id) if api else str(run_id)}
     _summary("build", {**where, **{k: v for k, v in summary.items() if v is not None}})
 
 
@@ -258,46 +260,31 @@ def trigger(
     if not os.environ.get("PREFECT_API_URL"):
         console.print("[bold red]error:[/] PREFECT_API_URL is not set: a deployment lives on a Prefect server")
         raise typer.Exit(2)
-    from prefect.client.orchestration import get_client
+    from flows.deployments import flow_run_url, start_run, wait_for_run
 
-    with get_client(sync_client=True) as client:
-        try:
-            dep = client.read_deployment_by_name(deployment)
-        except Exception as exc:  # ObjectNotFound, or the server refusing the name
-            console.print(f"[bold red]error:[/] deployment {deployment!r}: {exc}", highlight=False)
-            raise typer.Exit(2) from exc
-        run = client.create_flow_run_from_deployment(dep.id, parameters={"config": cfg.model_dump(mode="json")})
-        console.print(
-            f"flow run {run.name} on pool {dep.work_pool_name!r}: {_flow_run_url(run.id)}\n"
-            f"(a worker of that pool runs it: prefect worker start --pool {dep.work_pool_name})",
-            highlight=False,
+    try:
+        run, dep = start_run(cfg, deployment)
+    except LookupError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from exc
+    console.print(
+        f"flow run {run.name} on pool {dep.work_pool_name!r}: {flow_run_url(run.id)}\n"
+        f"(a worker of that pool runs it: prefect worker start --pool {dep.work_pool_name})",
+        highlight=False,
+    )
+    if not wait:
+        return
+    try:
+        run = wait_for_run(
+            run.id, timeout=timeout, on_state=lambda n: console.print(f"  {time.strftime('%H:%M:%S')} {n}")
         )
-        if not wait:
-            return
-        deadline, last = time.monotonic() + timeout, None
-        while True:
-            run = client.read_flow_run(run.id)
-            name = run.state.name if run.state else "unknown"
-            if name != last:
-                console.print(f"  {time.strftime('%H:%M:%S')} {name}", highlight=False)
-                last = name
-            if run.state is not None and run.state.is_final():
-                break
-            if time.monotonic() > deadline:
-                console.print(f"[bold red]still {name} after {timeout:.0f}s[/]; the run goes on", highlight=False)
-                raise typer.Exit(1)
-            time.sleep(3)
+    except TimeoutError as exc:
+        console.print(f"[bold red]{exc}[/]", highlight=False)
+        raise typer.Exit(1) from exc
     if not run.state.is_completed():
-        console.print(f"[bold red]flow run {run.name} ended {name}[/]: {run.state.message}", highlight=False)
+        console.print(f"[bold red]flow run {run.name} ended {run.state.name}[/]: {run.state.message}", highlight=False)
         raise typer.Exit(1)
     console.print(f"[green]✓[/] flow run {run.name} completed")
-
-
-def _flow_run_url(run_id: object) -> str:
-    from prefect.settings import PREFECT_UI_URL
-
-    ui = PREFECT_UI_URL.value()
-    return f"{ui}/runs/flow-run/{run_id}" if ui else str(run_id)
 
 
 @app.command()

@@ -241,8 +241,11 @@ def test_mole_trigger_starts_a_run_of_the_deployment_with_the_resolved_config(
     assert f"/runs/flow-run/{run.id}" in res.stdout + res.stderr  # the UI link
     assert run.work_pool_name == "mole-process" and run.state.is_scheduled(), (run.work_pool_name, run.state)
     assert run.parameters["config"]["cluster"]["k"] == 3 and run.parameters["config"]["base_model"]["name"] == "tiny"
+    waited = subprocess.run([*cmd, "--wait", "--timeout", "4"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert waited.returncode == 1 and "still Scheduled after 4s" in waited.stdout + waited.stderr, waited.stderr
     with _client() as c:
-        c.delete_flow_run(run.id)  # nothing will ever run it
+        for r in _runs_of(ws):
+            c.delete_flow_run(r.id)  # nothing will ever run them
 
     bad = subprocess.run([*cmd, "--deployment", "build-mole/no-such"], env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "build-mole/no-such" in bad.stdout + bad.stderr, bad.stdout + bad.stderr
