@@ -20,12 +20,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from huggingface_hub.utils import is_jinja_available
 from peft import get_peft_model
 
 from mole.checkpoint import checkpoint_dir, remove_stale_temps, resume, save_checkpoint
 from mole.config import BuildConfig, ExpertsConfig, LoraSection
 from mole.data.tokenize import train_batches
 from mole.io import atomic_dir, read_jsonl, write_json
+
+# huggingface_hub caches package versions in a dict it fills non-atomically ("N/A" first, then the version). Two
+# expert threads saving their first adapter (peft writes a model card, which checks for jinja2) can read "N/A" and
+# fail with "requires Jinja2 to be installed". Filling the cache here, at import (under Python's import lock,
+# before any thread trains), removes that race.
+is_jinja_available()
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
