@@ -30,6 +30,11 @@ test-e2e: $(STAMP) fetch-base
 bench: $(STAMP) fetch-base
 	$(BIN)/python -m bench --quick
 
+## bench-quality: the mixture against one LoRA at equal training compute, on the demo corpus and realdev
+.PHONY: bench-quality
+bench-quality: $(STAMP) fetch-base
+	$(BIN)/python -m bench.quality
+
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 

@@ -36,25 +36,36 @@ def clusters_table(clusters: dict[str, Any], *, name: str) -> None:
 def experts_table(index: Path, *, name: str) -> None:
     """One row per trained adapter of experts.json: rows, steps, final loss, seconds, whether it was reused."""
     data = json.loads(index.read_text(encoding="utf-8"))
-    entries = [*data["experts"], *([data["baseline"]] if data.get("baseline") else [])]
-    keys = ("id", "cluster", "rows", "steps", "final_loss", "seconds", "reused")
-    rows = [{k: e.get(k) for k in keys} for e in entries]
+    entries = [*([data["shared"]] if data.get("shared") else []), *data["experts"],
+               *([data["baseline"]] if data.get("baseline") else [])]  # fmt: skip
+    keys = ("id", "cluster", "rows", "steps", "r", "final_loss", "seconds", "reused")
+    rows = [{k: _round(e.get(k)) for k in keys} for e in entries]
     create_table_artifact(rows, key=_key(name, "experts"), description="per-expert training metrics")
 
 
 def evaluation_table(path: Path, *, name: str) -> None:
     """One row per variant of eval.json (loss, ppl, exact match) plus routing and cost in the description."""
     report = json.loads(path.read_text(encoding="utf-8"))
+    training = report.get("training") or {}
     rows = [
-        {"variant": v, "loss": m.get("loss"), "ppl": m.get("ppl"), "exact_match": m.get("exact_match")}
+        {"variant": v, "loss": _round(m.get("loss")), "ppl": _round(m.get("ppl"), 2),
+         "exact_match": _round(m.get("exact_match"), 3), "steps": training.get(v, {}).get("steps"),
+         "training_tokens": training.get(v, {}).get("tokens"), "rank_per_token": training.get(v, {}).get("rank")}
         for v, m in report["variants"].items()
-    ]
+    ]  # fmt: skip
     routing, cost = report.get("routing", {}), report.get("cost", {})
     desc = (
-        f"router top-1 agreement {routing.get('top1_agreement')}, entropy {routing.get('entropy')}; "
-        f"{cost.get('trainable_params')} trainable params, latency x{cost.get('latency_ratio_vs_base')} of base"
+        f"{(report.get('verdict') or {}).get('headline', '')} Router top-1 agreement "
+        f"{_round(routing.get('top1_agreement'), 3)}, entropy {_round(routing.get('entropy'), 3)}; "
+        f"{cost.get('trainable_params')} trainable params, latency ×{_round(cost.get('latency_ratio_vs_base'), 3)} "
+        "of base"
     )
     create_table_artifact(rows, key=_key(name, "evaluation"), description=desc)
+
+
+def _round(value: object, digits: int = 4) -> object:
+    """Floats rounded for people to read (the JSON reports keep full precision)."""
+    return round(value, digits) if isinstance(value, float) else value
 
 
 def tracking_link(registered: dict[str, Any], *, name: str) -> None:

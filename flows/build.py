@@ -21,7 +21,7 @@ from flows import artifacts, tasks
 from flows.cache import outputs_exist
 from mole import stages
 from mole.config import BuildConfig, FlowConfig
-from mole.experts import BASELINE_ID, job_names
+from mole.experts import BASELINE_ID, SHARED_ID, job_names
 
 
 def task_runner(f: FlowConfig) -> Any:
@@ -72,13 +72,17 @@ def expert_fanout(config: BuildConfig, clusters: dict[str, Any]) -> list[dict[st
         RuntimeError: naming every adapter whose training failed; the finished ones stay on disk.
     """
     names = job_names(config)
+
+    def submit(n: str, after: list[Any]) -> Any:
+        task = _fresh(tasks.train_expert, [_adapter_dir(config, n) / "adapter_model.safetensors"])
+        return task.submit(config, n, clusters, wait_for=after)
+
     with _expert_resources(config.flow):
-        futures = [
-            _fresh(tasks.train_expert, [_adapter_dir(config, n) / "adapter_model.safetensors"]).submit(
-                config, n, clusters
-            )
-            for n in names
-        ]
+        # The shared adapter first: every expert starts from it (seed) or trains on top of it (residual); the
+        # multitask baseline needs nothing and runs beside it.
+        shared = [submit(n, []) for n in names if n == SHARED_ID]
+        futures = [*shared, *(submit(n, [] if n == BASELINE_ID else shared) for n in names if n != SHARED_ID)]
+    names = [*(n for n in names if n == SHARED_ID), *(n for n in names if n != SHARED_ID)]
     wait(futures)
     failed = [f"{n}: {f.state.message}" for n, f in zip(names, futures, strict=True) if not f.state.is_completed()]
     if failed:

@@ -110,11 +110,12 @@ def eval_metrics(report: dict[str, Any]) -> dict[str, float]:
 
 
 def expert_records(cfg: BuildConfig) -> list[dict[str, Any]]:
-    """One record per trained expert (and the multitask baseline): params, loss per step, tokens/s, seconds."""
+    """One record per trained adapter (the shared one, the experts, the baseline): params, loss per step, tokens/s."""
     from mole.stages import experts_paths
 
     index = read_json(experts_paths(cfg)["index"], "train-experts")
-    entries = [*index.get("experts", []), *([index["baseline"]] if index.get("baseline") else [])]
+    entries = [*([index["shared"]] if index.get("shared") else []), *index.get("experts", []),
+               *([index["baseline"]] if index.get("baseline") else [])]  # fmt: skip
     records = []
     for e in entries:
         metrics_file = cfg.path(e["path"]) / "train_metrics.json"

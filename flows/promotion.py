@@ -27,6 +27,7 @@ class Decision:
     champion_value: float | None = None
     champion_source: str | None = None  # "tag": same eval set; "rescored": re-scored on this build's eval rows
     improvement: float | None = None
+    beats_baseline: bool | None = None  # the build's verdict against its own multitask LoRA (None: no baseline)
 
     @property
     def alias(self) -> str:
@@ -40,8 +41,28 @@ class Decision:
             "champion_value": None if self.champion_value is None else repr(self.champion_value),
             "champion_source": self.champion_source,
             "improvement": None if self.improvement is None else repr(self.improvement),
+            "beats_baseline": None if self.beats_baseline is None else str(self.beats_baseline).lower(),
         }  # fmt: skip
         return {f"mole.promotion.{k}": v for k, v in values.items() if v is not None}
+
+
+def baseline_refusal(cfg: BuildConfig, report: dict[str, Any]) -> str | None:
+    """Why the build may not be champion because it loses to its own multitask baseline; None when it may."""
+    from mole.verdict import verdict
+
+    if not cfg.tracking.require_beats_baseline:
+        return None
+    v = verdict(report)
+    if v["beats_baseline"] is not False:
+        return None
+    em = ""
+    if v["exact_match"] is not None and v["baseline_exact_match"] is not None:
+        em = f", exact match {v['exact_match']:.3f} vs {v['baseline_exact_match']:.3f}"
+    return (
+        f"{v['variant']} does not beat its own baseline {v['baseline']} (loss {v['loss']:.4f} vs "
+        f"{v['baseline_loss']:.4f}, {v['relative_loss']:+.2%}{em}) and tracking.require_beats_baseline is on: "
+        "stays challenger"
+    )
 
 
 def relative_improvement(new: float, old: float, *, greater_is_better: bool) -> float:
@@ -60,10 +81,18 @@ def decide(cfg: BuildConfig, champion: Any, build: dict[str, Any], *, rescore: C
         rescore: champion -> its metric on this build's eval rows; called only when the eval sets differ.
 
     Returns:
-        The Decision: promote when there is no champion, or when the relative improvement exceeds the margin.
+        The Decision: never promote a build that does not beat its own multitask LoRA baseline (when
+        ``tracking.require_beats_baseline``); otherwise promote when there is no champion, or when the relative
+        improvement exceeds the margin.
     """
+    from mole.verdict import verdict
+
     t, value = cfg.tracking, float(build["value"])
-    common = {"metric": t.metric, "value": value, "margin": t.promotion_margin}
+    beats = verdict(build["report"])["beats_baseline"] if build.get("report") else None
+    common = {"metric": t.metric, "value": value, "margin": t.promotion_margin, "beats_baseline": beats}
+    refusal = baseline_refusal(cfg, build.get("report") or {})
+    if refusal is not None:
+        return Decision(False, refusal, **common, champion_version=None if champion is None else str(champion.version))
     if champion is None:
         return Decision(True, "first version with a metric: no champion yet", **common)
     tags = champion.tags

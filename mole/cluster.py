@@ -1,4 +1,12 @@
-"""Clustering of the training rows: embeddings + k-means with automatic k by silhouette.
+"""Clustering of the training rows: embeddings + k-means with automatic k.
+
+Automatic k (``cluster.k_rule``): ``heldout_lm`` (default) scores each k by the held-out loss of a cheap
+per-cluster language model, a smoothed unigram model of each cluster's words, with the held-out rows assigned to
+their nearest centroid, as the mixture will route them. A further cluster must lower that loss by more than
+``cluster.k_tolerance`` (relative) to be kept, so k stops growing at the first split that no longer pays; k = 1
+(no mixture) is a valid answer. ``silhouette`` keeps the k of best silhouette. The chosen clustering can then be
+refined (``cluster.refine``) by the same proxy: each row moves to the cluster whose unigram model explains it best,
+for a few rounds, and the centroids are re-estimated from the refined clusters.
 
 A fitted :class:`Clusterer` is saved as ``centroids.npy`` + ``clusterer.json`` + the embedder's files, and
 assigns new text to its nearest centroid (used later by the cluster-distance routing baseline).
@@ -51,34 +59,148 @@ def balance(x: np.ndarray, centroids: np.ndarray, *, rounds: int = 5) -> tuple[n
     return labels, centroids
 
 
+# The proxy LM's words: runs of letters, single digits, single other symbols (code and numbers count too).
+_PROXY_TOKENS = r"[A-Za-z]+|\d|[^\sA-Za-z\d]"
+
+
+def proxy_counts(texts: list[str]) -> Any:
+    """Word counts of each text for the proxy LM, a sparse (n, V) matrix."""
+    from sklearn.feature_extraction.text import CountVectorizer
+
+    return CountVectorizer(token_pattern=_PROXY_TOKENS, lowercase=False).fit_transform(texts).tocsr()
+
+
+def _unigram_logp(counts: Any, labels: np.ndarray, k: int, background: np.ndarray, mu: float) -> np.ndarray:
+    """Per-cluster unigram log-probabilities (V, k), Dirichlet-smoothed towards ``background`` with mass ``mu``."""
+    out = np.empty((counts.shape[1], k))
+    for c in range(k):
+        n = np.asarray(counts[labels == c].sum(0)).ravel()
+        out[:, c] = np.log((n + mu * background) / (n.sum() + mu))
+    return out
+
+
+def _background(counts: Any) -> np.ndarray:
+    n = np.asarray(counts.sum(0)).ravel() + 0.5  # add-half: a word unseen in these rows keeps a finite loss
+    return n / n.sum()
+
+
+def heldout_lm_loss(x: np.ndarray, counts: Any, k: int, *, folds: int, mu: float, n_init: int, seed: int) -> float:
+    """Cross-validated loss per word of the per-cluster unigram LMs, held-out rows assigned by nearest centroid.
+
+    Args:
+        x: (n, D) embeddings of the rows. counts: their (n, V) proxy word counts. k: clusters (1: one LM for all).
+        folds: cross-validation folds. mu: Dirichlet smoothing mass. n_init, seed: k-means restarts and seed.
+    """
+    from sklearn.model_selection import KFold
+
+    total, words = 0.0, 0.0
+    for train, test in KFold(folds, shuffle=True, random_state=seed).split(x):
+        if k == 1:
+            lab_train, lab_test = np.zeros(len(train), dtype=np.int64), np.zeros(len(test), dtype=np.int64)
+        else:
+            lab_train, centroids = _kmeans(x[train], k, n_init=n_init, seed=seed)
+            lab_test = ((x[test, None, :] - centroids[None]) ** 2).sum(-1).argmin(1)
+        logp = _unigram_logp(counts[train], lab_train, k, _background(counts[train]), mu)  # (V, k)
+        per_row = np.asarray(counts[test] @ logp)  # (n_test, k): each held-out row under every cluster's LM
+        scored = per_row[np.arange(len(test)), lab_test].sum()  # ... under its own cluster's
+        total, words = total + float(scored), words + float(counts[test].sum())
+    return -total / max(words, 1.0)
+
+
+def refine(counts: Any, labels: np.ndarray, k: int, *, mu: float = 100.0, rounds: int = 10) -> np.ndarray:
+    """Move each row to the cluster whose unigram LM (plus log cluster share) explains it best, until stable.
+
+    Clusters are never emptied: a round that would empty one stops the refinement there.
+    """
+    background = _background(counts)
+    for _ in range(rounds):
+        logp = _unigram_logp(counts, labels, k, background, mu)  # (V, k)
+        prior = np.log(np.bincount(labels, minlength=k) / len(labels))
+        new = np.asarray(counts @ logp + prior).argmax(1)
+        if (new == labels).all() or len(np.unique(new)) < k:
+            break
+        labels = new
+    return labels
+
+
 def choose_k(
-    x: np.ndarray, *, k_min: int, k_max: int, min_cluster_size: int, n_init: int, seed: int, sample: int
+    x: np.ndarray,
+    *,
+    k_min: int,
+    k_max: int,
+    min_cluster_size: int,
+    n_init: int,
+    seed: int,
+    sample: int,
+    rule: str = "silhouette",
+    counts: Any = None,
+    tolerance: float = 0.0025,
+    gain_fraction: float = 0.1,
+    mu: float = 1000.0,
+    folds: int = 5,
 ) -> tuple[int, list[dict[str, Any]], dict[int, tuple[np.ndarray, np.ndarray]]]:
-    """Try every k in [k_min, k_max]; return the k of best silhouette whose clusters all reach the minimum size.
+    """Fit every k in [k_min, k_max] and pick one among those whose clusters all reach the minimum size.
+
+    ``rule="silhouette"``: the k of best silhouette (k >= 2). ``rule="heldout_lm"`` (needs ``counts``): the first
+    eligible k whose next eligible k lowers :func:`heldout_lm_loss` by less than ``tolerance`` or than
+    ``gain_fraction`` of the first split's gain (relative), see :func:`_diminishing_returns`.
 
     Raises:
         ValueError: no k in the range gives clusters of at least ``min_cluster_size`` rows.
     """
     from sklearn.metrics import silhouette_score
 
+    if rule == "heldout_lm" and counts is None:
+        raise ValueError("choose_k: rule 'heldout_lm' needs the rows' proxy word counts")
     tried: list[dict[str, Any]] = []
     fits: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    for k in range(k_min, min(k_max, len(x) - 1) + 1):
-        labels, centroids = _kmeans(x, k, n_init=n_init, seed=seed)
+    for k in range(max(k_min, 1 if rule == "heldout_lm" else 2), min(k_max, len(x) - 1) + 1):
+        labels, centroids = _kmeans(x, k, n_init=n_init, seed=seed) if k > 1 else _one_cluster(x)
         sizes = np.bincount(labels, minlength=k)
-        sil = float(silhouette_score(x, labels, sample_size=min(sample, len(x)), random_state=seed))
-        ok = int(sizes.min()) >= min_cluster_size
-        tried.append({"k": k, "silhouette": round(sil, 4), "min_size": int(sizes.min()), "eligible": ok})
+        entry: dict[str, Any] = {"k": k, "min_size": int(sizes.min()), "eligible": int(sizes.min()) >= min_cluster_size}
+        if k > 1:
+            sil = float(silhouette_score(x, labels, sample_size=min(sample, len(x)), random_state=seed))
+            entry["silhouette"] = round(sil, 4)
+        if rule == "heldout_lm":
+            entry["heldout_lm_loss"] = round(
+                heldout_lm_loss(x, counts, k, folds=folds, mu=mu, n_init=min(n_init, 3), seed=seed), 5
+            )
+        tried.append(entry)
         fits[k] = (labels, centroids)
-        logger.info("k=%d silhouette=%.4f smallest=%d%s", k, sil, sizes.min(), "" if ok else " (too small)")
+        scores = {n: v for n, v in entry.items() if n in ("silhouette", "heldout_lm_loss")}
+        logger.info("k=%d %s smallest=%d%s", k, scores, sizes.min(), "" if entry["eligible"] else " (too small)")
     eligible = [t for t in tried if t["eligible"]]
     if not eligible:
         raise ValueError(
             f"no k in [{k_min}, {k_max}] gives clusters of at least cluster.min_cluster_size={min_cluster_size} "
             f"rows ({len(x)} rows); lower min_cluster_size or add data"
         )
-    best = max(eligible, key=lambda t: (t["silhouette"], -t["k"]))
-    return best["k"], tried, fits
+    if rule == "silhouette":
+        return max(eligible, key=lambda t: (t["silhouette"], -t["k"]))["k"], tried, fits
+    return _diminishing_returns(eligible, tolerance=tolerance, fraction=gain_fraction), tried, fits
+
+
+def _diminishing_returns(eligible: list[dict[str, Any]], *, tolerance: float, fraction: float) -> int:
+    """The first k whose next split gains less than ``max(tolerance, fraction × the first split's gain)``.
+
+    Gains are relative drops of the held-out loss from one eligible k to the next. The first split (from the
+    smallest k) sets the scale of what structure in these rows is worth; a split worth under a ``fraction`` of it
+    only carves a group into sub-styles, which a shared expert serves as well as two experts would.
+    """
+    losses = [t["heldout_lm_loss"] for t in eligible]
+    gains = [(a - b) / a for a, b in zip(losses, losses[1:], strict=False)]
+    if not gains:
+        return eligible[0]["k"]
+    floor = max(tolerance, fraction * gains[0])
+    for i, gain in enumerate(gains):
+        eligible[i]["gain_to_next"] = round(gain, 6)
+        if gain < floor:
+            return eligible[i]["k"]
+    return eligible[-1]["k"]
+
+
+def _one_cluster(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return np.zeros(len(x), dtype=np.int64), x.mean(0, keepdims=True).astype(np.float32)
 
 
 def top_terms(texts: list[str], labels: np.ndarray, k: int, n_terms: int = 8) -> dict[int, list[str]]:
@@ -146,8 +268,13 @@ def fit_clusters(
     n_init: int,
     seed: int,
     sample: int = 2000,
+    k_rule: str = "silhouette",
+    k_tolerance: float = 0.0025,
+    k_gain_fraction: float = 0.1,
+    refine_rows: bool = False,
+    lm_smoothing: float = 1000.0,
 ) -> tuple[Clusterer, np.ndarray, dict[str, Any]]:
-    """Embed rows, pick k (or use the fixed one), fit k-means and describe the result.
+    """Embed rows, pick k (or use the fixed one), fit k-means, optionally refine, and describe the result.
 
     Returns:
         (clusterer, labels of the rows, report dict as written to report.json).
@@ -156,18 +283,30 @@ def fit_clusters(
         raise ValueError(f"cluster.k={k} is larger than the number of training rows ({len(rows)})")
     texts = [row_text(r) for r in rows]
     x = embedder.fit(texts).encode(texts)
+    counts = proxy_counts(texts) if (k_rule == "heldout_lm" and k is None) or refine_rows else None
     tried: list[dict[str, Any]] = []
     if k is None:
         k, tried, fits = choose_k(
-            x, k_min=k_min, k_max=k_max, min_cluster_size=min_cluster_size, n_init=n_init, seed=seed, sample=sample
-        )
+            x, k_min=k_min, k_max=k_max, min_cluster_size=min_cluster_size, n_init=n_init, seed=seed, sample=sample,
+            rule=k_rule, counts=counts, tolerance=k_tolerance, gain_fraction=k_gain_fraction, mu=lm_smoothing,
+        )  # fmt: skip
         labels, centroids = fits[k]
     else:
-        labels, centroids = _kmeans(x, k, n_init=n_init, seed=seed)
+        labels, centroids = _kmeans(x, k, n_init=n_init, seed=seed) if k > 1 else _one_cluster(x)
+    refined = 0
+    if refine_rows and k > 1:
+        new = refine(counts, labels, k)
+        refined = int((new != labels).sum())
+        if refined and np.bincount(new, minlength=k).min() >= min(min_cluster_size, np.bincount(labels).min()):
+            labels = new
+            centroids = np.stack([x[labels == c].mean(0) for c in range(k)]).astype(np.float32)
+        else:
+            refined = 0
     if balanced and k > 1:
         labels, centroids = balance(x, centroids)
     report = describe(x, labels, k, rows, texts, tried, seed=seed, sample=sample)
-    report.update(embedder=embedder.name, balanced=balanced, k_auto=bool(tried))
+    report.update(embedder=embedder.name, balanced=balanced, k_auto=bool(tried), refined_rows=refined)
+    report["k_rule"] = k_rule if tried else "fixed"
     return Clusterer(embedder=embedder, centroids=centroids), labels, report
 
 

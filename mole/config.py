@@ -53,9 +53,25 @@ class ClusterConfig(_Section):
     """Embedding and k-means of the training rows (stage ``cluster``)."""
 
     embedder: Literal["minilm", "tfidf", "base"] = "minilm"
-    k: int | None = Field(None, ge=1, description="fixed number of clusters; null = choose automatically")
-    k_min: int = Field(2, ge=2)
+    k: int | None = Field(None, ge=1, strict=True, description="fixed number of clusters; null = choose automatically")
+    k_min: int = Field(1, ge=1, description="smallest k tried (1: no mixture is a possible answer)")
     k_max: int = Field(10, ge=2)
+    k_rule: Literal["heldout_lm", "silhouette"] = Field(
+        "heldout_lm",
+        description="heldout_lm: the first k the next one does not beat by k_tolerance in the held-out loss of "
+        "per-cluster unigram LMs; silhouette: the k of best silhouette",
+    )
+    k_tolerance: float = Field(
+        0.0025, ge=0.0, lt=1.0, description="relative held-out gain a further cluster must bring"
+    )
+    k_gain_fraction: float = Field(
+        0.1,
+        ge=0.0,
+        le=1.0,
+        description="... and at least this fraction of the first split's gain (diminishing returns)",
+    )
+    refine: bool = Field(True, description="refine the clusters by their unigram LMs (rows move to the best one)")
+    lm_smoothing: float = Field(1000.0, gt=0.0, description="Dirichlet smoothing mass of the k rule's unigram LMs")
     min_cluster_size: int = Field(8, ge=1)
     balanced: bool = False
     n_init: int = Field(10, ge=1)
@@ -117,12 +133,22 @@ class ExpertsConfig(_Section):
     mode: Literal["separate", "packed"] = Field(
         "separate", description="separate: one run per expert; packed: all experts in one run over one base"
     )
+    shared: Literal["none", "seed", "residual"] = Field(
+        "residual",
+        description="a shared LoRA trained first on all rows: none; seed (each expert starts as a copy of it, "
+        "BTX-style; the MoLE mixes the branched experts); residual (experts train on top of it, frozen; the MoLE "
+        "applies it to every token plus the routed top-k)",
+    )
+    shared_steps: int | None = Field(None, ge=1, description="steps of the shared LoRA; null = 3 × steps")
     multitask_baseline: bool = True
     multitask_steps: int | None = Field(
         None,
         ge=1,
-        description="steps of the multitask baseline; null = the experts' steps together plus the joint phase's "
-        "router.steps when it trains the experts (the expert training MoLE gets)",
+        description="steps of the multitask baseline; null = the training tokens of the whole MoLE build in "
+        "steps of its batch size (shared + experts + the joint phase when it trains the experts)",
+    )
+    multitask_r: int | None = Field(
+        None, ge=1, description="rank of the multitask baseline; null = the rank MoLE applies per token"
     )
     out_dir: str = "artifacts/experts"
     baseline_dir: str = "artifacts/baselines/multitask_lora"
@@ -197,6 +223,9 @@ class TrackingConfig(_Section):
     metric: str = Field("loss", description="eval.json metric of variant `mole` compared for promotion")
     greater_is_better: bool = False
     promotion_margin: float = Field(0.0, ge=0.0, description="relative improvement needed to replace the champion")
+    require_beats_baseline: bool = Field(
+        True, description="refuse champion to a build whose model does not beat its own multitask_lora baseline"
+    )
     bundle_base_max_mb: float = Field(600.0, ge=0.0, description="bundle the base weights in the model when smaller")
     retries: int = Field(3, ge=0, description="attempts to reach the tracking server before failing")
 

@@ -197,14 +197,54 @@ def run_evaluate(cfg: BuildConfig, *, extra_variants: dict[str, dict[str, Any]] 
     report = {
         "variants": {n: variants[n] for n in order if n in variants} | variants,
         "routing": mole["routing"],
-        "clustering": {k: creport.get(k) for k in ("k", "silhouette", "ari")},
+        "clustering": {k: creport.get(k) for k in ("k", "silhouette", "ari", "k_rule")},
         "cost": mole["cost"],
+        "training": training_compute(cfg, variants),
     }
     out_dir = cfg.path(cfg.evaluate.out_dir)
     write_report(out_dir / "eval.json", report)
     _write_plots(cfg, out_dir, report, mole["expert_ids"])
     logger.info("wrote %s, eval.md and plots", out_dir / "eval.json")
     return report
+
+
+def training_compute(cfg: BuildConfig, variants: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Optimizer steps, training tokens and adapter rank applied per token of every variant (eval.json "training").
+
+    MoLE's count is every phase that trained its adapters: the shared LoRA, the experts and the joint phase (when it
+    trains the experts; a router-only phase adds its steps and tokens all the same). The fixed-routing variants use
+    the same adapters, so they share those counts, but apply one expert per token.
+    """
+    from mole.stages import experts_paths, mole_paths
+
+    index_path = experts_paths(cfg)["index"]
+    index = json.loads(index_path.read_text(encoding="utf-8")) if index_path.exists() else {}
+    r, shared = cfg.experts.lora.r, index.get("shared")
+    residual = index.get("shared_mode") == "residual"
+
+    def trained(entry: dict[str, Any] | None) -> tuple[int, int]:
+        if not entry:
+            return 0, 0
+        m = cfg.path(entry["path"]) / "train_metrics.json"
+        tokens = json.loads(m.read_text(encoding="utf-8")).get("tokens", 0) if m.exists() else entry.get("tokens", 0)
+        return int(entry["steps"]), int(tokens)
+
+    each = [trained(e) for e in index.get("experts", [])]
+    parts = {"shared": trained(shared), "experts": (sum(s for s, _ in each), sum(t for _, t in each))}
+    metrics = mole_paths(cfg)["metrics"]
+    joint = (json.loads(metrics.read_text(encoding="utf-8")).get("joint") or {}) if metrics.exists() else {}
+    parts["joint"] = (int(joint.get("steps", 0)), int(joint.get("tokens", 0)))
+    steps, tokens = sum(p[0] for p in parts.values()), sum(p[1] for p in parts.values())
+    k = len(index.get("experts", [])) or 1
+    mole = {"steps": steps, "tokens": tokens, "phases": {n: {"steps": s, "tokens": t} for n, (s, t) in parts.items()}}
+    out = {"base": {"steps": 0, "tokens": 0, "rank": 0}}
+    out["mole"] = {**mole, "rank": r * (min(cfg.router.top_k, k) + residual)}
+    for name in ("oracle_experts", "cluster_routing"):
+        out[name] = {**mole, "rank": r * (1 + residual)}
+    if index.get("baseline"):
+        b_steps, b_tokens = trained(index["baseline"])
+        out["multitask_lora"] = {"steps": b_steps, "tokens": b_tokens, "rank": int(index["baseline"].get("r", r))}
+    return {n: v for n, v in out.items() if n in variants or n == "mole"}
 
 
 def _collect() -> None:
@@ -250,7 +290,10 @@ def _evaluate_mole(
 
 # --------------------------------------------------------------------------------------------- reports
 def write_report(path: str | Path, report: dict[str, Any]) -> Path:
-    """Write ``report`` as eval.json at ``path`` and its markdown as eval.md beside it, each atomically."""
+    """Write ``report`` (its verdict recomputed) as eval.json at ``path`` and eval.md beside it, each atomically."""
+    from mole.verdict import verdict
+
+    report["verdict"] = verdict(report)
     path = Path(path)
     write_json(path, report)
     with atomic_path(path.with_suffix(".md")) as tmp:
@@ -258,13 +301,16 @@ def write_report(path: str | Path, report: dict[str, Any]) -> Path:
     return path
 
 
-def add_variant(path: str | Path, name: str, metrics: dict[str, Any]) -> dict[str, Any]:
+def add_variant(
+    path: str | Path, name: str, metrics: dict[str, Any], *, training: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Add (or replace) one variant in an existing eval.json; rewrite it, eval.md and per_cluster_loss.png.
 
     Args:
         path: the eval.json written by :func:`run_evaluate`.
         name: the variant's name, e.g. ``"mole_merged"``.
         metrics: its metrics, as returned by :func:`evaluate_variant`.
+        training: its entry of the report's "training" (steps, tokens, rank), if any.
 
     Returns:
         The updated report.
@@ -276,6 +322,8 @@ def add_variant(path: str | Path, name: str, metrics: dict[str, Any]) -> dict[st
         raise FileNotFoundError(f"{path} does not exist; run `mole evaluate` first")
     report = json.loads(path.read_text(encoding="utf-8"))
     report["variants"][name] = metrics
+    if training is not None:
+        report.setdefault("training", {})[name] = training
     write_report(path, report)
     per_cluster_loss(report["variants"], path.parent / "per_cluster_loss.png")
     return report

@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -41,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 METRICS = "train_metrics.json"
 BASELINE_ID = "multitask_lora"
+SHARED_ID = "shared"
 
 
 def expert_id(cluster: int) -> str:
@@ -76,8 +78,14 @@ def train_lora(
     seed: int,
     fingerprint: str,
     progress: Callable[[int, int, float], None] | None = None,
+    init_from: Path | None = None,
+    under: Path | None = None,
 ) -> dict[str, Any]:
     """Train one LoRA adapter on ``rows`` and write it to ``out_dir`` as a standard peft adapter dir.
+
+    Two ways to build on a shared adapter (``experts.shared``): ``init_from`` starts the adapter as a copy of that
+    adapter dir (a branched expert, BTM/BTX's "seed"), ``under`` keeps that adapter frozen and active beneath the
+    trained one (a residual expert, applied on top of the shared one as the MoLE layer applies both).
 
     The adapter is injected into ``model`` for the duration of the call and removed again (also on error), so
     the same base model object serves the next expert with its weights, ``requires_grad`` flags and mode as they
@@ -94,6 +102,8 @@ def train_lora(
         seed: seeds the adapter init, dropout and the batch order; the same seed gives the same adapter.
         fingerprint: identifies this run's inputs; stored in the metrics and checkpoints.
         progress: called as ``progress(step, steps, loss)`` after every optimizer step (``step`` from 1).
+        init_from: a peft adapter dir (same rank and modules) whose weights the adapter starts from.
+        under: a peft adapter dir applied, frozen, beneath the trained adapter (saved without it).
 
     Returns:
         The metrics written to ``out_dir/train_metrics.json``.
@@ -109,6 +119,7 @@ def train_lora(
         torch.manual_seed(seed)
         peft_model = get_peft_model(model, lora.to_peft())
         try:
+            _build_on(peft_model, init_from=init_from, under=under)
             params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
             optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
             state = resume(ckpt_path, params=params, optimizer=optimizer, device=device, fingerprint=fingerprint,
@@ -142,7 +153,7 @@ def train_lora(
             peft_model.eval()
             metrics = _metrics(state, rows=rows, lora=lora, cfg=cfg, seed=seed, resumed_from=start)
             with atomic_dir(out_dir) as tmp:
-                peft_model.save_pretrained(str(tmp))
+                peft_model.save_pretrained(str(tmp), selected_adapters=["default"])
                 write_json(tmp / METRICS, metrics)  # last: its presence marks the directory complete
             shutil.rmtree(ckpt_path, ignore_errors=True)
         finally:
@@ -152,6 +163,27 @@ def train_lora(
             model.train(was_training)
     logger.info("%s: %d steps, final loss %.4f, %.1fs", out_dir.name, steps, metrics["final_loss"], metrics["seconds"])
     return metrics
+
+
+def _build_on(peft_model: Any, *, init_from: Path | None, under: Path | None) -> None:
+    """Start the ``default`` adapter from ``init_from``'s weights; activate ``under`` frozen beneath it."""
+    if init_from is not None:
+        from peft import set_peft_model_state_dict
+
+        from mole.adapters import read_adapter
+
+        _, tensors = read_adapter(init_from)
+        result = set_peft_model_state_dict(peft_model, tensors, adapter_name="default")
+        missing = [k for k in result.missing_keys if ".default." in k]
+        if missing or result.unexpected_keys:
+            raise ValueError(f"{init_from}: adapter does not fit the expert's modules (missing {missing[:2]}, "
+                             f"unexpected {result.unexpected_keys[:2]})")  # fmt: skip
+    if under is not None:
+        peft_model.load_adapter(str(under), adapter_name=SHARED_ID, is_trainable=False)
+        peft_model.base_model.set_adapter(["default", SHARED_ID])  # both active: outputs add up
+        for name, param in peft_model.named_parameters():  # set_adapter makes every active adapter trainable
+            if f".{SHARED_ID}." in name:
+                param.requires_grad_(False)
 
 
 def _metrics(state: dict, *, rows: list, lora: LoraSection, cfg: ExpertsConfig, seed: int, resumed_from: int) -> dict:
@@ -165,12 +197,17 @@ def _metrics(state: dict, *, rows: list, lora: LoraSection, cfg: ExpertsConfig, 
     }  # fmt: skip
 
 
-def _fingerprint(cfg: BuildConfig, *, kind: str, seed: int, steps: int, row_ids: list[str]) -> str:
-    # Options that cannot change the adapter (where it goes, how often it checkpoints) are left out.
-    unused = {"out_dir", "baseline_dir", "checkpoint_every", "multitask_baseline", "multitask_steps"}
+def _fingerprint(
+    cfg: BuildConfig, *, kind: str, seed: int, steps: int, row_ids: list[str], extra: dict[str, Any] | None = None
+) -> str:
+    # Options that cannot change the adapter (where it goes, how often it checkpoints) are left out. `extra` holds
+    # what else it depends on: the baseline's own LoRA shape, the shared adapter an expert builds on.
+    # `steps` is given on its own (the adapter's own count), so the section's step counts are left out too.
+    unused = {"out_dir", "baseline_dir", "checkpoint_every", "multitask_baseline", "multitask_steps", "multitask_r",
+              "steps", "shared_steps"} | ({"shared"} if kind == "shared" else set())  # fmt: skip
     payload = {"kind": kind, "experts": cfg.experts.model_dump(mode="json", exclude=unused), "seed": seed,
                "base_model": cfg.base_model.model_dump(mode="json"), "base_seed": cfg.seed, "steps": steps,
-               "rows": sorted(row_ids)}  # fmt: skip
+               "rows": sorted(row_ids), **(extra or {})}  # fmt: skip
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -201,11 +238,15 @@ def load_cluster_rows(cfg: BuildConfig) -> dict[int, list[dict[str, Any]]]:
     return dict(sorted(groups.items()))
 
 
+def _kept(cfg: BuildConfig, groups: dict[int, Any]) -> set[str]:
+    return {expert_id(c) for c in groups} | ({SHARED_ID} if cfg.experts.shared != "none" else set())
+
+
 def _remove_stale_experts(experts_dir: Path, keep: set[str]) -> None:
     """Delete expert dirs (and checkpoints) of clusters that no longer exist, e.g. after k went down."""
     if not experts_dir.is_dir():
         return
-    for path in experts_dir.glob("expert_*"):
+    for path in [*experts_dir.glob("expert_*"), *experts_dir.glob(f"{SHARED_ID}*")]:
         if path.is_dir() and path.name.removesuffix(".ckpt") not in keep:
             logger.warning("removing stale %s (no such cluster now)", path)
             shutil.rmtree(path, ignore_errors=True)
@@ -214,36 +255,95 @@ def _remove_stale_experts(experts_dir: Path, keep: set[str]) -> None:
 @dataclass(frozen=True)
 class _Job:
     name: str
-    cluster: int | None  # None for the multitask baseline
+    cluster: int | None  # None for the shared adapter and the multitask baseline
     rows: list[dict[str, Any]]
     rel_dir: str  # workspace-relative output dir, as recorded in experts.json
     seed: int
     steps: int
+    kind: str = "expert"  # expert | shared | multitask_lora
+    lora: LoraSection | None = None  # None: experts.lora
+    init_from: str | None = None  # workspace-relative adapter dir the adapter starts from (experts.shared = seed)
+    under: str | None = None  # workspace-relative adapter dir kept frozen beneath it (experts.shared = residual)
+    upstream: str | None = None  # fingerprint of the shared adapter it builds on
+
+    def fingerprint(self, cfg: BuildConfig) -> str:
+        extra: dict[str, Any] = {"upstream": self.upstream} if self.upstream else {}
+        if self.lora is not None:
+            extra["lora"] = self.lora.model_dump(mode="json")
+        kind = "expert" if self.kind == "expert" else self.kind
+        return _fingerprint(cfg, kind=kind, seed=self.seed, steps=self.steps, row_ids=[r["id"] for r in self.rows],
+                            extra=extra)  # fmt: skip
+
+
+def shared_steps(cfg: BuildConfig) -> int:
+    """Steps of the shared LoRA: ``experts.shared_steps``, else 3 × ``experts.steps``; 0 without one."""
+    e = cfg.experts
+    if e.shared == "none":
+        return 0
+    return e.shared_steps if e.shared_steps is not None else 3 * e.steps
 
 
 def _jobs(cfg: BuildConfig, groups: dict[int, list[dict[str, Any]]]) -> list[_Job]:
+    """The adapters of the stage, in training order: the shared one (if any), the experts, the baseline."""
     e = cfg.experts
-    jobs = [
-        _Job(expert_id(c), c, rows, f"{e.out_dir}/{expert_id(c)}", cfg.seed + c, e.steps) for c, rows in groups.items()
+    every_row = [r for rows in groups.values() for r in rows]
+    jobs, build_on = [], {}
+    if e.shared != "none":
+        shared = _Job(SHARED_ID, None, every_row, f"{e.out_dir}/{SHARED_ID}", cfg.seed, shared_steps(cfg), "shared")
+        jobs.append(shared)
+        key = "init_from" if e.shared == "seed" else "under"
+        build_on = {key: shared.rel_dir, "upstream": shared.fingerprint(cfg)}
+    jobs += [
+        _Job(expert_id(c), c, rows, f"{e.out_dir}/{expert_id(c)}", cfg.seed + c, e.steps, **build_on)
+        for c, rows in groups.items()
     ]
     if e.multitask_baseline:
-        every_row = [r for rows in groups.values() for r in rows]
-        jobs.append(_Job(BASELINE_ID, None, every_row, e.baseline_dir, cfg.seed, multitask_steps(cfg, len(groups))))
+        lora = multitask_lora(cfg, len(groups))
+        steps = multitask_steps(cfg, len(groups))
+        jobs.append(_Job(BASELINE_ID, None, every_row, e.baseline_dir, cfg.seed, steps, BASELINE_ID, lora))
     return jobs
 
 
-def multitask_steps(cfg: BuildConfig, k: int) -> int:
-    """Steps of the multitask baseline: ``experts.multitask_steps``, else the expert training MoLE gets.
+def _joint_trains_experts(cfg: BuildConfig) -> bool:
+    r = cfg.router
+    return r.routing == "token_topk" and r.steps > 0 and not r.freeze_experts and r.expert_lr > 0
 
-    That is the same total steps as all k experts together (DESIGN.md, "Evaluation"), plus the joint phase's
-    ``router.steps`` when that phase trains the experts too, so the baseline is not short of the joint phase's
-    extra expert updates.
-    """
+
+def mole_training(cfg: BuildConfig, k: int) -> dict[str, int]:
+    """Optimizer steps and rows of every phase that trains MoLE's adapters (rows = steps × batch size)."""
     e, r = cfg.experts, cfg.router
-    if e.multitask_steps is not None:
-        return e.multitask_steps
-    joint = r.routing == "token_topk" and not r.freeze_experts and r.expert_lr > 0
-    return k * e.steps + (r.steps if joint else 0)
+    out = {"shared_steps": shared_steps(cfg), "expert_steps": k * e.steps}
+    out["joint_steps"] = r.steps if _joint_trains_experts(cfg) else 0
+    out["rows"] = (out["shared_steps"] + out["expert_steps"]) * e.batch_size + out["joint_steps"] * r.batch_size
+    return out
+
+
+def multitask_steps(cfg: BuildConfig, k: int) -> int:
+    """Steps of the multitask baseline: ``experts.multitask_steps``, else the training MoLE gets.
+
+    That is the rows the whole MoLE build trains its adapters on (the shared LoRA, all k experts, and the joint
+    phase when it trains the experts too), in steps of the baseline's batch size, so the baseline sees as many
+    training tokens as the mixture (DESIGN.md, "Evaluation").
+    """
+    if cfg.experts.multitask_steps is not None:
+        return cfg.experts.multitask_steps
+    return max(1, math.ceil(mole_training(cfg, k)["rows"] / cfg.experts.batch_size))
+
+
+def rank_per_token(cfg: BuildConfig, k: int) -> int:
+    """The adapter rank MoLE applies to a token: its top-k experts' plus the always-on shared expert's."""
+    e = cfg.experts
+    return e.lora.r * (min(cfg.router.top_k, k) + (1 if e.shared == "residual" else 0))
+
+
+def multitask_lora(cfg: BuildConfig, k: int) -> LoraSection:
+    """The baseline's LoRA: rank ``experts.multitask_r``, else MoLE's rank per token, at the experts' scale alpha/r.
+
+    Keeping alpha / r fixed keeps the size of each rank direction's update, so the wider adapter is not slowed down.
+    """
+    lora = cfg.experts.lora
+    r = cfg.experts.multitask_r or rank_per_token(cfg, k)
+    return lora.model_copy(update={"r": r, "lora_alpha": lora.lora_alpha * r / lora.r})
 
 
 def _run_job(
@@ -251,8 +351,7 @@ def _run_job(
 ) -> dict[str, Any]:
     """Train one job's adapter, or reuse it when finished with the same inputs; returns its experts.json entry."""
     out_dir = cfg.path(job.rel_dir)
-    kind = "expert" if job.cluster is not None else BASELINE_ID
-    fingerprint = _fingerprint(cfg, kind=kind, seed=job.seed, steps=job.steps, row_ids=[r["id"] for r in job.rows])
+    fingerprint = job.fingerprint(cfg)
     reused = is_finished(out_dir, fingerprint)
     if reused:
         logger.info("%s: reusing %s (same inputs)", job.name, out_dir)
@@ -261,14 +360,19 @@ def _run_job(
         if progress is not None:
             progress(job.name, job.steps, job.steps, metrics["final_loss"])
     else:
+        for dep in (job.init_from, job.under):
+            if dep is not None and not (cfg.path(dep) / METRICS).is_file():
+                raise FileNotFoundError(f"{job.name}: the shared adapter {cfg.path(dep)} is not trained yet")
         logger.info("%s: training on %d rows for %d steps", job.name, len(job.rows), job.steps)
         step_cb = None if progress is None else lambda s, t, loss: progress(job.name, s, t, loss)
         e = cfg.experts
-        metrics = train_lora(*get_base(), job.rows, lora=e.lora, cfg=e, steps=job.steps, out_dir=out_dir,
-                             seed=job.seed, fingerprint=fingerprint, progress=step_cb)  # fmt: skip
+        dirs = {k: cfg.path(v) if v else None for k, v in (("init_from", job.init_from), ("under", job.under))}
+        metrics = train_lora(*get_base(), job.rows, lora=job.lora or e.lora, cfg=e, steps=job.steps, out_dir=out_dir,
+                             seed=job.seed, fingerprint=fingerprint, progress=step_cb, **dirs)  # fmt: skip
     entry = {"id": job.name, "cluster": job.cluster, "rows": len(job.rows), "steps": job.steps, "path": job.rel_dir}
     return {**entry, "final_loss": metrics["final_loss"], "seconds": metrics["seconds"], "reused": reused,
-            "fingerprint": fingerprint}  # fmt: skip
+            "fingerprint": fingerprint, "kind": job.kind, "tokens": metrics["tokens"],
+            "r": metrics["r"]}  # fmt: skip
 
 
 def job_names(cfg: BuildConfig) -> list[str]:
@@ -315,12 +419,14 @@ def write_index(cfg: BuildConfig, entries: list[dict[str, Any]]) -> dict[str, An
     """Write artifacts/experts/experts.json from the entries of every job; return the stage summary."""
     groups = load_cluster_rows(cfg)
     experts_dir = cfg.path(cfg.experts.out_dir)
-    _remove_stale_experts(experts_dir, keep={expert_id(c) for c in groups})
+    _remove_stale_experts(experts_dir, keep=_kept(cfg, groups))
     experts = sorted((x for x in entries if x["cluster"] is not None), key=lambda x: x["cluster"])
-    baseline = next((x for x in entries if x["cluster"] is None), None)
+    baseline = next((x for x in entries if x["id"] == BASELINE_ID), None)
+    shared = next((x for x in entries if x["id"] == SHARED_ID), None)
     if baseline is None:
         _mark_baseline_not_trained(cfg.path(cfg.experts.baseline_dir))
     index = {"k": len(groups), "base_model": cfg.base_model.name, "lora": cfg.experts.lora.model_dump(mode="json")}
+    index |= {"shared_mode": cfg.experts.shared, "shared": shared, "training": mole_training(cfg, len(groups))}
     write_json(experts_dir / "experts.json", {**index, "experts": experts, "baseline": baseline})
     return {
         "k": len(groups),
@@ -354,14 +460,15 @@ def run_train_experts(cfg: BuildConfig, *, progress: Callable[[str, int, int, fl
     """
     t0 = time.perf_counter()
     groups = load_cluster_rows(cfg)
-    _remove_stale_experts(cfg.path(cfg.experts.out_dir), keep={expert_id(c) for c in groups})
+    _remove_stale_experts(cfg.path(cfg.experts.out_dir), keep=_kept(cfg, groups))
     get_base = functools.cache(lambda: _load_base(cfg))
     jobs, entries = _jobs(cfg, groups), []
-    if cfg.experts.mode == "packed":  # all experts in one run over one base; the multitask baseline on its own
+    if cfg.experts.mode == "packed":  # the shared adapter first, then all experts in one run, then the baseline
         from mole.packed import run_packed
 
-        entries = run_packed(cfg, [job for job in jobs if job.cluster is not None], get_base, progress)
-        jobs = [job for job in jobs if job.cluster is None]
+        entries = [_run_job(cfg, job, get_base, progress) for job in jobs if job.kind == "shared"]
+        entries += run_packed(cfg, [job for job in jobs if job.cluster is not None], get_base, progress)
+        jobs = [job for job in jobs if job.kind == BASELINE_ID]
     entries += [_run_job(cfg, job, get_base, progress) for job in jobs]
     return {**write_index(cfg, entries), "seconds": round(time.perf_counter() - t0, 3)}
 

@@ -48,11 +48,13 @@ class RoutingState:
 
 
 class MoLELinear(nn.Module):
-    """``y = W x + scale * sum_i w_i * B_i A_i x`` over E LoRA experts, with w from the block's router.
+    """``y = W x + scale * (B_s A_s x + sum_i w_i * B_i A_i x)`` over E routed LoRA experts and an optional shared one.
 
     The bank is stored concatenated so forward needs no loop over experts: rows ``[i*r:(i+1)*r]`` of
-    ``lora_A`` (E*r, d_in) and columns ``[i*r:(i+1)*r]`` of ``lora_B`` (d_out, E*r) are expert i's peft
-    ``lora_A.weight`` (r, d_in) and ``lora_B.weight`` (d_out, r).
+    ``lora_A`` (S*r, d_in) and columns ``[i*r:(i+1)*r]`` of ``lora_B`` (d_out, S*r) are expert i's peft
+    ``lora_A.weight`` (r, d_in) and ``lora_B.weight`` (d_out, r). With ``shared=True`` the bank has S = E + 1
+    slots: slot E (``shared_index``) is the shared expert, applied to every token with weight 1 (DeepSeekMoE's
+    always-on expert), inside the same two matmuls as the routed ones.
 
     Args:
         base_layer: the frozen linear W.
@@ -62,6 +64,7 @@ class MoLELinear(nn.Module):
         state: the block's routing, set by the model before every forward.
         path: "dense", "sparse" (gather the top-k experts) or "auto" (see ``choose_path``).
         dropout: dropout on the experts' input, as peft's ``lora_dropout``.
+        shared: add a shared expert slot, applied to every token.
     """
 
     def __init__(
@@ -74,6 +77,7 @@ class MoLELinear(nn.Module):
         state: RoutingState,
         path: PathChoice = "auto",
         dropout: float = 0.0,
+        shared: bool = False,
     ) -> None:
         super().__init__()
         if num_experts < 1:
@@ -85,6 +89,8 @@ class MoLELinear(nn.Module):
         self.base_layer = base_layer
         self.base_layer.requires_grad_(False)
         self.num_experts = num_experts
+        self.shared = shared
+        self.slots = num_experts + int(shared)  # S: routed experts, then the shared one
         self.r = r
         self.scale = scale
         self.state = state
@@ -93,11 +99,16 @@ class MoLELinear(nn.Module):
         w = base_layer.weight
         # Follow the base layer; a quantised base (integer storage) gets float32 adapters, as peft does.
         dtype = w.dtype if w.is_floating_point() else torch.float32
-        self.lora_A = nn.Parameter(torch.empty(num_experts * r, self.in_features, device=w.device, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, num_experts * r, device=w.device, dtype=dtype))
+        self.lora_A = nn.Parameter(torch.empty(self.slots * r, self.in_features, device=w.device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.slots * r, device=w.device, dtype=dtype))
         # peft initialises each (r, d_in) A with kaiming_uniform_(a=sqrt(5)); its bound depends only on
         # fan_in = d_in, so one call over the concatenated bank draws from the same distribution.
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    @property
+    def shared_index(self) -> int | None:
+        """The bank slot of the shared expert (E), or None without one."""
+        return self.num_experts if self.shared else None
 
     @property
     def in_features(self) -> int:
@@ -145,8 +156,10 @@ class MoLELinear(nn.Module):
 
     def _dense(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """All experts as two matmuls over the concatenated bank: (B, T, d_in), (B, T, E) -> (B, T, d_out)."""
-        h = F.linear(x, self.lora_A)  # (B, T, E*r)
-        h = h.unflatten(-1, (self.num_experts, self.r))  # (B, T, E, r)
+        if self.shared:  # the shared slot's weight is 1 for every token
+            weights = torch.cat([weights, weights.new_ones((*weights.shape[:-1], 1))], dim=-1)  # (B, T, S)
+        h = F.linear(x, self.lora_A)  # (B, T, S*r)
+        h = h.unflatten(-1, (self.slots, self.r))  # (B, T, S, r)
         # Cast to h's dtype (not x's): under autocast the matmul output is bf16 even for fp32 x.
         h = h * weights.to(h.dtype)[..., None]  # (B, T, E, r)
         return F.linear(h.flatten(-2), self.lora_B) * self.scale  # (B, T, d_out)
@@ -160,22 +173,31 @@ class MoLELinear(nn.Module):
         k = indices.shape[-1]
         xf = x.reshape(-1, self.in_features)  # (N, d_in)
         idx = indices.reshape(-1, k)  # (N, K)
-        a = self.lora_A.view(self.num_experts, self.r, self.in_features)[idx]  # (N, K, r, d_in)
-        b = self.lora_B.view(self.out_features, self.num_experts, self.r).permute(1, 0, 2)[idx]  # (N, K, d_out, r)
+        w = topk_weights.reshape(-1, k)  # (N, K)
+        if self.shared:  # the shared slot joins every token's top-k with weight 1
+            idx = torch.cat([idx, idx.new_full((idx.shape[0], 1), self.num_experts)], dim=1)  # (N, K+1)
+            w = torch.cat([w, w.new_ones((w.shape[0], 1))], dim=1)
+        a = self.lora_A.view(self.slots, self.r, self.in_features)[idx]  # (N, K, r, d_in)
+        b = self.lora_B.view(self.out_features, self.slots, self.r).permute(1, 0, 2)[idx]  # (N, K, d_out, r)
         h = torch.einsum("nd,nkrd->nkr", xf, a)  # (N, K, r)
-        h = h * topk_weights.reshape(-1, k).to(h.dtype)[..., None]  # (N, K, r)
+        h = h * w.to(h.dtype)[..., None]  # (N, K, r)
         out = torch.einsum("nkr,nkor->no", h, b) * self.scale  # (N, d_out)
         return out.reshape(*lead, self.out_features)
 
     def _check_index(self, i: int) -> None:
-        if not 0 <= i < self.num_experts:
-            raise ValueError(f"expert index must be in [0, {self.num_experts}), got {i}")
+        if not 0 <= i < self.slots:
+            what = (
+                f"[0, {self.num_experts}] (the last is the shared expert)"
+                if self.shared
+                else f"[0, {self.num_experts})"
+            )
+            raise ValueError(f"expert index must be in {what}, got {i}")
 
     def expert(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Expert i's weights as detached copies, laid out like peft's.
 
         Args:
-            i: expert index.
+            i: expert index (``shared_index`` for the shared expert).
 
         Returns:
             ``(A_i, B_i)`` with shapes (r, d_in) and (d_out, r).
@@ -207,5 +229,5 @@ class MoLELinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, num_experts={self.num_experts}, "
-            f"r={self.r}, scale={self.scale}, path={self.path!r}"
+            f"shared={self.shared}, r={self.r}, scale={self.scale}, path={self.path!r}"
         )

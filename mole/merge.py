@@ -59,7 +59,9 @@ def expert_similarity(model: MoLEModel) -> np.ndarray:
     e, r = model.spec.num_experts, model.spec.r
     total = torch.zeros(e, e, dtype=torch.float64)
     for layer in model.bank.values():
-        a, b = layer.lora_A.detach().double().cpu(), layer.lora_B.detach().double().cpu()  # (E*r, d_in), (d_out, E*r)
+        # The routed experts only: a shared slot (after them) is never merged or pruned.
+        a = layer.lora_A[: e * r].detach().double().cpu()  # (E*r, d_in)
+        b = layer.lora_B[:, : e * r].detach().double().cpu()  # (d_out, E*r)
         gram = ((b.T @ b) * (a @ a.T)).reshape(e, r, e, r).sum(dim=(1, 3))  # (E, E) of <ΔW_i, ΔW_j>
         norms = gram.diagonal().clamp_min(0).sqrt()  # (E,)
         denom = norms[:, None] * norms[None, :]
@@ -197,6 +199,8 @@ def apply_plan(
                 parts = [t for i in g for t in layer.expert(i)]  # A_a, B_a[, A_b, B_b]
                 tensors[name] = parts if len(g) == 1 else merge_factored(*parts, *weights[tuple(g)], r=spec.r)
             write_adapter(tmp / "experts" / eid, tensors, **lora, base_model=spec.base_model.get("name"))
+        if spec.shared is not None:  # the shared expert is carried over as it is
+            model.export_expert(model.shared_index, tmp / "experts" / spec.shared)
         save_file(_router_state(model, groups), str(tmp / ROUTER_FILE), metadata={"format": "pt"})
         for name, src in (extra_files or {}).items():
             (shutil.copytree if Path(src).is_dir() else shutil.copy2)(src, tmp / name)

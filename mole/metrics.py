@@ -225,12 +225,21 @@ def _fmt(x: float | None, spec: str = ".4f") -> str:
 
 def render_markdown(report: dict[str, Any]) -> str:
     """eval.md: the variant table, a per-cluster loss table, then routing, clustering and cost lines."""
-    variants = report["variants"]
+    variants, training = report["variants"], report.get("training") or {}
     names = [n for n in VARIANT_ORDER if n in variants] + [n for n in variants if n not in VARIANT_ORDER]
-    lines = ["# Evaluation", "", "| variant | loss | ppl | exact match |", "|---|---:|---:|---:|"]
+    lines = ["# Evaluation", ""]
+    if report.get("verdict"):
+        lines += [f"**{report['verdict']['headline']}**", ""]
+    if (report.get("clustering") or {}).get("k") == 1:
+        lines += ["k = 1: the clustering found no groups worth an expert of their own, so this build is no mixture: "
+                  "one expert (on top of the shared one) serves every token.", ""]  # fmt: skip
+    lines += ["| variant | loss | ppl | exact match | steps | training tokens | rank per token |"]
+    lines.append("|---|---:|---:|---:|---:|---:|---:|")
     for n in names:
-        v = variants[n]
-        lines.append(f"| {n} | {_fmt(v['loss'])} | {_fmt(v['ppl'], '.2f')} | {_fmt(v['exact_match'], '.3f')} |")
+        v, t = variants[n], training.get(n) or {}
+        tokens = "–" if t.get("tokens") is None else f"{t['tokens']:,}"
+        lines.append(f"| {n} | {_fmt(v['loss'])} | {_fmt(v['ppl'], '.2f')} | {_fmt(v['exact_match'], '.3f')} | "
+                     f"{t.get('steps', '–')} | {tokens} | {t.get('rank', '–')} |")  # fmt: skip
     clusters = sorted({c for v in variants.values() for c in v["per_cluster"]}, key=int)
     lines += ["", "Loss per cluster:", "", "| cluster | rows | " + " | ".join(names) + " |"]
     lines.append("|---|---:|" + "---:|" * len(names))

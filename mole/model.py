@@ -45,6 +45,8 @@ class MoLESpec:
     path: str = "auto"
     # The cluster(s) each expert serves, same order as expert_ids: an int, or a list after a merge.
     clusters: list[int | list[int]] = field(default_factory=list)
+    # The id of the shared expert (a dir under experts/ like the routed ones), applied to every token; None: none.
+    shared: str | None = None
 
     def expert_of_cluster(self) -> dict[int, int]:
         """Cluster id -> index of the expert that serves it."""
@@ -119,6 +121,7 @@ class MoLEModel(nn.Module):
                     scale=scale,
                     state=state,
                     path=self.spec.path,
+                    shared=self.spec.shared is not None,
                 )
                 setattr(parent, name.split(".")[-1], layer)
                 self.bank[f"{prefix}.{name}"] = layer
@@ -268,8 +271,13 @@ class MoLEModel(nn.Module):
         return list(self.routers.parameters())
 
     # ------------------------------------------------------------------------------------- experts in / out
+    @property
+    def shared_index(self) -> int | None:
+        """The bank slot of the shared expert (after the E routed ones), or None without one."""
+        return self.spec.num_experts if self.spec.shared is not None else None
+
     def load_expert(self, i: int, directory: str | Path) -> None:
-        """Load expert i from a peft adapter dir; its r, alpha and modules must match the bank."""
+        """Load expert i (``shared_index``: the shared one) from a peft adapter dir; r, alpha and modules must match."""
         config, tensors = read_adapter(directory)
         if config.get("r") != self.spec.r or float(config.get("lora_alpha")) != float(self.spec.lora_alpha):
             raise ValueError(
@@ -283,7 +291,7 @@ class MoLEModel(nn.Module):
             layer.set_expert(i, tensors[key_a], tensors[key_b])
 
     def export_expert(self, i: int, directory: str | Path) -> Path:
-        """Write expert i as a standard peft adapter dir."""
+        """Write expert i (``shared_index``: the shared one) as a standard peft adapter dir."""
         tensors = {name: layer.expert(i) for name, layer in self.bank.items()}
         return write_adapter(
             directory,
@@ -312,6 +320,8 @@ class MoLEModel(nn.Module):
             save_file(state, str(tmp / ROUTER_FILE), metadata={"format": "pt"})
             for i, eid in enumerate(self.spec.expert_ids):
                 self.export_expert(i, tmp / "experts" / eid)
+            if self.spec.shared is not None:
+                self.export_expert(self.shared_index, tmp / "experts" / self.spec.shared)
             for name, src in (extra_files or {}).items():
                 (shutil.copytree if Path(src).is_dir() else shutil.copy2)(src, tmp / name)
             for name, obj in (extra_json or {}).items():
@@ -332,6 +342,8 @@ class MoLEModel(nn.Module):
         model = cls(base=base, tokenizer=tokenizer, spec=spec)
         for i, eid in enumerate(spec.expert_ids):
             model.load_expert(i, directory / "experts" / eid)
+        if spec.shared is not None:
+            model.load_expert(model.shared_index, directory / "experts" / spec.shared)
         model.routers.load_state_dict(load_file(str(directory / ROUTER_FILE)))
         if (directory / "clusterer" / "centroids.npy").exists():
             from mole.cluster import Clusterer
@@ -352,8 +364,14 @@ class MoLEModel(nn.Module):
         routing: str = "token_topk",
         path: str = "auto",
         clusters: list[int] | None = None,
+        shared_dir: Path | None = None,
+        shared_id: str = "shared",
     ) -> MoLEModel:
-        """Build a bank from trained peft adapter dirs (all with the same r, alpha and target modules)."""
+        """Build a bank from trained peft adapter dirs (all with the same r, alpha and target modules).
+
+        ``shared_dir`` (a peft adapter dir, saved as ``experts/<shared_id>``) becomes the shared expert, applied to
+        every token beside the routed top-k.
+        """
         config, _ = read_adapter(expert_dirs[0])
         targets = config["target_modules"]
         spec = MoLESpec(
@@ -366,10 +384,13 @@ class MoLEModel(nn.Module):
             routing=routing,
             path=path,
             clusters=list(clusters) if clusters is not None else list(range(len(expert_dirs))),
+            shared=shared_id if shared_dir is not None else None,
         )
         model = cls(base=base, tokenizer=tokenizer, spec=spec)
         for i, d in enumerate(expert_dirs):
             model.load_expert(i, d)
+        if shared_dir is not None:
+            model.load_expert(model.shared_index, shared_dir)
         return model
 
 

@@ -35,7 +35,7 @@ from mole.adapters import WEIGHTS, adapter_keys
 from mole.checkpoint import checkpoint_dir, remove_stale_temps, resume, save_checkpoint
 from mole.config import BuildConfig, ExpertsConfig, LoraSection
 from mole.data.tokenize import IGNORE, collate, pad_id, train_batches
-from mole.experts import METRICS, _fingerprint, _Job, _metrics, is_finished, lr_factor  # same metrics, fingerprints
+from mole.experts import METRICS, _Job, _metrics, is_finished, lr_factor  # same metrics, fingerprints
 from mole.io import atomic_dir, write_json
 from mole.packed_bank import PackedBank, peft_init
 
@@ -79,6 +79,8 @@ def train_packed(
     cfg: ExpertsConfig,
     rows_per_forward: int | None = None,
     progress: Progress | None = None,
+    init_from: Path | None = None,
+    under: Path | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Train all ``experts`` at once and write each to its ``out_dir`` as a standard peft adapter dir.
 
@@ -96,6 +98,8 @@ def train_packed(
         rows_per_forward: sequences per forward pass (gradients accumulate over the forwards of a step); bounds
             activation memory. None: ``cfg.batch_size``, the per-forward memory of one separate run.
         progress: called as ``progress(name, step, steps, loss)`` after every optimizer step of every expert.
+        init_from: a peft adapter dir every expert starts from, as in ``train_lora`` (experts.shared = seed).
+        under: a peft adapter dir in the bank's shared slot, frozen, beneath every expert (experts.shared = residual).
 
     Returns:
         Expert name -> the metrics written to its train_metrics.json.
@@ -107,11 +111,26 @@ def train_packed(
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         inits = [peft_init(model, lora, seed=e.seed) for e in experts]
+        if init_from is not None:  # the same draws are made (and discarded), as train_lora makes them
+            start = _module_tensors(init_from)
+            inits = [(start, config) for _, config in inits]
         torch.manual_seed(experts[0].seed)  # dropout draws of the packed run
-        with PackedBank(model, lora, num_experts=len(experts), modules=list(inits[0][0])) as bank:
+        modules = list(inits[0][0])
+        with PackedBank(model, lora, num_experts=len(experts), modules=modules, shared=under is not None) as bank:
+            if under is not None:
+                bank.set_shared(_module_tensors(under))
             runs = [_start(bank, i, e, inits[i], tokenizer, lora, cfg, device) for i, e in enumerate(experts)]
             out = _loop(model, bank, runs, tokenizer, lora, cfg, chunk, device, progress)
     return out
+
+
+def _module_tensors(directory: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A peft adapter dir's weights as {module name: (A, B)}."""
+    from mole.adapters import read_adapter
+
+    _, flat = read_adapter(directory)
+    names = {k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for k in flat}
+    return {n: (flat[adapter_keys(n)[0]], flat[adapter_keys(n)[1]]) for n in sorted(names)}
 
 
 def _start(
@@ -263,10 +282,7 @@ def run_packed(
     An expert already finished with the same inputs is reused, as in separate training; the base is loaded only if
     some expert needs training.
     """
-    fingerprints = {
-        j.name: _fingerprint(cfg, kind="expert", seed=j.seed, steps=j.steps, row_ids=[r["id"] for r in j.rows])
-        for j in jobs
-    }
+    fingerprints = {j.name: j.fingerprint(cfg) for j in jobs}
     todo = [j for j in jobs if not is_finished(cfg.path(j.rel_dir), fingerprints[j.name])]
     metrics: dict[str, dict[str, Any]] = {}
     for j in jobs:
@@ -280,7 +296,8 @@ def run_packed(
         logger.info("training %d experts packed: %s", len(todo), ", ".join(j.name for j in todo))
         e, fps = cfg.experts, fingerprints
         experts = [PackedExpert(j.name, j.rows, cfg.path(j.rel_dir), j.seed, j.steps, fps[j.name]) for j in todo]
-        metrics |= train_packed(*get_base(), experts, lora=e.lora, cfg=e, progress=progress)
+        on = {k: cfg.path(getattr(todo[0], k)) if getattr(todo[0], k) else None for k in ("init_from", "under")}
+        metrics |= train_packed(*get_base(), experts, lora=e.lora, cfg=e, progress=progress, **on)
     return [
         {
             "id": j.name,
@@ -292,6 +309,9 @@ def run_packed(
             "seconds": metrics[j.name]["seconds"],
             "reused": j not in todo,
             "fingerprint": fingerprints[j.name],
+            "kind": j.kind,
+            "tokens": metrics[j.name]["tokens"],
+            "r": metrics[j.name]["r"],
         }  # fmt: skip
         for j in jobs
     ]

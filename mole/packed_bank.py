@@ -65,10 +65,14 @@ class PackedBank:
         lora: rank, alpha and dropout of every expert.
         num_experts: E.
         modules: names (relative to ``model``) of the linears to adapt, e.g. from :func:`peft_init`.
+        shared: give the bank a shared slot beneath every expert (see :meth:`set_shared`).
     """
 
-    def __init__(self, model: nn.Module, lora: LoraSection, *, num_experts: int, modules: list[str]) -> None:
+    def __init__(
+        self, model: nn.Module, lora: LoraSection, *, num_experts: int, modules: list[str], shared: bool = False
+    ) -> None:
         self.model, self.lora, self.num_experts, self.modules = model, lora, num_experts, modules
+        self.shared = shared  # a shared slot under every expert, loaded by set_shared and never stepped
         self.state = RoutingState()
         self.layers: dict[str, MoLELinear] = {}
         self._saved: tuple[dict[str, bool], bool] | None = None
@@ -82,7 +86,8 @@ class PackedBank:
             if not isinstance(base, nn.Linear):
                 raise TypeError(f"packed training adapts nn.Linear modules only; {name} is {type(base).__name__}")
             layer = MoLELinear(base_layer=base, num_experts=self.num_experts, r=self.lora.r, scale=self.lora.scale,
-                               state=self.state, path="dense", dropout=self.lora.lora_dropout)  # fmt: skip
+                               state=self.state, path="dense", dropout=self.lora.lora_dropout,
+                               shared=self.shared)  # fmt: skip
             if layer.lora_A.dtype in (torch.float16, torch.bfloat16):  # peft keeps half-precision adapters in fp32
                 layer.lora_A = nn.Parameter(layer.lora_A.detach().float())
                 layer.lora_B = nn.Parameter(layer.lora_B.detach().float())
@@ -115,6 +120,11 @@ class PackedBank:
         """Load expert i's weights, e.g. from :func:`peft_init`."""
         for name, layer in self.layers.items():
             layer.set_expert(i, *tensors[name])
+
+    def set_shared(self, tensors: ExpertTensors) -> None:
+        """Load the shared slot (applied to every sequence, frozen: no optimizer steps it)."""
+        for name, layer in self.layers.items():
+            layer.set_expert(layer.shared_index, *tensors[name])
 
     def expert_views(self, i: int) -> dict[str, torch.Tensor]:
         """Expert i's weights as views into the bank, keyed by peft's parameter names.

@@ -92,6 +92,11 @@ def cluster(cfg: BuildConfig) -> dict[str, Any]:
         n_init=c.n_init,
         seed=cfg.seed,
         sample=c.silhouette_sample,
+        k_rule=c.k_rule,
+        k_tolerance=c.k_tolerance,
+        k_gain_fraction=c.k_gain_fraction,
+        refine_rows=c.refine,
+        lm_smoothing=c.lm_smoothing,
     )
     eval_labels = clusterer.assign([row_text(r) for r in evals])
     report["eval_sizes"] = [int((eval_labels == i).sum()) for i in range(clusterer.k)]
@@ -151,7 +156,9 @@ def train_router(cfg: BuildConfig, progress: Any = None) -> dict[str, Any]:
     index_path = experts_paths(cfg)["index"]
     if not index_path.exists():
         raise FileNotFoundError(f"{index_path} does not exist; run `mole train-experts` first")
-    index = json.loads(index_path.read_text())["experts"]
+    full_index = json.loads(index_path.read_text())
+    index = full_index["experts"]
+    shared = full_index.get("shared")
     cpaths = cluster_paths(cfg)
     clusters = {a["id"]: a["cluster"] for a in read_jsonl(cpaths["assignments"])}
     eval_clusters = {a["id"]: a["cluster"] for a in read_jsonl(cpaths["eval_assignments"])}
@@ -175,12 +182,15 @@ def train_router(cfg: BuildConfig, progress: Any = None) -> dict[str, Any]:
         routing=cfg.router.routing,
         path=cfg.router.path,
         clusters=[e["cluster"] for e in index],
+        shared_dir=cfg.path(shared["path"]) if shared and full_index.get("shared_mode") == "residual" else None,
     )
     r, max_len = cfg.router, cfg.experts.max_length
     train_experts_idx = [expert_of[clusters[row["id"]]] for row in train]
     eval_experts_idx = [expert_of[eval_clusters[row["id"]]] for row in evals]
     metrics: dict[str, Any] = {"warm_start": None}
-    if r.warm_start:
+    if model.spec.num_experts == 1:  # k = 1: no mixture, every token goes to the one expert whatever the gate says
+        logger.info("one expert (k = 1): no routing to warm-start or learn")
+    elif r.warm_start:
         metrics["warm_start"] = warm_start_gates(
             model, train[: r.warm_start_rows], train_experts_idx[: r.warm_start_rows], method=r.warm_start_method,
             c=r.warm_start_c, batch_size=r.batch_size, max_length=max_len, max_tokens=r.warm_start_tokens,
@@ -239,6 +249,18 @@ def merge_prune(cfg: BuildConfig) -> dict[str, Any]:
         metrics = evaluate_variant(
             "mole_merged", ModelScorer(model, model.tokenizer), rows, clusters, **_variant_kwargs(cfg), generate=gen
         )
-        add_variant(report, "mole_merged", metrics)
+        training = _merged_training(report, model)
+        add_variant(report, "mole_merged", metrics, training=training)
         summary["mole_merged"] = {k: metrics[k] for k in ("loss", "ppl", "exact_match")}
     return summary
+
+
+def _merged_training(report: Path, model: Any) -> dict[str, Any] | None:
+    """mole_merged's training compute: mole's adapters (the router re-fit trains no adapter), its own rank per token."""
+    import json
+
+    mole = json.loads(report.read_text(encoding="utf-8")).get("training", {}).get("mole")
+    if mole is None:
+        return None
+    spec = model.spec
+    return {**mole, "rank": spec.r * (spec.top_k + (spec.shared is not None))}

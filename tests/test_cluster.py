@@ -120,3 +120,47 @@ def test_atomic_outputs_get_ordinary_permissions(tmp_path: Path) -> None:
     os.umask(mask)
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o666 & ~mask
     assert (tmp_path / "d").stat().st_mode & 0o777 == 0o777 & ~mask
+
+
+def _worded_blobs(k: int, *, n: int = 40, seed: int = 0) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """k Gaussian blobs of embeddings, each with texts drawn from a vocabulary of its own plus common words."""
+    rng = np.random.default_rng(seed)
+    x, labels = _blobs([n] * k, spread=0.3, seed=seed)
+    common = [f"the{i}" for i in range(20)]
+    own = [[f"w{c}x{i}" for i in range(30)] for c in range(k)]
+    texts = [" ".join(rng.choice(common + own[c] * 2, size=25)) for c in labels]
+    return x, texts, labels
+
+
+@pytest.mark.parametrize("k_true", [2, 3, 5])
+def test_heldout_lm_rule_recovers_k_of_worded_blobs(k_true: int) -> None:
+    from mole.cluster import proxy_counts
+
+    x, texts, _ = _worded_blobs(k_true, seed=k_true)
+    k, tried, _ = choose_k(x, k_min=1, k_max=8, min_cluster_size=5, n_init=3, seed=0, sample=500,
+                           rule="heldout_lm", counts=proxy_counts(texts))  # fmt: skip
+    assert k == k_true
+    losses = [t["heldout_lm_loss"] for t in tried]
+    assert losses[k_true - 1] < losses[0]  # the split into the true groups pays on held-out rows
+
+
+def test_heldout_lm_rule_answers_one_cluster_for_one_blob() -> None:
+    from mole.cluster import proxy_counts
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(120, 8)).astype(np.float32)  # one blob: any split is arbitrary
+    vocab = [f"w{i}" for i in range(60)]
+    texts = [" ".join(rng.choice(vocab, size=25)) for _ in range(120)]
+    k, tried, _ = choose_k(x, k_min=1, k_max=6, min_cluster_size=5, n_init=3, seed=0, sample=500,
+                           rule="heldout_lm", counts=proxy_counts(texts))  # fmt: skip
+    assert k == 1 and tried[0]["k"] == 1
+
+
+def test_refine_moves_rows_to_the_cluster_whose_words_they_use() -> None:
+    from mole.cluster import proxy_counts, refine
+
+    _, texts, truth = _worded_blobs(3, seed=7)
+    noisy = truth.copy()
+    noisy[:6] = (noisy[:6] + 1) % 3  # six rows start in the wrong cluster
+    fixed = refine(proxy_counts(texts), noisy, 3, mu=100.0)
+    assert (fixed == truth).all()

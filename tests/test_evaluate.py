@@ -51,7 +51,7 @@ def test_every_variant_has_finite_metrics(built: tuple[BuildConfig, dict[str, An
     cfg, report = built
     on_disk = json.loads((cfg.path(cfg.evaluate.out_dir) / "eval.json").read_text())
     assert on_disk == json.loads(json.dumps(report))
-    assert set(report) == {"variants", "routing", "clustering", "cost"}
+    assert set(report) == {"variants", "routing", "clustering", "cost", "training", "verdict"}
     assert list(report["variants"]) == list(VARIANTS)
     for name, v in report["variants"].items():
         assert set(v) == {"loss", "ppl", "exact_match", "tokens", "per_cluster"}, name
@@ -95,7 +95,7 @@ def test_routing_statistics(built: tuple[BuildConfig, dict[str, Any]], eval_rows
 
 def test_clustering_and_cost(built: tuple[BuildConfig, dict[str, Any]]) -> None:
     cfg, report = built
-    assert report["clustering"]["k"] == 3 and set(report["clustering"]) == {"k", "silhouette", "ari"}
+    assert report["clustering"]["k"] == 3 and set(report["clustering"]) == {"k", "silhouette", "ari", "k_rule"}
     cost = report["cost"]
     assert cost["trainable_params"] > 0 and cost["adapter_mb"] > 0
     assert cost["base_ms"] > 0 and cost["mole_ms"] > 0
@@ -114,6 +114,38 @@ def test_markdown_and_plots(built: tuple[BuildConfig, dict[str, Any]]) -> None:
     assert not list(out.glob(".mole-tmp-*"))
 
 
+def test_training_compute_of_every_variant_is_recorded(built: tuple[BuildConfig, dict[str, Any]]) -> None:
+    from mole.experts import multitask_steps
+
+    cfg, report = built
+    t = report["training"]
+    index = json.loads((cfg.path(cfg.experts.out_dir) / "experts.json").read_text())
+    tokens = {e["id"]: json.loads((cfg.path(e["path"]) / "train_metrics.json").read_text())["tokens"]
+              for e in [*index["experts"], index["shared"], index["baseline"]]}  # fmt: skip
+    joint = json.loads((stages.mole_paths(cfg)["metrics"]).read_text())["joint"]
+    assert t["mole"]["tokens"] == sum(v for k, v in tokens.items() if k != "multitask_lora") + joint["tokens"]
+    assert t["mole"]["steps"] == 3 * 3 + 3 * 3 + 2  # shared (3 x steps) + three experts + the joint phase
+    assert t["multitask_lora"]["steps"] == multitask_steps(cfg, 3) and t["multitask_lora"]["tokens"] == tokens[
+        "multitask_lora"]  # fmt: skip
+    assert t["mole"]["rank"] == cfg.experts.lora.r * (cfg.router.top_k + 1)  # top-k experts + the shared one
+    assert t["multitask_lora"]["rank"] >= t["mole"]["rank"] and t["base"] == {"steps": 0, "tokens": 0, "rank": 0}
+    # The baseline sees as many training rows as the mixture, so about as many tokens (rows differ in length).
+    assert t["multitask_lora"]["tokens"] == pytest.approx(t["mole"]["tokens"], rel=0.25)
+
+
+def test_eval_md_opens_with_the_verdict(built: tuple[BuildConfig, dict[str, Any]]) -> None:
+    cfg, report = built
+    v = report["verdict"]
+    mole, base = report["variants"]["mole"], report["variants"]["multitask_lora"]
+    assert v["baseline"] == "multitask_lora" and v["variant"] == "mole"
+    beats = mole["loss"] < base["loss"] and mole["exact_match"] >= base["exact_match"]
+    assert v["beats_baseline"] is beats
+    assert v["relative_loss"] == pytest.approx((mole["loss"] - base["loss"]) / base["loss"])
+    first = (cfg.path(cfg.evaluate.out_dir) / "eval.md").read_text().splitlines()[2]
+    assert first.startswith("**The mixture (mole) " + ("beats" if beats else "does NOT beat"))
+    assert f"{mole['loss']:.4f} vs {base['loss']:.4f}" in first
+
+
 def test_add_variant_keeps_the_others(built: tuple[BuildConfig, dict[str, Any]], tmp_path: Path) -> None:
     cfg, report = built
     path = shutil.copy(cfg.path(cfg.evaluate.out_dir) / "eval.json", tmp_path / "eval.json")
@@ -123,6 +155,7 @@ def test_add_variant_keeps_the_others(built: tuple[BuildConfig, dict[str, Any]],
     assert list(on_disk["variants"]) == [*VARIANTS, "mole_merged"] and on_disk == updated
     assert on_disk["variants"]["base"] == json.loads(json.dumps(report["variants"]["base"]))
     assert on_disk["routing"] == json.loads(json.dumps(report["routing"]))
+    assert on_disk["verdict"]["variant"] == "mole_merged"  # the verdict follows the model that is registered
     assert "| mole_merged | 1.0000 | 2.72 |" in (tmp_path / "eval.md").read_text()
     assert (tmp_path / "per_cluster_loss.png").read_bytes()[:8] == PNG_MAGIC
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import pytest
@@ -143,9 +144,11 @@ def test_run_train_experts_trains_then_reuses(workspace: Path) -> None:
     calls: list[tuple[str, int, int]] = []
     summary = run_train_experts(cfg, progress=lambda name, step, total, loss: calls.append((name, step, total)))
 
-    assert summary["k"] == 2 and summary["trained"] == ["expert_00", "expert_01", "multitask_lora"]
-    mt = 2 * 2 + cfg.router.steps  # both experts' steps plus the joint phase's, which trains the experts too
-    assert ("expert_01", 2, 2) in calls and ("multitask_lora", mt, mt) in calls
+    assert summary["k"] == 2 and summary["trained"] == ["shared", "expert_00", "expert_01", "multitask_lora"]
+    # The rows of the shared LoRA (3 x 2 steps), both experts and the joint phase (which trains them too), in
+    # steps of the baseline's batch size.
+    mt = math.ceil(((3 * 2 + 2 * 2) * 2 + cfg.router.steps * cfg.router.batch_size) / 2)
+    assert ("expert_01", 2, 2) in calls and ("multitask_lora", mt, mt) in calls and ("shared", 6, 6) in calls
     index = json.loads((workspace / "artifacts/experts/experts.json").read_text())
     assert [x["id"] for x in index["experts"]] == ["expert_00", "expert_01"]
     assert index["baseline"]["path"] == "artifacts/baselines/multitask_lora" and index["baseline"]["steps"] == mt
@@ -157,7 +160,7 @@ def test_run_train_experts_trains_then_reuses(workspace: Path) -> None:
     mtimes = {p: p.stat().st_mtime_ns for p in files}
 
     again = run_train_experts(cfg)
-    assert again["trained"] == [] and again["reused"] == ["expert_00", "expert_01", "multitask_lora"]
+    assert again["trained"] == [] and again["reused"] == ["shared", "expert_00", "expert_01", "multitask_lora"]
     assert {p: p.stat().st_mtime_ns for p in files} == mtimes
     assert all(x["reused"] for x in json.loads((workspace / "artifacts/experts/experts.json").read_text())["experts"])
 
@@ -166,22 +169,44 @@ def test_run_train_experts_trains_then_reuses(workspace: Path) -> None:
     assert run_train_experts(longer)["trained"] == ["multitask_lora"]
     # More steps is a different fingerprint: everything retrains.
     more = load_config(None, preset="tiny", overrides=[*overrides[:2], "experts.steps=3", *overrides[3:]])
-    assert run_train_experts(more)["trained"] == ["expert_00", "expert_01", "multitask_lora"]
+    assert run_train_experts(more)["trained"] == ["shared", "expert_00", "expert_01", "multitask_lora"]
+    # A longer shared phase retrains the shared LoRA and everything built on it.
+    shared = load_config(None, preset="tiny", overrides=[*overrides[:2], "experts.steps=3", *overrides[3:],
+                                                         "experts.shared_steps=4"])  # fmt: skip
+    assert run_train_experts(shared)["trained"] == ["shared", "expert_00", "expert_01", "multitask_lora"]
 
 
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        ([], 3 * 15 + 20),
-        (["router.freeze_experts=true"], 3 * 15),
-        (["router.expert_lr=0"], 3 * 15),
-        (["router.routing=cluster"], 3 * 15),
-        (["router.steps=0"], 3 * 15),
+        ([], 45 + 3 * 15 + 20),  # the shared LoRA (3 x steps), three experts, the joint phase
+        (["experts.shared_steps=10"], 10 + 3 * 15 + 20),
+        (["experts.shared=none"], 3 * 15 + 20),
+        (["experts.shared=none", "router.freeze_experts=true"], 3 * 15),
+        (["experts.shared=none", "router.expert_lr=0"], 3 * 15),
+        (["experts.shared=none", "router.routing=cluster"], 3 * 15),
+        (["experts.shared=none", "router.steps=0"], 3 * 15),
+        (["router.batch_size=8"], 45 + 3 * 15 + 2 * 20),  # joint rows counted at the joint phase's batch size
         (["experts.multitask_steps=7"], 7),
     ],
 )
-def test_multitask_baseline_gets_the_expert_training_mole_gets(overrides: list[str], expected: int) -> None:
+def test_multitask_baseline_gets_the_training_rows_mole_gets(overrides: list[str], expected: int) -> None:
     from mole.experts import multitask_steps
 
-    cfg = load_config(None, overrides=["experts.steps=15", "router.steps=20", *overrides])
+    cfg = load_config(None, overrides=["experts.steps=15", "router.steps=20", "experts.batch_size=4",
+                                       "router.batch_size=4", *overrides])  # fmt: skip
     assert multitask_steps(cfg, 3) == expected
+
+
+@pytest.mark.parametrize(
+    ("overrides", "rank"),
+    [([], 8 * 3), (["experts.shared=seed"], 8 * 2), (["experts.shared=none", "router.top_k=1"], 8),
+     (["experts.multitask_r=4"], 4)],
+)  # fmt: skip
+def test_multitask_baseline_gets_at_least_the_rank_mole_applies_per_token(overrides: list[str], rank: int) -> None:
+    from mole.experts import multitask_lora
+
+    cfg = load_config(None, overrides=["experts.lora.r=8", "experts.lora.lora_alpha=16", *overrides])
+    lora = multitask_lora(cfg, 5)
+    assert lora.r == rank and lora.lora_alpha / lora.r == 2.0  # the experts' scale alpha / r
+    assert multitask_lora(cfg, 1).r <= rank  # k = 1: one routed expert at most

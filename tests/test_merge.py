@@ -29,7 +29,7 @@ WORDS = ["alpha beta gamma", "one two three four", "red green blue", "cat dog bi
 ROWS = [{"id": f"r{i}", "text": f"{WORDS[i % 4]} {i} {WORDS[(i + 1) % 4]}"} for i in range(8)]
 
 
-def _model(num_experts: int = 4, top_k: int = 2, random: bool = True) -> MoLEModel:
+def _model(num_experts: int = 4, top_k: int = 2, random: bool = True, shared: str | None = None) -> MoLEModel:
     base, tok = load_base("tiny", seed=0)
     spec = MoLESpec(
         base_model={"name": "tiny", "seed": 0},
@@ -39,6 +39,7 @@ def _model(num_experts: int = 4, top_k: int = 2, random: bool = True) -> MoLEMod
         target_modules=["q_proj", "v_proj"],
         top_k=top_k,
         clusters=list(range(num_experts)),
+        shared=shared,
     )
     model = MoLEModel(base=base, tokenizer=tok, spec=spec)
     if random:
@@ -76,7 +77,9 @@ def test_factored_inner_and_similarity_match_dense() -> None:
     g = torch.Generator().manual_seed(1)
     a_i, b_i = torch.randn(3, 7, generator=g), torch.randn(5, 3, generator=g)
     a_j, b_j = torch.randn(3, 7, generator=g), torch.randn(5, 3, generator=g)
-    dense = ((b_i @ a_i).double() * (b_j @ a_j).double()).sum()
+    # The reference is formed in float64 from the float32 factors, as factored_inner computes: a float32 product
+    # would round differently by CPU (MKL picks its kernels by instruction set) and miss float64's tolerance.
+    dense = ((b_i.double() @ a_i.double()) * (b_j.double() @ a_j.double())).sum()
     torch.testing.assert_close(factored_inner(a_i, b_i, a_j, b_j), dense)
 
     model = _model()
@@ -84,7 +87,7 @@ def test_factored_inner_and_similarity_match_dense() -> None:
     e = model.spec.num_experts
     ref = np.zeros((e, e))
     for layer in model.bank.values():
-        dw = [(lambda a, b: (b @ a).double())(*layer.expert(i)) for i in range(e)]  # dense (d_out, d_in) per expert
+        dw = [(lambda a, b: b.double() @ a.double())(*layer.expert(i)) for i in range(e)]  # dense (d_out, d_in), fp64
         ref += np.array([[float((x * y).sum() / (x.norm() * y.norm())) for y in dw] for x in dw])
     np.testing.assert_allclose(sim, ref / len(model.bank), atol=1e-9)
     np.testing.assert_allclose(np.diag(sim), 1.0, atol=1e-12)
@@ -272,3 +275,20 @@ def test_an_accepted_prune_replaces_the_model_and_keeps_the_original(tmp_path: P
     assert len(report["utilization"]) == 4 and np.asarray(report["similarity"]).shape == (4, 4)
     assert report["adapter_mb_after"] < report["adapter_mb_before"] and report["refit"]["steps"] == 2
     assert sorted(p.name for p in (tmp_path / "artifacts").iterdir()) == ["mole", "mole.unmerged"]
+
+
+def test_merge_and_prune_leave_the_shared_expert_alone(tmp_path: Path) -> None:
+    """The shared slot is never a merge or prune candidate and is carried into the new bank unchanged."""
+    from mole.merge import apply_plan
+
+    model = _model(num_experts=4, top_k=2, shared="shared")
+    _copy_expert(model, 0, 2)  # experts 0 and 2 identical: a merge; the shared slot differs from every expert
+    sim = expert_similarity(model)
+    assert sim.shape == (4, 4) and sim[0, 2] == pytest.approx(1.0)
+    decisions = [{"action": "merge", "experts": [0, 2], "weights": [0.5, 0.5]},
+                 {"action": "prune", "expert": 3, "clusters_to": 1}]  # fmt: skip
+    out = MoLEModel.from_pretrained(apply_plan(model, decisions, tmp_path / "merged"))
+    assert out.spec.num_experts == 2 and out.spec.shared == "shared"
+    for name, layer in model.bank.items():
+        for got, want in zip(out.bank[name].expert(out.shared_index), layer.expert(model.shared_index), strict=True):
+            assert torch.equal(got, want)

@@ -136,6 +136,30 @@ def test_cli_train_experts_packed_writes_loadable_peft_adapters(workspace: Path)
             assert not torch.allclose(peft_model(**batch).logits, plain)
         base = peft_model.unload()
     baseline = json.loads((workspace / index["baseline"]["path"] / "train_metrics.json").read_text())
-    # The multitask baseline trains on its own, for both experts' steps plus the joint phase's.
-    assert "mode" not in baseline and baseline["steps"] == 2 * 2 + cfg.router.steps
-    assert run_train_experts(cfg)["reused"] == ["expert_00", "expert_01", "multitask_lora"]
+    # The shared LoRA and the multitask baseline train on their own; the baseline for the rows of the shared LoRA,
+    # both experts and the joint phase (same batch size here).
+    assert "mode" not in baseline and baseline["steps"] == 3 * 2 + 2 * 2 + cfg.router.steps * 8 // 4
+    assert json.loads((workspace / index["shared"]["path"] / "train_metrics.json").read_text())["steps"] == 6
+    assert run_train_experts(cfg)["reused"] == ["shared", "expert_00", "expert_01", "multitask_lora"]
+
+
+@pytest.mark.parametrize("how", ["init_from", "under"])
+def test_packed_experts_on_a_shared_adapter_match_separate_runs(how: str, tmp_path: Path) -> None:
+    """Branched (init_from) and residual (under) experts: packed training gives the adapters of train_lora."""
+    model, tok = load_base("tiny")
+    every = [r for rows in ROWS.values() for r in rows]
+    train_lora(model, tok, every, lora=LORA, cfg=CFG, steps=3, out_dir=tmp_path / "shared", seed=9, fingerprint="s")
+    on = {how: tmp_path / "shared"}
+    for e in _experts(tmp_path / "separate"):
+        train_lora(model, tok, e.rows, lora=LORA, cfg=CFG, steps=e.steps, out_dir=e.out_dir, seed=e.seed,
+                   fingerprint=e.fingerprint, **on)  # fmt: skip
+    train_packed(model, tok, _experts(tmp_path / "packed"), lora=LORA, cfg=CFG, rows_per_forward=2, **on)
+    shared = _adapter(tmp_path / "shared")
+    for name in ROWS:
+        sep, pk = _adapter(tmp_path / "separate" / name), _adapter(tmp_path / "packed" / name)
+        assert sep.keys() == pk.keys() == shared.keys()
+        for key in sep:
+            torch.testing.assert_close(pk[key], sep[key], **TOL, msg=lambda m, k=f"{name} {key}": f"{k}: {m}")
+        # A branched expert moved away from the shared weights it started from; a residual one from zero.
+        start = shared if how == "init_from" else {k: torch.zeros_like(v) for k, v in shared.items()}
+        assert max((pk[k] - start[k]).abs().max() for k in pk if "lora_B" in k) > 100 * TOL["atol"]

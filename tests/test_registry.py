@@ -47,6 +47,7 @@ OVERRIDES = [
     "evaluate.latency_reps=1",
     f"tracking.model_name={NAME}",
     "tracking.retries=2",
+    "tracking.require_beats_baseline=false",  # the gate's baseline rule has its own test; the tiny model is random
     "dvc.push=false",
 ]
 GEN = {"max_new_tokens": 6}
@@ -327,6 +328,38 @@ def test_worse_build_stays_challenger(first: dict, built: BuildConfig, client: M
     assert float(v.tags["mole.promotion.value"]) == pytest.approx(_eval_value(worse))
     assert float(v.tags["mole.promotion.improvement"]) < 0 and v.tags["mole.promotion.champion_source"] == "tag"
     assert client.get_model_version_by_alias(NAME, "champion").version == first["version"]
+
+
+def test_gate_refuses_champion_to_a_build_that_loses_to_its_baseline(
+    first: dict, built: BuildConfig, client: MlflowClient, tmp_path: Path
+) -> None:
+    """With tracking.require_beats_baseline on, a build whose mole loses to its own multitask_lora stays
+    challenger, even though its loss beats the champion's, and says why in its tags."""
+    from mole.verdict import verdict
+
+    ws = tmp_path / "loses"
+    shutil.copytree(built.workspace, ws, ignore=shutil.ignore_patterns(".dvc", "dvc.lock"))
+    # A much longer baseline (the experts are reused: their fingerprints leave multitask_steps out).
+    overrides = [*_overrides(built, ws), "experts.multitask_steps=120", "tracking.require_beats_baseline=true",
+                 "evaluate.generate_rows=1", "merge.utilization_floor=0"]  # fmt: skip
+    loses = load_config(None, preset="tiny", overrides=overrides)
+    assert stages.train_experts(loses)["trained"] == ["multitask_lora"]
+    stages.evaluate(loses)
+    report = json.loads((loses.path(loses.evaluate.out_dir) / "eval.json").read_text())
+    v = verdict(report)
+    assert v["beats_baseline"] is False, f"precondition: the longer baseline wins, got {v}"
+    champion_value = float(client.get_model_version_by_alias(NAME, "champion").tags["mole.promotion.value"])
+    res = register_build(loses, flow_run_id="flow-run-loses")
+    tags = client.get_model_version(NAME, res["version"]).tags
+    assert not res["champion"] and res["aliases"] == ["challenger"]
+    assert tags["mole.promotion.beats_baseline"] == "false" and tags["mole.promotion.decision"] == "challenger"
+    assert "does not beat its own baseline multitask_lora" in tags["mole.promotion.reason"]
+    assert f"{v['loss']:.4f} vs {v['baseline_loss']:.4f}" in tags["mole.promotion.reason"]
+    assert client.get_model_version_by_alias(NAME, "champion").version == first["version"]
+    # Same model with the rule off: the ordinary comparison with the champion decides.
+    off = loses.model_copy(update={"tracking": loses.tracking.model_copy(update={"require_beats_baseline": False})})
+    d = decide(off, None, {"value": v["loss"], "eval_set_hash": "e", "report": report}, rescore=lambda _: 0.0)
+    assert d.promote and d.beats_baseline is False and champion_value > 0
 
 
 def test_champion_from_other_eval_rows_is_rescored(first: dict, built: BuildConfig, client: MlflowClient) -> None:
