@@ -19,6 +19,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
+from rich.text import Text
 
 from mole.config import BuildConfig, ConfigError, load_config
 
@@ -51,11 +52,16 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _error(label: str, message: object) -> None:
+    """Print ``label`` in red, then ``message`` verbatim: no rich markup, so ``file.json[item 3]`` stays whole."""
+    console.print(Text.assemble((label, "bold red"), " ", str(message)), highlight=False, soft_wrap=True)
+
+
 def _config(config: Path, preset: str | None, overrides: list[str] | None) -> BuildConfig:
     try:
         return load_config(config, preset=preset, overrides=overrides or [])
     except ConfigError as exc:
-        console.print(f"[bold red]config error:[/] {exc}", highlight=False, soft_wrap=True)
+        _error("config error:", exc)
         raise typer.Exit(2) from None
 
 
@@ -65,7 +71,7 @@ def _run(name: str, fn: Callable[[BuildConfig], dict[str, Any]], cfg: BuildConfi
         try:
             result = fn(cfg)
         except (ValueError, FileNotFoundError, RuntimeError) as exc:
-            console.print(f"[bold red]{name} failed:[/] {exc}", highlight=False, soft_wrap=True)
+            _error(f"{name} failed:", exc)
             raise typer.Exit(1) from None
     console.print(f"[green]✓[/] {name} ({time.perf_counter() - start:.1f}s)")
     return result
@@ -74,7 +80,7 @@ def _run(name: str, fn: Callable[[BuildConfig], dict[str, Any]], cfg: BuildConfi
 def _summary(title: str, rows: dict[str, Any]) -> None:
     table = Table(title=title, show_header=False, title_justify="left")
     for key, value in rows.items():
-        table.add_row(key, value if isinstance(value, str) else json.dumps(value))
+        table.add_row(key, Text(value if isinstance(value, str) else json.dumps(value)))
     out.print(table)
 
 
@@ -138,7 +144,7 @@ def _run_with_bars(name: str, fn: Callable[..., dict[str, Any]], cfg: BuildConfi
             result = fn(cfg, progress=bars)
         except (ValueError, FileNotFoundError, RuntimeError) as exc:
             bars.progress.stop()
-            console.print(f"[bold red]{name} failed:[/] {exc}", highlight=False, soft_wrap=True)
+            _error(f"{name} failed:", exc)
             raise typer.Exit(1) from None
     console.print(f"[green]✓[/] {name} ({time.perf_counter() - start:.1f}s)")
     return result
@@ -234,7 +240,7 @@ def build(
     state = build_mole(config=cfg, return_state=True)
     run_id = state.state_details.flow_run_id
     if not state.is_completed():
-        console.print(f"[bold red]build failed[/] (flow run {run_id}): {state.message}", highlight=False)
+        _error("build failed", f"(flow run {run_id}): {state.message}")
         raise typer.Exit(1)
     summary = state.result()
     console.print(f"[green]✓[/] build ({time.perf_counter() - start:.1f}s)")
@@ -265,7 +271,7 @@ def trigger(
     try:
         run, dep = start_run(cfg, deployment)
     except LookupError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        _error("error:", exc)
         raise typer.Exit(2) from exc
     console.print(
         f"flow run {run.name} on pool {dep.work_pool_name!r}: {flow_run_url(run.id)}\n"
@@ -279,10 +285,10 @@ def trigger(
             run.id, timeout=timeout, on_state=lambda n: console.print(f"  {time.strftime('%H:%M:%S')} {n}")
         )
     except TimeoutError as exc:
-        console.print(f"[bold red]{exc}[/]", highlight=False)
+        _error("error:", exc)
         raise typer.Exit(1) from exc
     if not run.state.is_completed():
-        console.print(f"[bold red]flow run {run.name} ended {run.state.name}[/]: {run.state.message}", highlight=False)
+        _error(f"flow run {run.name} ended {run.state.name}:", run.state.message)
         raise typer.Exit(1)
     console.print(f"[green]✓[/] flow run {run.name} completed")
 
@@ -368,7 +374,17 @@ def predict(
 
     _setup_logging(verbose)
     cfg = _config(config, preset, set_)
-    kw = {"max_new_tokens": max_new_tokens or cfg.evaluate.max_new_tokens, "temperature": temperature}
+    # Checked before any model loads: a bad value costs nothing.
+    problems = [f"--max-new-tokens: {max_new_tokens} is not a positive number of tokens"] if (
+        max_new_tokens is not None and max_new_tokens < 1) else []  # fmt: skip
+    if temperature < 0:
+        problems.append(f"--temperature: {temperature} is negative (0 decodes greedily)")
+    problems += [f"--prompt #{i + 1}: the prompt is empty" for i, p in enumerate(prompt) if not p.strip()]
+    if problems:
+        _error("predict:", "; ".join(problems))
+        raise typer.Exit(2)
+    kw = {"max_new_tokens": max_new_tokens if max_new_tokens is not None else cfg.evaluate.max_new_tokens,
+          "temperature": temperature}  # fmt: skip
     res = _run("predict", lambda c: {"out": run_predict(model, prompt, **kw, uri=tracking_uri(c))}, cfg)
     # Plain stdout, not rich: completions are data for scripts, and rich would wrap long lines.
     if as_json:

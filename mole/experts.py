@@ -276,11 +276,8 @@ class _Job:
 
 
 def shared_steps(cfg: BuildConfig) -> int:
-    """Steps of the shared LoRA: ``experts.shared_steps``, else 3 × ``experts.steps``; 0 without one."""
-    e = cfg.experts
-    if e.shared == "none":
-        return 0
-    return e.shared_steps if e.shared_steps is not None else 3 * e.steps
+    """Steps of the shared LoRA: ``experts.shared_steps``; 0 without one (``experts.shared = none``)."""
+    return 0 if cfg.experts.shared == "none" else cfg.experts.shared_steps
 
 
 def _jobs(cfg: BuildConfig, groups: dict[int, list[dict[str, Any]]]) -> list[_Job]:

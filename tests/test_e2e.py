@@ -231,6 +231,9 @@ def finished(stack: Stack) -> dict[str, Any]:
 
     ws, remote = stack.root / "workspace", stack.root / "dvc-remote"
     overrides = [f"workspace={ws}", f"dvc.remote={remote}", f"tracking.uri={stack.mlflow}"]
+    # The tiny preset's random model beats its baseline or not by chance; the baseline rule of the gate has its own
+    # test (test_registry), and this run must end with a champion to serve.
+    overrides.append("tracking.require_beats_baseline=false")
     cfg = load_config(None, preset="tiny", overrides=overrides)
     t0 = time.monotonic()
     with _client(stack.api) as c:

@@ -124,10 +124,11 @@ def test_training_compute_of_every_variant_is_recorded(built: tuple[BuildConfig,
               for e in [*index["experts"], index["shared"], index["baseline"]]}  # fmt: skip
     joint = json.loads((stages.mole_paths(cfg)["metrics"]).read_text())["joint"]
     assert t["mole"]["tokens"] == sum(v for k, v in tokens.items() if k != "multitask_lora") + joint["tokens"]
-    assert t["mole"]["steps"] == 3 * 3 + 3 * 3 + 2  # shared (3 x steps) + three experts + the joint phase
+    assert t["mole"]["steps"] == cfg.experts.shared_steps + 3 * 3 + 2  # shared + three experts + the joint phase
     assert t["multitask_lora"]["steps"] == multitask_steps(cfg, 3) and t["multitask_lora"]["tokens"] == tokens[
         "multitask_lora"]  # fmt: skip
-    assert t["mole"]["rank"] == cfg.experts.lora.r * (cfg.router.top_k + 1)  # top-k experts + the shared one
+    # top-k branched experts (experts.shared = seed: no always-on slot)
+    assert cfg.experts.shared == "seed" and t["mole"]["rank"] == cfg.experts.lora.r * cfg.router.top_k
     assert t["multitask_lora"]["rank"] >= t["mole"]["rank"] and t["base"] == {"steps": 0, "tokens": 0, "rank": 0}
     # The baseline sees as many training rows as the mixture, so about as many tokens (rows differ in length).
     assert t["multitask_lora"]["tokens"] == pytest.approx(t["mole"]["tokens"], rel=0.25)

@@ -145,10 +145,11 @@ def test_run_train_experts_trains_then_reuses(workspace: Path) -> None:
     summary = run_train_experts(cfg, progress=lambda name, step, total, loss: calls.append((name, step, total)))
 
     assert summary["k"] == 2 and summary["trained"] == ["shared", "expert_00", "expert_01", "multitask_lora"]
-    # The rows of the shared LoRA (3 x 2 steps), both experts and the joint phase (which trains them too), in
-    # steps of the baseline's batch size.
-    mt = math.ceil(((3 * 2 + 2 * 2) * 2 + cfg.router.steps * cfg.router.batch_size) / 2)
-    assert ("expert_01", 2, 2) in calls and ("multitask_lora", mt, mt) in calls and ("shared", 6, 6) in calls
+    # The rows of the shared LoRA, both experts and the joint phase (which trains them too), in steps of the
+    # baseline's batch size.
+    sh = cfg.experts.shared_steps
+    mt = math.ceil(((sh + 2 * 2) * 2 + cfg.router.steps * cfg.router.batch_size) / 2)
+    assert ("expert_01", 2, 2) in calls and ("multitask_lora", mt, mt) in calls and ("shared", sh, sh) in calls
     index = json.loads((workspace / "artifacts/experts/experts.json").read_text())
     assert [x["id"] for x in index["experts"]] == ["expert_00", "expert_01"]
     assert index["baseline"]["path"] == "artifacts/baselines/multitask_lora" and index["baseline"]["steps"] == mt
@@ -167,9 +168,9 @@ def test_run_train_experts_trains_then_reuses(workspace: Path) -> None:
     # A longer joint phase changes the baseline's steps only: the experts are reused.
     longer = load_config(None, preset="tiny", overrides=[*overrides, f"router.steps={cfg.router.steps + 1}"])
     assert run_train_experts(longer)["trained"] == ["multitask_lora"]
-    # More steps is a different fingerprint: everything retrains.
+    # More expert steps retrain the experts and the baseline; the shared LoRA does not depend on them.
     more = load_config(None, preset="tiny", overrides=[*overrides[:2], "experts.steps=3", *overrides[3:]])
-    assert run_train_experts(more)["trained"] == ["shared", "expert_00", "expert_01", "multitask_lora"]
+    assert run_train_experts(more)["trained"] == ["expert_00", "expert_01", "multitask_lora"]
     # A longer shared phase retrains the shared LoRA and everything built on it.
     shared = load_config(None, preset="tiny", overrides=[*overrides[:2], "experts.steps=3", *overrides[3:],
                                                          "experts.shared_steps=4"])  # fmt: skip
@@ -179,7 +180,7 @@ def test_run_train_experts_trains_then_reuses(workspace: Path) -> None:
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        ([], 45 + 3 * 15 + 20),  # the shared LoRA (3 x steps), three experts, the joint phase
+        ([], 45 + 3 * 15 + 20),  # the shared LoRA, three experts, the joint phase
         (["experts.shared_steps=10"], 10 + 3 * 15 + 20),
         (["experts.shared=none"], 3 * 15 + 20),
         (["experts.shared=none", "router.freeze_experts=true"], 3 * 15),
@@ -193,20 +194,21 @@ def test_run_train_experts_trains_then_reuses(workspace: Path) -> None:
 def test_multitask_baseline_gets_the_training_rows_mole_gets(overrides: list[str], expected: int) -> None:
     from mole.experts import multitask_steps
 
-    cfg = load_config(None, overrides=["experts.steps=15", "router.steps=20", "experts.batch_size=4",
-                                       "router.batch_size=4", *overrides])  # fmt: skip
+    sizes = ["experts.steps=15", "experts.shared_steps=45", "router.steps=20", "experts.batch_size=4",
+             "router.batch_size=4"]  # fmt: skip
+    cfg = load_config(None, overrides=[*sizes, *overrides])
     assert multitask_steps(cfg, 3) == expected
 
 
 @pytest.mark.parametrize(
     ("overrides", "rank"),
-    [([], 8 * 3), (["experts.shared=seed"], 8 * 2), (["experts.shared=none", "router.top_k=1"], 8),
-     (["experts.multitask_r=4"], 4)],
+    [(["experts.shared=residual"], 8 * 3), (["experts.shared=seed"], 8 * 2),
+     (["experts.shared=none", "router.top_k=1"], 8), (["experts.multitask_r=4"], 4)],
 )  # fmt: skip
 def test_multitask_baseline_gets_at_least_the_rank_mole_applies_per_token(overrides: list[str], rank: int) -> None:
     from mole.experts import multitask_lora
 
-    cfg = load_config(None, overrides=["experts.lora.r=8", "experts.lora.lora_alpha=16", *overrides])
+    cfg = load_config(None, overrides=["experts.lora.r=8", "experts.lora.lora_alpha=16", "router.top_k=2", *overrides])
     lora = multitask_lora(cfg, 5)
     assert lora.r == rank and lora.lora_alpha / lora.r == 2.0  # the experts' scale alpha / r
     assert multitask_lora(cfg, 1).r <= rank  # k = 1: one routed expert at most

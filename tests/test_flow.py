@@ -142,7 +142,7 @@ def test_expert_fanout_runs_on_a_local_dask_cluster(prefect_api: str, tmp_path: 
         workers = set(client.run(os.getpid).values())
         cfg.flow.address = cluster.scheduler_address
         entries = expert_fanout.with_options(task_runner=task_runner(cfg.flow))(cfg, {"hash": "tfidf"})
-    assert sorted(e["id"] for e in entries) == [f"expert_{c:02d}" for c in range(k)]
+    assert sorted(e["id"] for e in entries) == [*(f"expert_{c:02d}" for c in range(k)), "shared"]
     assert {e["pid"] for e in entries} <= workers and os.getpid() not in workers, (entries, workers)
     for e in entries:
         assert (tmp_path / e["path"] / "adapter_model.safetensors").is_file()

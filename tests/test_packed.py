@@ -138,8 +138,9 @@ def test_cli_train_experts_packed_writes_loadable_peft_adapters(workspace: Path)
     baseline = json.loads((workspace / index["baseline"]["path"] / "train_metrics.json").read_text())
     # The shared LoRA and the multitask baseline train on their own; the baseline for the rows of the shared LoRA,
     # both experts and the joint phase (same batch size here).
-    assert "mode" not in baseline and baseline["steps"] == 3 * 2 + 2 * 2 + cfg.router.steps * 8 // 4
-    assert json.loads((workspace / index["shared"]["path"] / "train_metrics.json").read_text())["steps"] == 6
+    sh = cfg.experts.shared_steps
+    assert "mode" not in baseline and baseline["steps"] == sh + 2 * 2 + cfg.router.steps * 8 // 4
+    assert json.loads((workspace / index["shared"]["path"] / "train_metrics.json").read_text())["steps"] == sh
     assert run_train_experts(cfg)["reused"] == ["shared", "expert_00", "expert_01", "multitask_lora"]
 
 

@@ -99,3 +99,26 @@ def test_warm_started_router_routes_like_the_clusterer(tiny_ws: Path) -> None:
     model = MoLEModel.from_pretrained(tiny_ws / "artifacts" / "mole")
     assert model.spec.num_experts == len(util[0])
     assert (tiny_ws / "artifacts" / "mole" / "clusterer" / "centroids.npy").exists()
+
+
+def test_cli_errors_keep_bracketed_locators(tmp_path: Path) -> None:
+    """The row locator ``file.json[item 3]`` reaches the terminal whole: errors print with rich markup off."""
+    bad = tmp_path / "arr_bad.json"
+    bad.write_text(json.dumps([{"text": f"row {i}"} for i in range(3)] + ["not an object"]))
+    proc = subprocess.run([sys.executable, "-m", "mole.cli", "prepare", "--set", f"data.source={bad}"],
+                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode != 0
+    assert "arr_bad.json[item 3]: expected a JSON object" in " ".join(proc.stderr.split())
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--max-new-tokens", "0", "--prompt", "hi"], "--max-new-tokens: 0 is not a positive number"),
+     (["--temperature", "-1", "--prompt", "hi"], "--temperature: -1.0 is negative"),
+     (["--prompt", "  "], "--prompt #1: the prompt is empty")],
+)  # fmt: skip
+def test_predict_refuses_bad_parameters_before_loading_a_model(tmp_path: Path, args: list[str], message: str) -> None:
+    # The model dir does not exist: a check made after loading would fail on it instead.
+    proc = subprocess.run([sys.executable, "-m", "mole.cli", "predict", "--model", str(tmp_path / "nowhere"), *args],
+                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and message in " ".join(proc.stderr.split())

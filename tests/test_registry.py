@@ -237,7 +237,7 @@ def test_first_build_logs_parent_and_nested_runs(first: dict, built: BuildConfig
     children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{first['run_id']}'")
     index = json.loads((built.path("artifacts/experts/experts.json")).read_text())
     assert sorted(c.data.tags["mole.expert"] for c in children) == sorted(
-        [e["id"] for e in index["experts"]] + [index["baseline"]["id"]]
+        [e["id"] for e in index["experts"]] + [index["baseline"]["id"], index["shared"]["id"]]
     )
     for child in children:
         history = client.get_metric_history(child.info.run_id, "loss")
@@ -316,7 +316,8 @@ def test_worse_build_stays_challenger(first: dict, built: BuildConfig, client: M
     ws = tmp_path / "worse"
     shutil.copytree(built.workspace, ws, ignore=shutil.ignore_patterns(".dvc", "dvc.lock", "baselines"))
     cheaper = ["experts.multitask_baseline=false", "evaluate.generate_rows=1"]  # the gate reads the loss only
-    worse = load_config(None, preset="tiny", overrides=[*_overrides(built, ws), "experts.steps=1", *cheaper])
+    fewer = ["experts.steps=1", "experts.shared_steps=1"]
+    worse = load_config(None, preset="tiny", overrides=[*_overrides(built, ws), *fewer, *cheaper])
     for stage in (stages.train_experts, stages.train_router, stages.evaluate, stages.merge_prune):
         stage(worse)
     assert _eval_value(worse) > _eval_value(built), "precondition: fewer expert steps give a worse eval loss"
