@@ -122,7 +122,7 @@ class ExpertsConfig(_Section):
     """One LoRA expert per cluster, plus the multitask LoRA baseline (stage ``train-experts``)."""
 
     lora: LoraSection = LoraSection()
-    steps: int = Field(5, ge=1, description="optimizer steps per expert on its own cluster")
+    steps: int = Field(15, ge=1, description="optimizer steps per expert on its own cluster")
     batch_size: int = Field(4, ge=1)
     max_length: int = Field(64, ge=8)
     lr: float = Field(3e-3, gt=0)
@@ -134,7 +134,7 @@ class ExpertsConfig(_Section):
         "separate", description="separate: one run per expert; packed: all experts in one run over one base"
     )
     shared: Literal["none", "seed", "residual"] = Field(
-        "seed",
+        "residual",
         description="a shared LoRA trained first on all rows: none; seed (each expert starts as a copy of it, "
         "BTX-style, and the MoLE mixes the branched experts); residual (experts train on top of it, frozen, and "
         "the MoLE applies it to every token plus the routed top-k)",
@@ -157,7 +157,7 @@ class ExpertsConfig(_Section):
 class RouterConfig(_Section):
     """Token router and joint router + expert fine-tuning (stage ``train-router``)."""
 
-    top_k: int = Field(1, ge=1)
+    top_k: int = Field(2, ge=1)
     routing: Literal["token_topk", "cluster"] = "token_topk"
     path: Literal["auto", "dense", "sparse"] = "auto"
     warm_start: bool = True
@@ -169,10 +169,10 @@ class RouterConfig(_Section):
     )
     warm_start_c: float = Field(0.01, gt=0, description="inverse L2 strength of the logistic warm start")
     warm_start_tokens: int = Field(16384, ge=1, description="tokens sampled for the logistic warm start")
-    steps: int = Field(60, ge=0, description="joint router + expert steps (the upcycling phase)")
+    steps: int = Field(20, ge=0, description="joint router + expert steps")
     batch_size: int = Field(4, ge=1)
     lr: float = Field(1e-4, gt=0, description="router (gate) learning rate")
-    expert_lr: float = Field(3e-3, ge=0, description="expert learning rate in the joint phase")
+    expert_lr: float = Field(1e-4, ge=0, description="expert learning rate in the joint phase")
     freeze_experts: bool = False
     aux_loss_coef: float = Field(0.01, ge=0)
     z_loss_coef: float = Field(0.0, ge=0)

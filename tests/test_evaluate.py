@@ -127,8 +127,8 @@ def test_training_compute_of_every_variant_is_recorded(built: tuple[BuildConfig,
     assert t["mole"]["steps"] == cfg.experts.shared_steps + 3 * 3 + 2  # shared + three experts + the joint phase
     assert t["multitask_lora"]["steps"] == multitask_steps(cfg, 3) and t["multitask_lora"]["tokens"] == tokens[
         "multitask_lora"]  # fmt: skip
-    # top-k branched experts (experts.shared = seed: no always-on slot)
-    assert cfg.experts.shared == "seed" and t["mole"]["rank"] == cfg.experts.lora.r * cfg.router.top_k
+    # top-k experts plus the always-on shared one (experts.shared = residual)
+    assert cfg.experts.shared == "residual" and t["mole"]["rank"] == cfg.experts.lora.r * (cfg.router.top_k + 1)
     assert t["multitask_lora"]["rank"] >= t["mole"]["rank"] and t["base"] == {"steps": 0, "tokens": 0, "rank": 0}
     # The baseline sees as many training rows as the mixture, so about as many tokens (rows differ in length).
     assert t["multitask_lora"]["tokens"] == pytest.approx(t["mole"]["tokens"], rel=0.25)
