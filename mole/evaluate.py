@@ -215,6 +215,7 @@ def training_compute(cfg: BuildConfig, variants: dict[str, Any]) -> dict[str, di
     trains the experts; a router-only phase adds its steps and tokens all the same). The fixed-routing variants use
     the same adapters, so they share those counts, but apply one expert per token.
     """
+    from mole.experts import rank_per_token
     from mole.stages import experts_paths, mole_paths
 
     index_path = experts_paths(cfg)["index"]
@@ -238,7 +239,7 @@ def training_compute(cfg: BuildConfig, variants: dict[str, Any]) -> dict[str, di
     k = len(index.get("experts", [])) or 1
     mole = {"steps": steps, "tokens": tokens, "phases": {n: {"steps": s, "tokens": t} for n, (s, t) in parts.items()}}
     out = {"base": {"steps": 0, "tokens": 0, "rank": 0}}
-    out["mole"] = {**mole, "rank": r * (min(cfg.router.top_k, k) + residual)}
+    out["mole"] = {**mole, "rank": rank_per_token(cfg, k)}  # the same rule the baseline's rank is matched to
     for name in ("oracle_experts", "cluster_routing"):
         out[name] = {**mole, "rank": r * (1 + residual)}
     if index.get("baseline"):

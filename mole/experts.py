@@ -270,8 +270,7 @@ class _Job:
         extra: dict[str, Any] = {"upstream": self.upstream} if self.upstream else {}
         if self.lora is not None:
             extra["lora"] = self.lora.model_dump(mode="json")
-        kind = "expert" if self.kind == "expert" else self.kind
-        return _fingerprint(cfg, kind=kind, seed=self.seed, steps=self.steps, row_ids=[r["id"] for r in self.rows],
+        return _fingerprint(cfg, kind=self.kind, seed=self.seed, steps=self.steps, row_ids=[r["id"] for r in self.rows],
                             extra=extra)  # fmt: skip
 
 
