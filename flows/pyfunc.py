@@ -22,7 +22,13 @@ BASE_INFO = "base.json"  # in the bundled base dir: {"kind", "file" (a .gguf nam
 PREDICT_BATCH = 8  # prompts generated together
 
 
-def load_mole(mole_dir: str | Path, base_dir: str | Path | None = None, *, device: str | None = None) -> Any:
+def load_mole(
+    mole_dir: str | Path,
+    base_dir: str | Path | None = None,
+    *,
+    device: str | None = None,
+    trust_remote_code: bool = False,
+) -> Any:
     """Load a MoLE model directory, on the bundled base when ``base_dir`` is given, else on its base reference.
 
     Args:
@@ -30,6 +36,7 @@ def load_mole(mole_dir: str | Path, base_dir: str | Path | None = None, *, devic
         base_dir: a bundled base (see flows/registry.py ``bundle_base``); None loads ``base_model`` of
             mole_config.json as ``mole.model.load_spec_base`` resolves it.
         device: where to load; None keeps the spec's device when it is "cpu", else "auto".
+        trust_remote_code: the caller's permission for the base's own code (a saved flag alone is refused).
 
     Returns:
         A ``mole.model.MoLEModel`` in eval mode.
@@ -43,8 +50,9 @@ def load_mole(mole_dir: str | Path, base_dir: str | Path | None = None, *, devic
     ref = json.loads(spec_file.read_text(encoding="utf-8"))["base_model"]
     device = device or (ref.get("device") if ref.get("device", "cpu") == "cpu" else "auto")
     if base_dir is None or not (Path(base_dir) / BASE_INFO).exists():
-        return MoLEModel.from_pretrained(mole_dir, device=device)
+        return MoLEModel.from_pretrained(mole_dir, device=device, trust_remote_code=trust_remote_code)
     from mole.base import load_base
+    from mole.trust import remote_code
 
     info = json.loads((Path(base_dir) / BASE_INFO).read_text(encoding="utf-8"))
     source = Path(base_dir) / info["file"] if info.get("file") else Path(base_dir)
@@ -52,9 +60,9 @@ def load_mole(mole_dir: str | Path, base_dir: str | Path | None = None, *, devic
         str(source),
         dtype=ref.get("dtype", "float32"),
         device=device,
-        trust_remote_code=ref.get("trust_remote_code", False),
+        trust_remote_code=remote_code(ref.get("trust_remote_code", False), trust_remote_code, spec_file),
     )
-    return MoLEModel.from_pretrained(mole_dir, base=base, tokenizer=tokenizer)
+    return MoLEModel.from_pretrained(mole_dir, base=base, tokenizer=tokenizer, trust_remote_code=trust_remote_code)
 
 
 def prompts_of(model_input: Any) -> list[str]:
@@ -91,9 +99,14 @@ class MoLEPyfunc(PythonModel):
     """pyfunc wrapper: ``predict(DataFrame[prompt], params={max_new_tokens, temperature}) -> list[str]``."""
 
     def load_context(self, context: Any) -> None:
-        """Load the MoLE model from the logged artifacts (the bundled base when there is one)."""
+        """Load the MoLE model from the logged artifacts (the bundled base when there is one).
+
+        Remote code runs only when the model config says so: set at log time from the building user's own
+        ``base_model.trust_remote_code``, or at load time (``load_model(uri, model_config=...)``).
+        """
         artifacts = context.artifacts
-        self.model = load_mole(artifacts[MOLE_ARTIFACT], artifacts.get(BASE_ARTIFACT))
+        allow = bool((getattr(context, "model_config", None) or {}).get("trust_remote_code", False))
+        self.model = load_mole(artifacts[MOLE_ARTIFACT], artifacts.get(BASE_ARTIFACT), trust_remote_code=allow)
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[str]:
         """One completion per prompt, in order."""

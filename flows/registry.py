@@ -299,6 +299,7 @@ def _log_model(cfg: BuildConfig, build: dict[str, Any]) -> Any:
             input_example=pd.DataFrame({"prompt": [prompt]}),
             pip_requirements=_requirements(model_dir),
             metadata={"base_ref": spec["base_model"], "base_bundle": bundle, "mole": spec},
+            model_config={"trust_remote_code": cfg.base_model.trust_remote_code},
             tags={"mole.build_key": build["key"]},
         )
 
@@ -332,10 +333,15 @@ def _requirements(model_dir: Path) -> list[str]:
     return out
 
 
-def _load_pyfunc(model_uri: str) -> Any:
-    """``mlflow.pyfunc.load_model`` without leaving the model's code dir at the front of this process's sys.path."""
+def _load_pyfunc(model_uri: str, *, trust_remote_code: bool = False) -> Any:
+    """``mlflow.pyfunc.load_model`` without leaving the model's code dir at the front of this process's sys.path.
+
+    ``trust_remote_code`` True overrides the logged model config (the user allows the base's code now).
+    """
     path = list(sys.path)
     try:
+        if trust_remote_code:
+            return mlflow.pyfunc.load_model(model_uri, model_config={"trust_remote_code": True})
         return mlflow.pyfunc.load_model(model_uri)
     finally:
         sys.path[:] = path  # load_model prepends the model's bundled code; keep this process's own mole
@@ -385,6 +391,7 @@ def predict(
     max_new_tokens: int,
     temperature: float = 0.0,
     uri: str | None = None,
+    trust_remote_code: bool = False,
 ) -> list[str]:
     """Completions of ``prompts`` from a registered model, an MLflow model dir or a MoLE model dir.
 
@@ -396,14 +403,15 @@ def predict(
         max_new_tokens: tokens generated per prompt.
         temperature: 0 decodes greedily; above 0 samples.
         uri: tracking URI for model URIs.
+        trust_remote_code: allow the base model's own code (a model dir's saved flag alone is refused).
     """
     params = {"max_new_tokens": max_new_tokens, "temperature": temperature}
     if "://" in model or model.startswith(("models:/", "runs:/")) or (Path(model) / "MLmodel").exists():
         with _tracking(uri or mlflow.get_tracking_uri()):
-            loaded = _load_pyfunc(model)
+            loaded = _load_pyfunc(model, trust_remote_code=trust_remote_code)
             return list(loaded.predict(pd.DataFrame({"prompt": prompts}), params=params))
     if not Path(model).is_dir():
         raise FileNotFoundError(f"--model {model!r}: expected models:/<name>@<alias>, or a model directory")
     from flows.pyfunc import generation_kwargs, load_mole
 
-    return load_mole(model).generate_text(prompts, **generation_kwargs(params))
+    return load_mole(model, trust_remote_code=trust_remote_code).generate_text(prompts, **generation_kwargs(params))

@@ -57,6 +57,14 @@ def _error(label: str, message: object) -> None:
     console.print(Text.assemble((label, "bold red"), " ", str(message)), highlight=False, soft_wrap=True)
 
 
+def _one_line(exc: BaseException) -> str:
+    """An error as one line: an OSError names its path(s) and the OS's reason, not its errno tuple."""
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
+        return f"{paths}: {exc.strerror}"
+    return str(exc)
+
+
 def _config(config: Path, preset: str | None, overrides: list[str] | None) -> BuildConfig:
     try:
         return load_config(config, preset=preset, overrides=overrides or [])
@@ -70,8 +78,8 @@ def _run(name: str, fn: Callable[[BuildConfig], dict[str, Any]], cfg: BuildConfi
     with console.status(f"[bold]{name}[/] …"):
         try:
             result = fn(cfg)
-        except (ValueError, FileNotFoundError, RuntimeError) as exc:
-            _error(f"{name} failed:", exc)
+        except (ValueError, OSError, RuntimeError) as exc:
+            _error(f"{name} failed:", _one_line(exc))
             raise typer.Exit(1) from None
     console.print(f"[green]✓[/] {name} ({time.perf_counter() - start:.1f}s)")
     return result
@@ -363,6 +371,9 @@ def predict(
     max_new_tokens: Annotated[int | None, typer.Option(help="Default: evaluate.max_new_tokens.")] = None,
     temperature: Annotated[float, typer.Option(help="0 decodes greedily; above 0 samples.")] = 0.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print [{prompt, completion}] as JSON.")] = False,
+    trust_remote_code: Annotated[
+        bool, typer.Option("--trust-remote-code", help="Allow the base model's own Python code (off by default).")
+    ] = False,
     config: ConfigOpt = Path("params.yaml"),
     preset: PresetOpt = None,
     set_: SetOpt = None,
@@ -384,7 +395,8 @@ def predict(
         _error("predict:", "; ".join(problems))
         raise typer.Exit(2)
     kw = {"max_new_tokens": max_new_tokens if max_new_tokens is not None else cfg.evaluate.max_new_tokens,
-          "temperature": temperature}  # fmt: skip
+          "temperature": temperature,
+          "trust_remote_code": trust_remote_code or cfg.base_model.trust_remote_code}  # fmt: skip
     res = _run("predict", lambda c: {"out": run_predict(model, prompt, **kw, uri=tracking_uri(c))}, cfg)
     # Plain stdout, not rich: completions are data for scripts, and rich would wrap long lines.
     if as_json:

@@ -249,11 +249,11 @@ class Clusterer:
         (directory / "clusterer.json").write_text(json.dumps({"k": self.k, "embedder": self.embedder.name}))
 
     @classmethod
-    def load(cls, directory: str | Path) -> Clusterer:
-        """Load a clusterer saved with :meth:`save`."""
+    def load(cls, directory: str | Path, *, trust_remote_code: bool = False) -> Clusterer:
+        """Load a clusterer saved with :meth:`save` (``trust_remote_code``: the caller's own permission)."""
         directory = Path(directory)
         centroids = np.load(directory / "centroids.npy", allow_pickle=False)
-        return cls(embedder=load_embedder(directory), centroids=centroids)
+        return cls(embedder=load_embedder(directory, trust_remote_code=trust_remote_code), centroids=centroids)
 
 
 def fit_clusters(

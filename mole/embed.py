@@ -14,6 +14,8 @@ from typing import Protocol
 
 import numpy as np
 
+from mole.trust import remote_code
+
 logger = logging.getLogger(__name__)
 
 
@@ -171,18 +173,19 @@ def make_embedder(
     raise ValueError(f"cluster.embedder: unknown embedder {name!r}; expected minilm, tfidf or base")
 
 
-def load_embedder(directory: Path) -> Embedder:
-    """Load an embedder saved with ``save``."""
+def load_embedder(directory: Path, *, trust_remote_code: bool = False) -> Embedder:
+    """Load an embedder saved with ``save``; a saved ``trust_remote_code`` needs the caller's own permission."""
     meta = json.loads((directory / "embedder.json").read_text())
     if meta["name"] == "tfidf":
         return TfidfEmbedder.load(directory, meta)
     if meta["name"] == "minilm":
         return MiniLMEmbedder(batch_size=meta["batch_size"])
     if meta["name"] == "base":
+        kwargs = dict(meta["load_kwargs"])
+        kwargs["trust_remote_code"] = remote_code(
+            kwargs.get("trust_remote_code", False), trust_remote_code, directory / "embedder.json"
+        )
         return BaseModelEmbedder(
-            base_spec=meta["base_spec"],
-            batch_size=meta["batch_size"],
-            max_length=meta["max_length"],
-            **meta["load_kwargs"],
+            base_spec=meta["base_spec"], batch_size=meta["batch_size"], max_length=meta["max_length"], **kwargs
         )
     raise ValueError(f"{directory / 'embedder.json'}: unknown embedder name {meta['name']!r}")

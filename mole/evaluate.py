@@ -263,7 +263,9 @@ def _evaluate_mole(
     from mole.model import MoLEModel
     from mole.train import row_routing
 
-    model = MoLEModel.from_pretrained(mole_dir, device=cfg.base_model.device)
+    model = MoLEModel.from_pretrained(
+        mole_dir, device=cfg.base_model.device, trust_remote_code=cfg.base_model.trust_remote_code
+    )
     expert_of = model.spec.expert_of_cluster()
     unserved = sorted({c for c in clusters + groups if c not in expert_of})
     if unserved:

@@ -235,7 +235,7 @@ def run_merge_prune(cfg: BuildConfig) -> dict[str, Any]:
         raise FileNotFoundError(f"{src / SPEC_FILE} does not exist; run `mole train-router` first")
     train, evals = load_prepared(cfg)
     kw = {"batch_size": cfg.evaluate.batch_size, "max_length": cfg.experts.max_length}
-    model = MoLEModel.from_pretrained(src)
+    model = MoLEModel.from_pretrained(src, trust_remote_code=cfg.base_model.trust_remote_code)
     util, sim = utilization(model, evals, **kw), expert_similarity(model)
     decisions = plan(util, sim, cfg.merge, ids=model.spec.expert_ids)
     report = {"decisions": decisions, "utilization": util.tolist(), "similarity": sim.round(6).tolist()}
@@ -264,7 +264,7 @@ def run_merge_prune(cfg: BuildConfig) -> dict[str, Any]:
 def _refit_score(cfg: BuildConfig, cand_dir: Path, train: Rows, evals: Rows, loss_before: float, extra: dict) -> dict:
     """Re-fit the candidate's routers (experts frozen), save it in place, score it and apply the gate."""
     m, kw = cfg.merge, {"batch_size": cfg.evaluate.batch_size, "max_length": cfg.experts.max_length}
-    cand, out = MoLEModel.from_pretrained(cand_dir), {}
+    cand, out = MoLEModel.from_pretrained(cand_dir, trust_remote_code=cfg.base_model.trust_remote_code), {}
     if m.refit_steps > 0:
         rcfg = cfg.router.model_copy(update={"steps": m.refit_steps, "freeze_experts": True, "lr": m.refit_lr})
         refit = joint_train(cand, train, rcfg, max_length=cfg.experts.max_length, seed=cfg.seed)

@@ -25,6 +25,7 @@ from mole.adapters import adapter_keys, read_adapter, write_adapter
 from mole.io import atomic_dir
 from mole.layer import MoLELinear, RoutingState
 from mole.router import RouterOutput, TokenTopKRouter, forced_routing
+from mole.trust import remote_code
 
 logger = logging.getLogger(__name__)
 SPEC_FILE = "mole_config.json"
@@ -330,15 +331,25 @@ class MoLEModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | Path, *, base: nn.Module | None = None, tokenizer: Any = None, device: str | None = None
+        cls,
+        directory: str | Path,
+        *,
+        base: nn.Module | None = None,
+        tokenizer: Any = None,
+        device: str | None = None,
+        trust_remote_code: bool = False,
     ) -> MoLEModel:
-        """Load a saved MoLE model; the base is loaded from the reference in mole_config.json unless given."""
+        """Load a saved MoLE model; the base is loaded from the reference in mole_config.json unless given.
+
+        A model directory is data, not code: its saved ``trust_remote_code`` is honoured only when the caller's own
+        ``trust_remote_code`` (the user's config or flag) allows it, and refused otherwise (see ``remote_code``).
+        """
         directory = Path(directory)
-        if not (directory / SPEC_FILE).exists():
-            raise FileNotFoundError(f"{directory}: no {SPEC_FILE}; not a MoLE model directory")
-        spec = MoLESpec(**json.loads((directory / SPEC_FILE).read_text()))
+        spec = read_spec(directory)
         if base is None:
-            base, tokenizer = load_spec_base(spec.base_model, device=device)
+            base, tokenizer = load_spec_base(
+                spec.base_model, device=device, trust_remote_code=trust_remote_code, source=directory / SPEC_FILE
+            )
         model = cls(base=base, tokenizer=tokenizer, spec=spec)
         for i, eid in enumerate(spec.expert_ids):
             model.load_expert(i, directory / "experts" / eid)
@@ -348,7 +359,7 @@ class MoLEModel(nn.Module):
         if (directory / "clusterer" / "centroids.npy").exists():
             from mole.cluster import Clusterer
 
-            model.clusterer = Clusterer.load(directory / "clusterer")
+            model.clusterer = Clusterer.load(directory / "clusterer", trust_remote_code=trust_remote_code)
         return model.eval()
 
     @classmethod
@@ -401,14 +412,34 @@ def _module_name(root: nn.Module, target: nn.Module) -> str:
     raise ValueError("module is not part of the model")
 
 
-def load_spec_base(ref: dict[str, Any], *, device: str | None = None) -> tuple[nn.Module, Any]:
-    """Load the base model a MoLE spec refers to (name, revision, dtype, device, trust_remote_code, seed)."""
+def read_spec(directory: str | Path) -> MoLESpec:
+    """The MoLESpec of a model dir's mole_config.json; errors name the file."""
+    path = Path(directory) / SPEC_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{directory}: no {SPEC_FILE}; not a MoLE model directory")
+    try:
+        return MoLESpec(**json.loads(path.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as exc:
+        raise ValueError(f"{path}: not a valid MoLE model config: {exc}") from None
+
+
+def load_spec_base(
+    ref: dict[str, Any],
+    *,
+    device: str | None = None,
+    trust_remote_code: bool = False,
+    source: str | Path = SPEC_FILE,
+) -> tuple[nn.Module, Any]:
+    """Load the base model a MoLE spec refers to (name, revision, dtype, device, seed).
+
+    The spec's ``trust_remote_code`` takes effect only where ``trust_remote_code`` allows it (``remote_code``).
+    """
     from mole.base import load_base
 
     return load_base(
         ref["name"],
         revision=ref.get("revision"),
-        trust_remote_code=ref.get("trust_remote_code", False),
+        trust_remote_code=remote_code(ref.get("trust_remote_code", False), trust_remote_code, source),
         dtype=ref.get("dtype", "float32"),
         device=device or ref.get("device", "cpu"),
         seed=ref.get("seed", 0),

@@ -244,7 +244,10 @@ def merge_prune(cfg: BuildConfig) -> dict[str, Any]:
         from mole.model import MoLEModel
 
         rows, clusters, _, _ = _eval_inputs(cfg)
-        model = MoLEModel.from_pretrained(mole_paths(cfg)["dir"], device=cfg.base_model.device)
+        bm = cfg.base_model
+        model = MoLEModel.from_pretrained(
+            mole_paths(cfg)["dir"], device=bm.device, trust_remote_code=bm.trust_remote_code
+        )
         gen = mole_generator(model, max_new_tokens=cfg.evaluate.max_new_tokens)
         metrics = evaluate_variant(
             "mole_merged", ModelScorer(model, model.tokenizer), rows, clusters, **_variant_kwargs(cfg), generate=gen

@@ -121,7 +121,58 @@ def test_empty_and_duplicate_rows_are_dropped_and_counted(tmp_path: Path) -> Non
     rows = [{"text": "alpha"}, {"text": "   "}, {"text": ""}, {"text": "alpha"}, {"text": None}, {"text": "beta"}]
     kept, stats, _ = clean_records(read_source(str(_write_jsonl(tmp_path / "d.jsonl", rows))))
     assert [r["text"] for r in kept] == ["alpha", "beta"]
-    assert (stats.read, stats.dropped_empty, stats.dropped_duplicate) == (6, 3, 1)
+    assert (stats.read, stats.dropped_empty, stats.dropped_missing, stats.dropped_duplicate) == (6, 2, 1, 1)
+    assert stats.examples["missing"] == [f"{tmp_path / 'd.jsonl'}:5"]
+
+
+def test_line_separator_characters_inside_a_jsonl_string_are_text_not_line_ends(tmp_path: Path) -> None:
+    texts = ["a\u2028b", "c\u2029d", "e\u0085f", "g\x1ch", "plain"]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+    records = list(read_source(str(path)))
+    assert [r["text"] for _, r in records] == texts
+    assert [o for o, _ in records] == [f"{path}:{i}" for i in range(1, 6)]
+    path.write_text(path.read_text(encoding="utf-8") + "{bad\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"d\.jsonl:6: malformed JSON"):
+        list(read_source(str(path)))
+
+
+def test_a_utf8_bom_is_not_part_of_the_first_column(tmp_path: Path) -> None:
+    path = tmp_path / "d.csv"
+    path.write_bytes("\ufefftext,domain\nhello,a\n".encode())
+    assert [r for _, r in read_source(str(path))] == [{"text": "hello", "domain": "a"}]
+    jl = tmp_path / "d.jsonl"
+    jl.write_bytes("\ufeff".encode() + b'{"text": "hi"}\n')
+    assert [r for _, r in read_source(str(jl))] == [{"text": "hi"}]
+
+
+def test_missing_values_are_counted_and_located_not_read_as_text(tmp_path: Path) -> None:
+    import pandas as pd
+
+    pq = tmp_path / "d.parquet"
+    pd.DataFrame({"prompt": ["a", None, "c"], "completion": ["x", "y", float("nan")]}).to_parquet(pq)
+    kept, stats, _ = clean_records(read_source(str(pq)))
+    assert [r["prompt"] for r in kept] == ["a"] and stats.dropped_missing == 2
+    assert stats.examples["missing"] == [f"{pq}[row 1]", f"{pq}[row 2]"]
+    csv_path = tmp_path / "d.csv"
+    csv_path.write_text("prompt,completion\na,x\nb\nc,z\n", encoding="utf-8")  # line 3 is short of a cell
+    kept, stats, _ = clean_records(read_source(str(csv_path)))
+    assert [r["prompt"] for r in kept] == ["a", "c"]
+    assert (stats.dropped_missing, stats.examples["missing"]) == (1, [f"{csv_path}:3"])
+
+
+@pytest.mark.parametrize(
+    ("content", "expect"),
+    [("", r"holds no rows"), ("\n  \n", r"holds no rows"),
+     ('{"text": " "}\n{"text": ""}\n', r"no usable row .*2 read, 2 dropped as empty \(e\.g\. .*d\.jsonl:1"),
+     ('{"text": "a"}\n{"text": "a"}\n{"text": "a"}\n', r"too few rows .*3 read, 2 dropped as duplicate")],
+)  # fmt: skip
+def test_sources_with_nothing_usable_name_the_file_and_the_drops(workspace: Path, content: str, expect: str) -> None:
+    src = workspace / "d.jsonl"
+    src.write_text(content, encoding="utf-8")
+    with pytest.raises(DataError, match=expect) as info:
+        stages.prepare(_cfg(src))
+    assert str(src) in str(info.value)
 
 
 def test_split_is_seeded_stratified_and_disjoint() -> None:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -151,3 +156,51 @@ def test_score_matches_the_mean_loss_and_cluster_routing_uses_the_clusterer() ->
     assert model.route_by_cluster(["apple pie", "train"]).tolist() == [1, 0]
     outs = model.generate_text(["apple pie", "train"], max_new_tokens=3, routing="cluster")
     assert len(outs) == 2 and all(isinstance(o, str) for o in outs)
+
+
+def _crafted_model_dir(tmp_path: Path) -> tuple[Path, Path]:
+    """A saved MoLE dir whose base is a local HF dir with an ``auto_map`` to its own code, and the code's marker."""
+    base, tok = load_base("tiny", seed=0)
+    base_dir, marker = tmp_path / "base", tmp_path / "remote-code-ran"
+    base.save_pretrained(base_dir)
+    tok.save_pretrained(base_dir)
+    config = json.loads((base_dir / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "evil.EvilForCausalLM"}
+    (base_dir / "config.json").write_text(json.dumps(config))
+    (base_dir / "evil.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+        "from transformers import LlamaForCausalLM\n\nclass EvilForCausalLM(LlamaForCausalLM):\n    pass\n"
+    )
+    model, _ = _model()
+    model.save_pretrained(tmp_path / "mole")
+    spec_file = tmp_path / "mole" / "mole_config.json"
+    spec = json.loads(spec_file.read_text())
+    spec["base_model"] = {"name": str(base_dir), "trust_remote_code": True}
+    spec_file.write_text(json.dumps(spec))
+    return tmp_path / "mole", marker
+
+
+def test_a_model_dir_cannot_switch_on_remote_code(tmp_path: Path) -> None:
+    mole_dir, marker = _crafted_model_dir(tmp_path)
+    with pytest.raises(PermissionError, match=r"mole_config\.json: sets trust_remote_code=true.*--trust-remote-code"):
+        MoLEModel.from_pretrained(mole_dir)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "mole.cli", "predict", "--model", str(mole_dir), "--prompt", "hi"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 1 and "sets trust_remote_code=true" in " ".join(proc.stderr.split())
+    assert not marker.exists()
+    # The user's own permission is what turns it on (and the crafted code then runs: the check above could fail).
+    with contextlib.suppress(Exception):
+        MoLEModel.from_pretrained(mole_dir, trust_remote_code=True)
+    assert marker.exists()
+
+
+def test_a_saved_embedder_cannot_switch_on_remote_code(tmp_path: Path) -> None:
+    from mole.embed import BaseModelEmbedder, load_embedder
+
+    BaseModelEmbedder(base_spec="tiny", trust_remote_code=True).save(tmp_path)
+    with pytest.raises(PermissionError, match=r"embedder\.json: sets trust_remote_code=true"):
+        load_embedder(tmp_path)
+    assert load_embedder(tmp_path, trust_remote_code=True).load_kwargs["trust_remote_code"] is True
+    BaseModelEmbedder(base_spec="tiny").save(tmp_path)
+    assert load_embedder(tmp_path).load_kwargs["trust_remote_code"] is False

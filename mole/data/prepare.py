@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import random
 from collections import Counter, defaultdict
 from collections.abc import Iterable
@@ -30,10 +31,31 @@ class CleanStats:
 
     read: int = 0
     kept: int = 0
-    dropped_empty: int = 0
+    dropped_empty: int = 0  # a field holding only whitespace
+    dropped_missing: int = 0  # a field with no value: null, NaN, or a CSV row short of cells
     dropped_duplicate: int = 0
     dropped_overlap_with_eval: int = 0
+    examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> the first few rows' origins
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def drop(self, reason: str, origin: str) -> None:
+        """Count a dropped row under ``reason`` (a field name of this class) and keep its origin as an example."""
+        setattr(self, f"dropped_{reason}", getattr(self, f"dropped_{reason}") + 1)
+        shown = self.examples.setdefault(reason, [])
+        if len(shown) < EXAMPLES:
+            shown.append(origin)
+
+    def describe(self) -> str:
+        """One line: what was read and dropped, with example rows, e.g. for an error that no row is left."""
+        parts = [f"{self.read} read"]
+        for reason in ("empty", "missing", "duplicate"):
+            n = getattr(self, f"dropped_{reason}")
+            if n:
+                parts.append(f"{n} dropped as {reason} (e.g. {', '.join(self.examples.get(reason, []))})")
+        return ", ".join(parts)
+
+
+EXAMPLES = 5  # origins of dropped rows kept per reason
 
 
 def detect_mode(origin: str, row: dict[str, Any]) -> str:
@@ -56,7 +78,7 @@ def _field(origin: str, row: dict[str, Any], name: str) -> str | None:
     if name not in row:
         raise DataError(f"{origin}: missing field {name!r} (columns found: {_cols(row)})")
     value = row[name]
-    if value is None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):  # parquet/pandas write NaN for missing
         return None
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise DataError(f"{origin}: field {name!r} must be a string, got {type(value).__name__} {value!r:.60}")
@@ -70,15 +92,18 @@ def row_id(row: dict[str, Any]) -> str:
 
 
 def clean_records(
-    records: Iterable[Record], *, mode: str | None = None
+    records: Iterable[Record], *, mode: str | None = None, source: str = "the data source"
 ) -> tuple[list[dict[str, Any]], CleanStats, str]:
-    """Normalise records to mole rows, dropping empty rows and exact duplicates.
+    """Normalise records to mole rows, dropping rows with an empty or missing value and exact duplicates.
+
+    Each drop is counted, and logged with the row's origin (file and line).
 
     Returns:
         (rows, stats, mode). ``mode`` is taken from the first record unless given.
 
     Raises:
-        DataError: a missing field or a wrong type, naming the record's file and line.
+        DataError: a missing field or a wrong type, naming the record's file and line; a ``source`` with no rows,
+            or none left after cleaning (with what was dropped, and where).
     """
     rows: list[dict[str, Any]] = []
     stats = CleanStats()
@@ -87,20 +112,29 @@ def clean_records(
         stats.read += 1
         mode = mode or detect_mode(origin, raw)
         values = {name: _field(origin, raw, name) for name in MODES[mode]}
-        if any(v is None or not v.strip() for v in values.values()):
-            stats.dropped_empty += 1
+        if any(v is None for v in values.values()):
+            stats.drop("missing", origin)
+            logger.warning("%s: dropped: no value for %s", origin, [k for k, v in values.items() if v is None])
+            continue
+        if any(not v.strip() for v in values.values()):
+            stats.drop("empty", origin)
             continue
         row: dict[str, Any] = dict(values)
         if raw.get(DOMAIN) not in (None, ""):
             row[DOMAIN] = str(raw[DOMAIN])
         row["id"] = row_id(row)
         if row["id"] in seen:
-            stats.dropped_duplicate += 1
+            stats.drop("duplicate", origin)
             continue
         seen.add(row["id"])
         rows.append(row)
     if stats.read == 0:
-        raise DataError("the data source holds no rows")
+        raise DataError(f"{source}: holds no rows")
+    if not rows:
+        raise DataError(f"{source}: no usable row is left after cleaning: {stats.describe()}")
+    if stats.dropped_empty:
+        logger.warning("%s: dropped %d rows with an empty field, e.g. %s", source, stats.dropped_empty,
+                       ", ".join(stats.examples["empty"]))  # fmt: skip
     stats.kept = len(rows)
     return rows, stats, mode or "text"
 
@@ -146,12 +180,12 @@ def prepare_dataset(cfg: BuildConfig) -> tuple[list[dict[str, Any]], list[dict[s
     Raises:
         DataError: bad input, or too few rows for the requested clusters.
     """
-    rows, stats, mode = clean_records(_load(cfg, cfg.data.source))
+    rows, stats, mode = clean_records(_load(cfg, cfg.data.source), source=cfg.data.source)
     if cfg.data.max_rows is not None and len(rows) > cfg.data.max_rows:
         rows = random.Random(cfg.seed).sample(rows, cfg.data.max_rows)
     eval_stats = None
     if cfg.data.eval_source:
-        evals, eval_stats, _ = clean_records(_load(cfg, cfg.data.eval_source), mode=mode)
+        evals, eval_stats, _ = clean_records(_load(cfg, cfg.data.eval_source), mode=mode, source=cfg.data.eval_source)
         eval_ids = {r["id"] for r in evals}
         train = [r for r in rows if r["id"] not in eval_ids]
         stats.dropped_overlap_with_eval = len(rows) - len(train)
@@ -162,8 +196,9 @@ def prepare_dataset(cfg: BuildConfig) -> tuple[list[dict[str, Any]], list[dict[s
     if len(train) < need:
         k_desc = f"cluster.k={cfg.cluster.k}" if cfg.cluster.k else f"cluster.k_min={cfg.cluster.k_min}"
         raise DataError(
-            f"too few rows for the requested clusters: {len(train)} training rows after cleaning, but {k_desc} "
-            f"× cluster.min_cluster_size={cfg.cluster.min_cluster_size} needs at least {need}"
+            f"{cfg.data.source}: too few rows for the requested clusters: {len(train)} training rows after cleaning "
+            f"({stats.describe()}), but {k_desc} × cluster.min_cluster_size={cfg.cluster.min_cluster_size} needs at "
+            f"least {need}"
         )
     if not evals:
         raise DataError("the evaluation split is empty; add rows or set data.eval_source")
@@ -175,7 +210,9 @@ def prepare_dataset(cfg: BuildConfig) -> tuple[list[dict[str, Any]], list[dict[s
         "eval_rows": len(evals),
         "read": stats.read,
         "dropped_empty": stats.dropped_empty,
+        "dropped_missing": stats.dropped_missing,
         "dropped_duplicate": stats.dropped_duplicate,
+        "dropped_examples": stats.examples,
         "dropped_overlap_with_eval": stats.dropped_overlap_with_eval,
         "eval_read": eval_stats.read if eval_stats else None,
         "domains": dict(sorted(Counter(r.get(DOMAIN) for r in train if DOMAIN in r).items())) or None,

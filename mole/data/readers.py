@@ -25,10 +25,10 @@ class DataError(ValueError):
 
 
 def read_text_utf8(path: Path) -> str:
-    """Decode a file as strict UTF-8, naming the byte offset (and line) of the first bad byte."""
+    """Decode a file as strict UTF-8 (a leading byte-order mark dropped), naming the offset and line of a bad byte."""
     raw = path.read_bytes()
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         raise DataError(
@@ -39,7 +39,9 @@ def read_text_utf8(path: Path) -> str:
 
 def _read_jsonl(path: Path) -> Iterator[Record]:
     text = read_text_utf8(path)
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # Lines end at "\n" only: str.splitlines() also splits at U+2028, U+2029, U+0085 and other characters that a
+    # JSON string may hold raw (json.dumps(ensure_ascii=False) writes them so), which would cut a row in two.
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -70,12 +72,13 @@ def _read_json(path: Path) -> Iterator[Record]:
 
 
 def _read_csv(path: Path) -> Iterator[Record]:
-    reader = csv.DictReader(io.StringIO(read_text_utf8(path), newline=""))
+    # A missing cell reads as None (a missing value, reported by cleaning), never as an empty string.
+    reader = csv.DictReader(io.StringIO(read_text_utf8(path), newline=""), restval=None)
     try:
         for row in reader:
             if None in row:
                 raise DataError(f"{path}:{reader.line_num}: more cells than the header's {len(reader.fieldnames)}")
-            yield f"{path}:{reader.line_num}", {k: v for k, v in row.items() if k is not None}
+            yield f"{path}:{reader.line_num}", dict(row)
     except csv.Error as exc:
         raise DataError(f"{path}:{reader.line_num}: malformed CSV: {exc}") from None
 
