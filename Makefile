@@ -21,6 +21,11 @@ test: $(STAMP) fetch-base
 test-slow: $(STAMP) fetch-base
 	$(BIN)/python -m pytest -q -m slow
 
+## test-faults: the whole fault matrix (every stage killed at every kind of commit point), ~7 min on 2 cores
+.PHONY: test-faults
+test-faults: $(STAMP) fetch-base
+	$(BIN)/python -m pytest -q -m "" tests/test_faults.py
+
 ## test-e2e: the scheduled-retrain deployment run by a process worker against real Prefect and MLflow servers
 test-e2e: $(STAMP) fetch-base
 	$(BIN)/python -m pytest -q -m e2e

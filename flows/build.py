@@ -117,6 +117,8 @@ def build_mole(config: BuildConfig = BuildConfig()) -> dict[str, Any]:  # noqa: 
     report = _fresh(tasks.evaluate, [config.path(config.evaluate.out_dir) / "eval.json"])(config, model)
     merged = _fresh(tasks.merge_prune, [config.path(config.evaluate.out_dir) / "merge_prune.json"])(config, report)
     artifacts.evaluation_table(config.path(config.evaluate.out_dir) / "eval.json", name=name)
+    if config.tracking.enabled:  # reachable before DVC commits and pushes anything for a build it can't register
+        tasks.check_tracking(config, merged)
     versions = tasks.with_retries(tasks.record_outputs, config)(config, merged) if config.dvc.enabled else None
     registered = None
     if config.tracking.enabled:

@@ -89,14 +89,17 @@ def generation_kwargs(params: dict[str, Any] | None) -> dict[str, Any]:
         raise ValueError(f"predict: params.max_new_tokens must be >= 1, got {max_new}")
     if temperature < 0:
         raise ValueError(f"predict: params.temperature must be >= 0, got {temperature}")
-    kwargs: dict[str, Any] = {"max_new_tokens": max_new}
+    kwargs: dict[str, Any] = {"max_new_tokens": max_new, "raw": bool(params.get("raw", False))}
     if temperature > 0:
         kwargs |= {"do_sample": True, "temperature": temperature}
     return kwargs
 
 
 class MoLEPyfunc(PythonModel):
-    """pyfunc wrapper: ``predict(DataFrame[prompt], params={max_new_tokens, temperature}) -> list[str]``."""
+    """pyfunc wrapper: ``predict(DataFrame[prompt], params={max_new_tokens, temperature, raw}) -> list[str]``.
+
+    Prompts get the training prompts' ending (e.g. "\nAnswer:") unless ``raw`` is true.
+    """
 
     def load_context(self, context: Any) -> None:
         """Load the MoLE model from the logged artifacts (the bundled base when there is one).

@@ -315,6 +315,7 @@ def _signature(cfg: BuildConfig) -> ModelSignature:
     params = ParamSchema([
         ParamSpec("max_new_tokens", "long", cfg.evaluate.max_new_tokens),
         ParamSpec("temperature", "double", 0.0),
+        ParamSpec("raw", "boolean", False),
     ])  # fmt: skip
     return ModelSignature(Schema([ColSpec("string", "prompt")]), Schema([ColSpec("string")]), params=params)
 
@@ -392,6 +393,7 @@ def predict(
     temperature: float = 0.0,
     uri: str | None = None,
     trust_remote_code: bool = False,
+    raw: bool = False,
 ) -> list[str]:
     """Completions of ``prompts`` from a registered model, an MLflow model dir or a MoLE model dir.
 
@@ -404,8 +406,9 @@ def predict(
         temperature: 0 decodes greedily; above 0 samples.
         uri: tracking URI for model URIs.
         trust_remote_code: allow the base model's own code (a model dir's saved flag alone is refused).
+        raw: send the prompts as they are, without the training prompts' ending.
     """
-    params = {"max_new_tokens": max_new_tokens, "temperature": temperature}
+    params = {"max_new_tokens": max_new_tokens, "temperature": temperature, "raw": raw}
     if "://" in model or model.startswith(("models:/", "runs:/")) or (Path(model) / "MLmodel").exists():
         with _tracking(uri or mlflow.get_tracking_uri()):
             loaded = _load_pyfunc(model, trust_remote_code=trust_remote_code)

@@ -124,6 +124,17 @@ def _backoff(config: BuildConfig) -> dict[str, Any]:
     return {"retries": f.retries, "retry_delay_seconds": [f.retry_delay_s * 2**i for i in range(f.retries)]}
 
 
+@task(name="check-tracking")
+def check_tracking(config: BuildConfig, merged: dict[str, Any]) -> str:
+    """Fail before anything is committed or pushed when the tracking server cannot be reached; returns its URI."""
+    from flows.lineage import tracking_uri
+    from flows.registry import wait_for_server
+
+    uri = tracking_uri(config)
+    wait_for_server(uri, attempts=max(1, config.tracking.retries))
+    return uri
+
+
 @task(name="record-outputs")
 def record_outputs(config: BuildConfig, merged: dict[str, Any]) -> dict[str, Any]:
     """Record the build's datasets and adapters with DVC (dvc commit) and push them to the remote."""

@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from mole.io import load_safetensors, read_json
 
 PREFIX = "base_model.model."
 WEIGHTS = "adapter_model.safetensors"
@@ -35,10 +37,23 @@ def read_adapter(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch
     for name in (CONFIG, WEIGHTS):
         if not (directory / name).exists():
             raise FileNotFoundError(f"{directory}: not a peft adapter dir (missing {name}; safetensors required)")
-    config = json.loads((directory / CONFIG).read_text())
+    config = read_json(directory / CONFIG)
     if config.get("peft_type") not in (None, "LORA") or config.get("use_dora") or config.get("rank_pattern"):
         raise ValueError(f"{directory / CONFIG}: only plain LoRA adapters (no DoRA, no rank_pattern) can be experts")
-    return config, load_file(str(directory / WEIGHTS))
+    return config, load_safetensors(directory / WEIGHTS)
+
+
+def stable_config(directory: str | Path) -> None:
+    """Rewrite a peft adapter_config.json with its target modules sorted.
+
+    peft keeps them as a set, so two runs of the same training write them in different orders: the same adapter
+    would get other bytes, digests and DVC hashes.
+    """
+    path = Path(directory) / CONFIG
+    config = read_json(path)
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
 
 
 def write_adapter(
@@ -77,4 +92,5 @@ def write_adapter(
         base_model_name_or_path=base_model,
     )
     cfg.save_pretrained(str(directory))
+    stable_config(directory)
     return directory

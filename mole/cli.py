@@ -340,6 +340,12 @@ def register(
     _setup_logging(verbose)
     cfg = _config(config, preset, set_)
     hashes = None
+    if cfg.tracking.enabled:  # reachable first: DVC must not commit and push a build that cannot be registered
+        from flows.lineage import tracking_uri
+        from flows.registry import wait_for_server
+
+        _run("tracking server", lambda c: wait_for_server(tracking_uri(c), attempts=max(1, c.tracking.retries)) or {},
+             cfg)  # fmt: skip
     if cfg.dvc.enabled:
         from flows.versioning import record_outputs
 
@@ -374,6 +380,9 @@ def predict(
     trust_remote_code: Annotated[
         bool, typer.Option("--trust-remote-code", help="Allow the base model's own Python code (off by default).")
     ] = False,
+    raw: Annotated[
+        bool, typer.Option("--raw", help="Send prompts as given, without the training prompts' ending (e.g. Answer:).")
+    ] = False,
     config: ConfigOpt = Path("params.yaml"),
     preset: PresetOpt = None,
     set_: SetOpt = None,
@@ -395,9 +404,12 @@ def predict(
         _error("predict:", "; ".join(problems))
         raise typer.Exit(2)
     kw = {"max_new_tokens": max_new_tokens if max_new_tokens is not None else cfg.evaluate.max_new_tokens,
-          "temperature": temperature,
+          "temperature": temperature, "raw": raw,
           "trust_remote_code": trust_remote_code or cfg.base_model.trust_remote_code}  # fmt: skip
     res = _run("predict", lambda c: {"out": run_predict(model, prompt, **kw, uri=tracking_uri(c))}, cfg)
+    for i, completion in enumerate(res["out"]):
+        if not completion.strip():
+            _error("predict:", f"--prompt #{i + 1}: the model returned an empty completion")
     # Plain stdout, not rich: completions are data for scripts, and rich would wrap long lines.
     if as_json:
         rows = [{"prompt": p, "completion": c} for p, c in zip(prompt, res["out"], strict=True)]

@@ -283,9 +283,30 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"{self.name}:{line}: key {key!r} appears twice (first at line {seen[key]})")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path, what: str) -> dict[str, Any]:
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        loader = _UniqueKeyLoader(path.read_text(encoding="utf-8"))
+        loader.name = str(path)
+        try:
+            loaded = loader.get_single_data()
+        finally:
+            loader.dispose()
+    except ConfigError as exc:
+        raise ConfigError(f"{what} {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
@@ -334,6 +355,8 @@ def _format_errors(exc: ValidationError, raw: dict[str, Any], origin: str) -> st
         dotted = ".".join(str(p) for p in err["loc"]) or "<root>"
         if err["type"] == "extra_forbidden":
             lines.append(f"{dotted}: unknown key (value {err['input']!r}); {_known_keys(err['loc'])}")
+        elif not err["loc"] or isinstance(err.get("input"), dict):  # a cross-field rule: its reason, not the input
+            lines.append(f"{dotted}: {err['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"{dotted}: value {err.get('input')!r} is invalid: {err['msg']}")
     return f"invalid configuration ({origin}):\n  " + "\n  ".join(lines)

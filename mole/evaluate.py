@@ -178,11 +178,10 @@ def run_evaluate(cfg: BuildConfig, *, extra_variants: dict[str, dict[str, Any]] 
     Raises:
         FileNotFoundError: an output of an earlier stage is missing (the message names the stage to run).
     """
-    from mole.stages import mole_paths
+    from mole.stages import check_model_current, mole_paths
 
     mole_dir = mole_paths(cfg)["dir"]
-    if not (mole_dir / "mole_config.json").exists():
-        raise FileNotFoundError(f"{mole_dir} holds no MoLE model; run `mole train-router` first")
+    check_model_current(cfg)  # made from the current experts, themselves from the current clusters
     rows, clusters, groups, creport = _eval_inputs(cfg)
     base, tok = _load_base(cfg)
     variants = {"base": _evaluate_lm("base", base, tok, cfg, rows, clusters)}
@@ -285,6 +284,7 @@ def _evaluate_mole(
         variants[name] = evaluate_variant(name, scorer, rows, clusters, **_variant_kwargs(cfg), generate=gen)
     weights, logits = row_routing(model, rows, batch_size=ev.batch_size, max_length=cfg.experts.max_length)
     routing = routing_stats(weights, logits, [expert_of[c] for c in clusters])
+    routing["top_k"] = {"configured": cfg.router.top_k, "used": model.spec.top_k}  # used < configured: k was small
     _, batch = next(eval_batches(rows, model.tokenizer, batch_size=ev.batch_size, max_length=cfg.experts.max_length))
     cost = mole_cost(model, base, batch, mole_dir, reps=ev.latency_reps)
     logger.info("top-1 agreement %.3f; forward x%.3f of base", routing["top1_agreement"], cost["latency_ratio_vs_base"])

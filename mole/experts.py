@@ -24,10 +24,11 @@ import torch
 from huggingface_hub.utils import is_jinja_available
 from peft import get_peft_model
 
+from mole.adapters import stable_config
 from mole.checkpoint import checkpoint_dir, remove_stale_temps, resume, save_checkpoint
 from mole.config import BuildConfig, ExpertsConfig, LoraSection
 from mole.data.tokenize import train_batches
-from mole.io import atomic_dir, read_jsonl, write_json
+from mole.io import atomic_dir, read_jsonl, seal, seal_broken, write_json
 
 # huggingface_hub caches package versions in a dict it fills non-atomically ("N/A" first, then the version). Two
 # expert threads saving their first adapter (peft writes a model card, which checks for jinja2) can read "N/A" and
@@ -57,13 +58,34 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return (total - step) / max(1, total - warmup)
 
 
+SEALED = ("adapter_model.safetensors", "adapter_config.json")  # their digests go into train_metrics.json
+
+
+def seal_adapter(directory: Path, metrics: dict[str, Any]) -> dict[str, Any]:
+    """``metrics`` with the SHA-256 of the adapter files just written to ``directory`` (checked on reuse)."""
+    return {**metrics, "sha256": seal(directory, SEALED)}
+
+
 def is_finished(out_dir: Path, fingerprint: str) -> bool:
-    """Whether ``out_dir`` holds a complete adapter trained with ``fingerprint``."""
+    """Whether ``out_dir`` holds a complete, intact adapter trained with ``fingerprint``.
+
+    Intact: its files have the digests recorded when they were written, so a truncated or altered adapter is
+    trained again rather than reused (a warning says which file).
+    """
     try:
         metrics = json.loads((Path(out_dir) / METRICS).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return metrics.get("fingerprint") == fingerprint and (Path(out_dir) / "adapter_model.safetensors").is_file()
+    if metrics.get("fingerprint") != fingerprint:
+        return False
+    sealed = metrics.get("sha256")
+    if not isinstance(sealed, dict):  # written before adapters were sealed: can't vouch for it
+        logger.warning("%s: no digests recorded; training it again", out_dir)
+        return False
+    if (problem := seal_broken(out_dir, sealed)) is not None:
+        logger.warning("%s: %s; training it again", Path(out_dir).name, problem)
+        return False
+    return True
 
 
 def train_lora(
@@ -154,6 +176,8 @@ def train_lora(
             metrics = _metrics(state, rows=rows, lora=lora, cfg=cfg, seed=seed, resumed_from=start)
             with atomic_dir(out_dir) as tmp:
                 peft_model.save_pretrained(str(tmp), selected_adapters=["default"])
+                stable_config(tmp)
+                metrics = seal_adapter(tmp, metrics)
                 write_json(tmp / METRICS, metrics)  # last: its presence marks the directory complete
             shutil.rmtree(ckpt_path, ignore_errors=True)
         finally:
@@ -434,6 +458,56 @@ def write_index(cfg: BuildConfig, entries: list[dict[str, Any]]) -> dict[str, An
             "baseline": str(cfg.path(cfg.experts.baseline_dir)) if baseline else None,
         },
     }
+
+
+def built_adapters(index: dict[str, Any]) -> dict[str, str]:
+    """Adapter id -> fingerprint of what a MoLE model is built from (its experts and shared adapter)."""
+    return {e["id"]: e.get("fingerprint") for e in [*index.get("experts", []), index.get("shared")] if e}
+
+
+def current_index(cfg: BuildConfig, *, baseline: bool = False) -> dict[str, Any]:
+    """artifacts/experts/experts.json, checked against the current clusters and config.
+
+    Every expert (and the shared adapter; the multitask baseline too with ``baseline``) must be the one
+    ``train-experts`` would train now, from the current assignments and settings, and must be intact on disk.
+
+    Raises:
+        FileNotFoundError: experts.json is missing (run ``mole train-experts``).
+        ValueError: an adapter was trained for other clusters, rows or settings, or is missing or corrupt,
+            naming it and the stage to re-run.
+    """
+    from mole.stages import experts_paths  # lazily: mole.stages imports this module
+
+    path = experts_paths(cfg)["index"]
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; run `mole train-experts` first")
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc}); re-run `mole train-experts`") from None
+    jobs = [j for j in _jobs(cfg, load_cluster_rows(cfg)) if baseline or j.kind != BASELINE_ID]
+    want = {j.name: j.fingerprint(cfg) for j in jobs}
+    entries = [*index.get("experts", []), index.get("shared"), index.get("baseline") if baseline else None]
+    have = {e["id"]: e for e in entries if e}
+    stale = sorted(n for n in want.keys() | have.keys() if want.get(n) != have.get(n, {}).get("fingerprint"))
+    if stale:
+        why = {n: "not trained" if n not in have else "no such adapter now" if n not in want else "other inputs"
+               for n in stale}  # fmt: skip
+        what = ", ".join(f"{n} ({why[n]})" for n in stale[:4])
+        raise ValueError(
+            f"{path}: the adapters were trained for other clusters, rows or settings than the current ones: {what}; "
+            "re-run `mole train-experts`"
+        )
+    for name, entry in have.items():
+        out_dir = cfg.path(entry["path"])
+        try:
+            sealed = json.loads((out_dir / METRICS).read_text(encoding="utf-8")).get("sha256") or {}
+        except (OSError, ValueError):
+            sealed = None
+        problem = f"{out_dir / METRICS} is missing or unreadable" if sealed is None else seal_broken(out_dir, sealed)
+        if problem:
+            raise ValueError(f"{name}: {problem}; re-run `mole train-experts` to train it again")
+    return index
 
 
 def run_train_experts(cfg: BuildConfig, *, progress: Callable[[str, int, int, float], None] | None = None) -> dict:

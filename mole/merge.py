@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from mole.adapters import write_adapter
 from mole.config import BuildConfig, MergeConfig
-from mole.io import atomic_dir, write_json
+from mole.io import atomic_dir, sha256_file, write_json
 from mole.model import ROUTER_FILE, SPEC_FILE, MoLEModel
 from mole.stages import load_prepared, mole_paths
 from mole.train import eval_loss, joint_train, row_routing
@@ -231,8 +231,9 @@ def run_merge_prune(cfg: BuildConfig) -> dict[str, Any]:
     Rejected or failed: artifacts/mole is untouched and the candidate is removed. Writes reports/merge_prune.json.
     """
     src = mole_paths(cfg)["dir"]
-    if not (src / SPEC_FILE).exists():
+    if not (src / SPEC_FILE).exists():  # the model dir is all it reads: evaluate checked it against its experts
         raise FileNotFoundError(f"{src / SPEC_FILE} does not exist; run `mole train-router` first")
+    _unmerge(src, cfg.path(cfg.merge.keep_dir))
     train, evals = load_prepared(cfg)
     kw = {"batch_size": cfg.evaluate.batch_size, "max_length": cfg.experts.max_length}
     model = MoLEModel.from_pretrained(src, trust_remote_code=cfg.base_model.trust_remote_code)
@@ -245,13 +246,14 @@ def run_merge_prune(cfg: BuildConfig) -> dict[str, Any]:
         report |= {"accepted": False, "reason": "nothing to prune or merge", "experts_after": model.spec.num_experts}
     else:
         loss_before = eval_loss(model, evals, **kw)
-        tmp = Path(tempfile.mkdtemp(prefix=f".mole-merge-{src.name}.", dir=src.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".mole-tmp-merge-{src.name}.", dir=src.parent))
         try:
             extra = {p.name: p for p in src.iterdir() if p.name not in _CORE_FILES}
             cand_dir = apply_plan(model, decisions, tmp / "candidate", extra_files=extra)
             del model  # the candidate loads its own base: free the original first
             report |= _refit_score(cfg, cand_dir, train, evals, loss_before, extra)
             if report["accepted"]:
+                write_json(cand_dir / MERGED_FROM, {"router_sha256": sha256_file(src / ROUTER_FILE)})
                 _swap_in(cand_dir, src, cfg.path(cfg.merge.keep_dir), trash=tmp / "old_keep")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -277,6 +279,24 @@ def _refit_score(cfg: BuildConfig, cand_dir: Path, train: Rows, evals: Rows, los
     out |= {"loss_before": loss_before, "loss_after": loss_after, "relative_change": rel, "tolerance": m.tolerance}
     out |= {"accepted": ok, "reason": reason, "experts_after": cand.spec.num_experts}
     return out | {"expert_ids_after": cand.spec.expert_ids, "adapter_mb_after": _adapter_mb(cand_dir)}
+
+
+MERGED_FROM = "merged_from.json"  # in a merged model: which unmerged model (kept in merge.keep_dir) it came from
+
+
+def _unmerge(src: Path, keep: Path) -> None:
+    """Put the unmerged model back in ``src`` when ``src`` is the merge of ``keep``: the stage then runs from the
+    train-router output again, so a re-run (or one after a kill) gives what one run gives, not a merge of a merge."""
+    try:
+        marker = json.loads((src / MERGED_FROM).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if (keep / ROUTER_FILE).is_file() and marker.get("router_sha256") == sha256_file(keep / ROUTER_FILE):
+        logger.info("%s is the merge of %s: merging again from the unmerged model", src, keep)
+        trash = src.with_name(f".mole-tmp-{src.name}.merged")
+        os.replace(src, trash)
+        os.replace(keep, src)
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def _swap_in(candidate: Path, target: Path, keep: Path, *, trash: Path) -> None:

@@ -233,6 +233,10 @@ def render_markdown(report: dict[str, Any]) -> str:
     if (report.get("clustering") or {}).get("k") == 1:
         lines += ["k = 1: the clustering found no groups worth an expert of their own, so this build is no mixture: "
                   "one expert (on top of the shared one) serves every token.", ""]  # fmt: skip
+    top_k = (report.get("routing") or {}).get("top_k") or {}
+    if top_k and top_k.get("configured", 0) > top_k.get("used", 0):
+        lines += [f"router.top_k is {top_k['configured']}, but the build has {top_k['used']} experts: each token "
+                  f"went to all {top_k['used']} (top_k {top_k['used']}).", ""]  # fmt: skip
     lines += ["| variant | loss | ppl | exact match | steps | training tokens | rank per token |"]
     lines.append("|---|---:|---:|---:|---:|---:|---:|")
     for n in names:

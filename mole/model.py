@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from mole.adapters import adapter_keys, read_adapter, write_adapter
-from mole.io import atomic_dir
+from mole.io import atomic_dir, load_safetensors
 from mole.layer import MoLELinear, RoutingState
 from mole.router import RouterOutput, TokenTopKRouter, forced_routing
 from mole.trust import remote_code
@@ -48,6 +48,15 @@ class MoLESpec:
     clusters: list[int | list[int]] = field(default_factory=list)
     # The id of the shared expert (a dir under experts/ like the routed ones), applied to every token; None: none.
     shared: str | None = None
+    # What every training prompt ended with (e.g. "\nAnswer:"): appended to a prompt that lacks it, unless raw.
+    prompt_suffix: str | None = None
+
+    def templated(self, prompt: str) -> str:
+        """``prompt`` as the model was trained on it: ending with ``prompt_suffix`` (added when missing)."""
+        s = self.prompt_suffix
+        if not s or prompt.endswith(s) or prompt.rstrip().endswith(s.strip()):
+            return prompt
+        return prompt.rstrip() + s
 
     def expert_of_cluster(self) -> dict[int, int]:
         """Cluster id -> index of the expert that serves it."""
@@ -215,9 +224,12 @@ class MoLEModel(nn.Module):
         max_new_tokens: int = 32,
         routing: str | None = None,
         route: torch.Tensor | None = None,
+        raw: bool = False,
         **kwargs: Any,
     ) -> list[str]:
         """Greedy (or sampled, via kwargs) completions of prompts; ``routing`` defaults to the spec's.
+
+        Each prompt gets the training prompts' ending (``MoLESpec.templated``) unless ``raw``.
 
         Prompts are left-padded together; ``route`` (B,) forces each prompt to one expert; with
         ``routing="cluster"`` each prompt is routed whole to the expert of its nearest cluster centroid;
@@ -226,6 +238,7 @@ class MoLEModel(nn.Module):
         from mole.data.tokenize import completion_sep
 
         routing = routing or self.spec.routing
+        prompts = prompts if raw else [self.spec.templated(p) for p in prompts]
         if route is None and routing == "cluster":
             route = self.route_by_cluster(prompts)
         side, self.tokenizer.padding_side = self.tokenizer.padding_side, "left"
@@ -355,7 +368,10 @@ class MoLEModel(nn.Module):
             model.load_expert(i, directory / "experts" / eid)
         if spec.shared is not None:
             model.load_expert(model.shared_index, directory / "experts" / spec.shared)
-        model.routers.load_state_dict(load_file(str(directory / ROUTER_FILE)))
+        try:
+            model.routers.load_state_dict(load_safetensors(directory / ROUTER_FILE))
+        except RuntimeError as exc:  # missing keys or shapes that do not fit the spec
+            raise ValueError(f"{directory / ROUTER_FILE}: does not fit {directory / SPEC_FILE}: {exc}") from None
         if (directory / "clusterer" / "centroids.npy").exists():
             from mole.cluster import Clusterer
 

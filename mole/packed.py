@@ -31,11 +31,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from mole.adapters import WEIGHTS, adapter_keys
+from mole.adapters import WEIGHTS, adapter_keys, stable_config
 from mole.checkpoint import checkpoint_dir, remove_stale_temps, resume, save_checkpoint
 from mole.config import BuildConfig, ExpertsConfig, LoraSection
 from mole.data.tokenize import IGNORE, collate, pad_id, train_batches
-from mole.experts import METRICS, _Job, _metrics, is_finished, lr_factor  # same metrics, fingerprints
+from mole.experts import METRICS, _Job, _metrics, is_finished, lr_factor, seal_adapter  # same metrics, fingerprints
 from mole.io import atomic_dir, write_json
 from mole.packed_bank import PackedBank, peft_init
 
@@ -268,6 +268,8 @@ def _finish(run: _Run, *, lora: LoraSection, cfg: ExpertsConfig) -> dict[str, An
     with atomic_dir(e.out_dir) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         peft_config.save_pretrained(str(tmp))
+        stable_config(tmp)
+        metrics = seal_adapter(tmp, metrics)
         write_json(tmp / METRICS, metrics)  # last: its presence marks the directory complete
     shutil.rmtree(checkpoint_dir(e.out_dir), ignore_errors=True)
     logger.info("%s: %d steps (packed), final loss %.4f", e.name, e.steps, metrics["final_loss"])

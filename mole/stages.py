@@ -6,14 +6,64 @@ DVC (``dvc repro``) and the Prefect flow can all call them and a failed stage le
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 from mole.config import BuildConfig
-from mole.io import atomic_dir, read_jsonl, write_json, write_jsonl
+from mole.io import atomic_dir, read_jsonl, recover, write_json, write_jsonl
 
 logger = logging.getLogger(__name__)
+
+
+def output_dirs(cfg: BuildConfig) -> list[Path]:
+    """Every stage's output directory (and where their atomic temps live: the directories and their parents)."""
+    dirs = [cfg.data.out_dir, cfg.cluster.out_dir, cfg.experts.out_dir, cfg.experts.baseline_dir, cfg.router.out_dir,
+            cfg.evaluate.out_dir, cfg.merge.keep_dir]  # fmt: skip
+    return [cfg.path(d) for d in dirs]
+
+
+def recover_workspace(cfg: BuildConfig) -> None:
+    """Before a stage: put back outputs a killed write left missing and remove unfinished temps (``mole.io.recover``).
+
+    It also puts back the MoLE model if merge-prune was killed between its two renames (the unmerged one: the
+    stage then runs again).
+    """
+    mole_dir, keep = cfg.path(cfg.router.out_dir), cfg.path(cfg.merge.keep_dir)
+    if not mole_dir.exists() and (keep / "mole_config.json").exists():
+        keep.rename(mole_dir)
+        logger.warning("restored %s from %s (merge-prune was interrupted)", mole_dir, keep)
+    for line in recover({p for d in output_dirs(cfg) for p in (d, d.parent)}):
+        logger.warning("%s", line)
+
+
+def check_writable(cfg: BuildConfig) -> None:
+    """Fail before any work when the workspace (or an existing output dir) cannot be written.
+
+    Raises:
+        PermissionError: naming the directory and the OS's reason.
+    """
+    import tempfile
+
+    for d in [cfg.path("."), *(d for d in output_dirs(cfg) if d.is_dir())]:
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".mole-tmp-probe.", dir=d)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise PermissionError(
+                f"{d}: cannot write there ({exc.strerror or exc}); make it writable or choose another workspace "
+                "(--set workspace=DIR)"
+            ) from None
+
+
+def begin(cfg: BuildConfig) -> None:
+    """What every stage does first: check the workspace is writable, then repair interrupted writes."""
+    check_writable(cfg)
+    recover_workspace(cfg)
 
 
 def prepared_paths(cfg: BuildConfig) -> dict[str, Path]:
@@ -36,6 +86,7 @@ def cluster_paths(cfg: BuildConfig) -> dict[str, Path]:
 
 def prepare(cfg: BuildConfig) -> dict[str, Any]:
     """Validate, clean and split the data into data/prepared/{train,eval}.jsonl and stats.json."""
+    begin(cfg)
     from mole.data.prepare import prepare_dataset
 
     train, evals, stats = prepare_dataset(cfg)
@@ -59,6 +110,7 @@ def load_prepared(cfg: BuildConfig) -> tuple[list[dict[str, Any]], list[dict[str
 
 def cluster(cfg: BuildConfig) -> dict[str, Any]:
     """Embed and cluster the training rows; write assignments, centroids, the clusterer and report.json."""
+    begin(cfg)
     from mole.cluster import fit_clusters, row_text
     from mole.embed import make_embedder
 
@@ -134,6 +186,7 @@ def mole_paths(cfg: BuildConfig) -> dict[str, Path]:
 
 def train_experts(cfg: BuildConfig, progress: Any = None) -> dict[str, Any]:
     """Train one LoRA expert per cluster (and the multitask baseline) into artifacts/experts/."""
+    begin(cfg)
     from mole.experts import run_train_experts
 
     return run_train_experts(cfg, progress=progress)
@@ -146,17 +199,14 @@ def base_ref(cfg: BuildConfig) -> dict[str, Any]:
 
 def train_router(cfg: BuildConfig, progress: Any = None) -> dict[str, Any]:
     """Build the MoLE model from the experts, warm-start and jointly train the routers, save artifacts/mole/."""
-    import json
-
+    begin(cfg)
     from mole.base import load_base
+    from mole.experts import built_adapters, current_index
     from mole.model import MoLEModel
     from mole.train import joint_train, routing_agreement, row_routing, warm_start_gates
 
     train, evals = load_prepared(cfg)
-    index_path = experts_paths(cfg)["index"]
-    if not index_path.exists():
-        raise FileNotFoundError(f"{index_path} does not exist; run `mole train-experts` first")
-    full_index = json.loads(index_path.read_text())
+    full_index = current_index(cfg)  # the experts of the current clusters and settings, intact
     index = full_index["experts"]
     shared = full_index.get("shared")
     cpaths = cluster_paths(cfg)
@@ -185,9 +235,16 @@ def train_router(cfg: BuildConfig, progress: Any = None) -> dict[str, Any]:
         shared_dir=cfg.path(shared["path"]) if shared and full_index.get("shared_mode") == "residual" else None,
     )
     r, max_len = cfg.router, cfg.experts.max_length
+    stats = prepared_paths(cfg)["stats"]
+    if stats.exists():
+        model.spec.prompt_suffix = json.loads(stats.read_text(encoding="utf-8")).get("prompt_suffix")
+    if r.top_k > model.spec.top_k:  # k was chosen below router.top_k: every expert is a token's top-k
+        logger.warning("router.top_k=%d but only %d experts (k chosen by the clusters): routing uses top_k=%d",
+                       r.top_k, model.spec.num_experts, model.spec.top_k)  # fmt: skip
     train_experts_idx = [expert_of[clusters[row["id"]]] for row in train]
     eval_experts_idx = [expert_of[eval_clusters[row["id"]]] for row in evals]
-    metrics: dict[str, Any] = {"warm_start": None}
+    metrics: dict[str, Any] = {"built_from": built_adapters(full_index), "warm_start": None,
+                               "top_k": {"configured": r.top_k, "used": model.spec.top_k}}  # fmt: skip
     if model.spec.num_experts == 1:  # k = 1: no mixture, every token goes to the one expert whatever the gate says
         logger.info("one expert (k = 1): no routing to warm-start or learn")
     elif r.warm_start:
@@ -213,15 +270,43 @@ def train_router(cfg: BuildConfig, progress: Any = None) -> dict[str, Any]:
         metrics["agreement_before_training"],
         metrics["agreement"],
     )
-    summary = {k: v for k, v in metrics.items() if k != "joint"}
+    summary = {k: v for k, v in metrics.items() if k not in ("joint", "built_from")}
     if "joint" in metrics:
         j = metrics["joint"]
         summary.update(final_loss=j["loss"][-1], seconds=j["seconds"], tokens_per_s=j["tokens_per_s"])
     return {**summary, "experts": len(index), "paths": {k: str(v) for k, v in paths.items()}}
 
 
+def check_model_current(cfg: BuildConfig) -> None:
+    """artifacts/mole must be built from the adapters experts.json holds now (themselves current and intact).
+
+    Raises:
+        FileNotFoundError: no MoLE model (run ``mole train-router``).
+        ValueError: the experts are stale (re-run ``mole train-experts``), or the model was built from other
+            experts than those (re-run ``mole train-router``).
+    """
+    import json
+
+    from mole.experts import built_adapters, current_index
+
+    paths = mole_paths(cfg)
+    if not paths["config"].exists():
+        raise FileNotFoundError(f"{paths['dir']} holds no MoLE model; run `mole train-router` first")
+    now = built_adapters(current_index(cfg, baseline=cfg.experts.multitask_baseline))
+    try:
+        built = json.loads(paths["metrics"].read_text(encoding="utf-8")).get("built_from")
+    except (OSError, ValueError):
+        built = None
+    if built != now:
+        raise ValueError(
+            f"{paths['dir']}: built from other experts than {experts_paths(cfg)['index']} holds now (or by an older "
+            "mole that did not record them); re-run `mole train-router`"
+        )
+
+
 def evaluate(cfg: BuildConfig) -> dict[str, Any]:
     """Evaluate every variant on the eval split: reports/eval.json, eval.md and the PNGs."""
+    begin(cfg)
     from mole.evaluate import run_evaluate
 
     report = run_evaluate(cfg)
@@ -234,6 +319,7 @@ def merge_prune(cfg: BuildConfig) -> dict[str, Any]:
 
     When the change is accepted, the merged model is evaluated and added to reports/eval.json as ``mole_merged``.
     """
+    begin(cfg)
     from mole.merge import run_merge_prune
 
     summary = run_merge_prune(cfg)

@@ -90,3 +90,21 @@ def test_section_hash_tracks_only_its_sections() -> None:
     assert a.section_hash("data") == b.section_hash("data")
     assert a.section_hash("cluster") != b.section_hash("cluster")
     assert a.section_hash() != b.section_hash()
+
+
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("seed: 0\nrouter:\n  top_k: 2\n  steps: 3\n  top_k: 1\n")
+    with pytest.raises(ConfigError, match=r"params\.yaml:5: key 'top_k' appears twice \(first at line 3\)"):
+        load_config(path)
+    path.write_text("seed: 0\nseed: 1\n")
+    with pytest.raises(ConfigError, match=r"params\.yaml:2: key 'seed' appears twice"):
+        load_config(path)
+
+
+def test_a_cross_field_error_prints_its_reason_not_the_whole_config() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, preset="tiny", overrides=["cluster.k=2", "router.top_k=3"])
+    message = str(info.value)
+    assert "router.top_k (3) must be <= cluster.k (2)" in message
+    assert len(message) < 300 and "'base_model'" not in message

@@ -220,3 +220,14 @@ def test_failed_prepare_leaves_previous_outputs_intact(workspace: Path) -> None:
         stages.prepare(_cfg(bad))
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert not list(out.parent.glob(".mole-tmp-*"))
+
+
+def test_the_prompt_template_is_the_ending_every_prompt_shares() -> None:
+    from mole.data.prepare import prompt_suffix
+
+    rows = [{"prompt": f"What is {i} + 1?\nAnswer:", "completion": str(i + 1)} for i in range(5)]
+    rows.append({"prompt": "Spell cat.\nAnswer:", "completion": "c a t"})
+    assert prompt_suffix(rows) == "\nAnswer:"
+    assert prompt_suffix([{"prompt": "alpha beta"}, {"prompt": "gamma delta"}]) is None  # 'ta' is inside words
+    assert prompt_suffix([{"prompt": "x Q: a"}, {"prompt": "y Q: b"}]) is None
+    assert prompt_suffix([{"prompt": "one ### Response:"}, {"prompt": "two ### Response:"}]) == " ### Response:"

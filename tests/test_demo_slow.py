@@ -38,5 +38,15 @@ def test_demo_build_end_to_end(tmp_path: Path) -> None:
     ev = json.loads((tmp_path / "reports/eval.json").read_text())
     assert {"base", "multitask_lora", "oracle_experts", "cluster_routing", "mole"} <= set(ev["variants"])
     assert ev["variants"]["mole"]["loss"] < ev["variants"]["base"]["loss"]
-    assert json.loads((tmp_path / "reports/merge_prune.json").read_text())["decisions"] is not None
+    merge = json.loads((tmp_path / "reports/merge_prune.json").read_text())
+    assert isinstance(merge["decisions"], list) and merge["accepted"] in (True, False) and merge["reason"]
+    # The README's predict example, prompted as a user types it: the model dir applies the training template.
+    readme = ["predict", "--model", "artifacts/mole", "--prompt", "Unit conversion: 25000 m equals how many km?",
+              "--json", "--preset", "demo"]  # fmt: skip
+    out = subprocess.run([sys.executable, "-m", "mole.cli", *readme], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    completion = json.loads(out.stdout)[0]["completion"]
+    print(f"README predict example: {completion!r}")
+    assert completion.strip()
     print((tmp_path / "reports/eval.md").read_text())

@@ -204,3 +204,14 @@ def test_a_saved_embedder_cannot_switch_on_remote_code(tmp_path: Path) -> None:
     assert load_embedder(tmp_path, trust_remote_code=True).load_kwargs["trust_remote_code"] is True
     BaseModelEmbedder(base_spec="tiny").save(tmp_path)
     assert load_embedder(tmp_path).load_kwargs["trust_remote_code"] is False
+
+
+def test_prompts_get_the_training_prompts_ending_unless_raw() -> None:
+    model, _ = _model()
+    model.spec.prompt_suffix = "\nAnswer:"
+    assert model.spec.templated("2 + 2?") == "2 + 2?\nAnswer:"
+    assert model.spec.templated("2 + 2?\nAnswer:") == "2 + 2?\nAnswer:"
+    templated = model.generate_text(["2 + 2?", "Name a colour. "], max_new_tokens=6)
+    by_hand = model.generate_text(["2 + 2?\nAnswer:", "Name a colour.\nAnswer:"], max_new_tokens=6, raw=True)
+    raw = model.generate_text(["2 + 2?", "Name a colour. "], max_new_tokens=6, raw=True)
+    assert templated == by_hand and raw != templated

@@ -139,6 +139,30 @@ def clean_records(
     return rows, stats, mode or "text"
 
 
+def prompt_suffix(rows: list[dict[str, Any]]) -> str | None:
+    """The text every training prompt ends with (e.g. ``"\nAnswer:"``), or None.
+
+    It is the prompt template a model trained on these rows expects: ``mole predict`` appends it to a prompt that
+    lacks it. Taken from the last line break (or whitespace) of the common suffix, so it is never part of a word.
+    """
+    prompts = [r["prompt"] for r in rows if "prompt" in r]
+    if len(prompts) < 2:
+        return None
+    common = prompts[0]
+    for p in prompts[1:]:
+        n = 0
+        while n < min(len(common), len(p)) and common[-1 - n] == p[-1 - n]:
+            n += 1
+        common = common[len(common) - n :]
+        if not common:
+            return None
+    cut = common.rfind("\n")
+    if cut < 0:
+        cut = next((i for i, ch in enumerate(common) if ch.isspace()), -1)
+    suffix = common[cut:] if cut >= 0 else None
+    return suffix if suffix and len(suffix.strip()) >= 2 else None
+
+
 def split_rows(
     rows: list[dict[str, Any]], *, eval_fraction: float, seed: int
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -216,6 +240,7 @@ def prepare_dataset(cfg: BuildConfig) -> tuple[list[dict[str, Any]], list[dict[s
         "dropped_overlap_with_eval": stats.dropped_overlap_with_eval,
         "eval_read": eval_stats.read if eval_stats else None,
         "domains": dict(sorted(Counter(r.get(DOMAIN) for r in train if DOMAIN in r).items())) or None,
+        "prompt_suffix": prompt_suffix(train),
     }
     logger.info("prepared %d train / %d eval rows (%s)", len(train), len(evals), mode)
     return train, evals, report
