@@ -481,7 +481,8 @@ def test_pyfunc_input_shapes() -> None:
     assert prompts_of({"prompt": ["a"]}) == ["a"] and prompts_of("a") == ["a"]
     with pytest.raises(ValueError, match="'prompt' column"):
         prompts_of(pd.DataFrame({"text": ["a"]}))
-    assert generation_kwargs({"max_new_tokens": 3, "temperature": 0.0}) == {"max_new_tokens": 3}
+    assert generation_kwargs({"max_new_tokens": 3, "temperature": 0.0}) == {"max_new_tokens": 3, "raw": False}
+    assert generation_kwargs({"raw": True})["raw"] is True
     assert generation_kwargs({"temperature": 0.7})["do_sample"] is True
     with pytest.raises(ValueError, match="max_new_tokens"):
         generation_kwargs({"max_new_tokens": 0})
