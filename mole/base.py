@@ -87,6 +87,21 @@ def resolve_base(spec: str) -> ResolvedBase:
     return ResolvedBase("hub", spec)
 
 
+def loadable_base(spec: str | None) -> str | None:
+    """What ``base_model_name_or_path`` of an exported adapter should say: a path or Hub id transformers can load.
+
+    The demo alias becomes its cached copy's directory, a local dir its absolute path; a Hub id (and 'tiny',
+    which has no files) stays as it is. An unresolvable spec is returned unchanged.
+    """
+    if not spec:
+        return spec
+    try:
+        rb = resolve_base(spec)
+    except (OSError, ValueError):
+        return spec
+    return rb.path if rb.kind in ("demo", "dir") else spec
+
+
 def describe_base(spec: str, *, revision: str | None = None) -> dict:
     """Returns {"kind", "spec", "path", "revision"} (JSON-able) for reports and lineage.
 

@@ -6,6 +6,7 @@ configuration is validated before any work starts.
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import os
@@ -34,11 +35,31 @@ console = Console(stderr=True)
 out = Console()
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="params.yaml to read.")]
-PresetOpt = Annotated[str | None, typer.Option("--preset", "-p", help="Preset over the config: tiny | demo.")]
+# The presets shipped in mole/presets/, offered as the choices of --preset.
+Preset = enum.Enum("Preset", {p.stem: p.stem for p in sorted((Path(__file__).parent / "presets").glob("*.yaml"))},
+                   type=str)  # fmt: skip
+PresetOpt = Annotated[Preset | None, typer.Option("--preset", "-p", help="Preset applied over the config.")]
 SetOpt = Annotated[
     list[str] | None, typer.Option("--set", "-s", help="Override one value, e.g. --set cluster.k=4 (repeatable).")
 ]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"mole {version('mole')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool | None, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = None,
+) -> None:
+    """Build Mixture-of-LoRA-Experts language models from domain data and one base causal LM."""
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -65,9 +86,10 @@ def _one_line(exc: BaseException) -> str:
     return str(exc)
 
 
-def _config(config: Path, preset: str | None, overrides: list[str] | None) -> BuildConfig:
+def _config(config: Path, preset: Preset | str | None, overrides: list[str] | None) -> BuildConfig:
     try:
-        return load_config(config, preset=preset, overrides=overrides or [])
+        name = preset.value if isinstance(preset, Preset) else preset
+        return load_config(config, preset=name, overrides=overrides or [])
     except ConfigError as exc:
         _error("config error:", exc)
         raise typer.Exit(2) from None

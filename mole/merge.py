@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from mole.adapters import write_adapter
+from mole.base import loadable_base
 from mole.config import BuildConfig, MergeConfig
 from mole.io import atomic_dir, sha256_file, write_json
 from mole.model import ROUTER_FILE, SPEC_FILE, MoLEModel
@@ -198,7 +199,7 @@ def apply_plan(
             for name, layer in model.bank.items():
                 parts = [t for i in g for t in layer.expert(i)]  # A_a, B_a[, A_b, B_b]
                 tensors[name] = parts if len(g) == 1 else merge_factored(*parts, *weights[tuple(g)], r=spec.r)
-            write_adapter(tmp / "experts" / eid, tensors, **lora, base_model=spec.base_model.get("name"))
+            write_adapter(tmp / "experts" / eid, tensors, **lora, base_model=loadable_base(spec.base_model.get("name")))
         if spec.shared is not None:  # the shared expert is carried over as it is
             model.export_expert(model.shared_index, tmp / "experts" / spec.shared)
         save_file(_router_state(model, groups), str(tmp / ROUTER_FILE), metadata={"format": "pt"})

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from mole.adapters import adapter_keys, read_adapter, write_adapter
+from mole.base import loadable_base
 from mole.io import atomic_dir, load_safetensors
 from mole.layer import MoLELinear, RoutingState
 from mole.router import RouterOutput, TokenTopKRouter, forced_routing
@@ -313,7 +314,7 @@ class MoLEModel(nn.Module):
             r=self.spec.r,
             lora_alpha=self.spec.lora_alpha,
             target_modules=self.spec.target_modules,
-            base_model=self.spec.base_model.get("name"),
+            base_model=loadable_base(self.spec.base_model.get("name")),
         )
 
     # ------------------------------------------------------------------------------------------ save / load
@@ -338,6 +339,8 @@ class MoLEModel(nn.Module):
                 self.export_expert(self.shared_index, tmp / "experts" / self.spec.shared)
             for name, src in (extra_files or {}).items():
                 (shutil.copytree if Path(src).is_dir() else shutil.copy2)(src, tmp / name)
+            if self.clusterer is not None and not (tmp / "clusterer").exists():  # cluster routing survives a round trip
+                self.clusterer.save(tmp / "clusterer")
             for name, obj in (extra_json or {}).items():
                 (tmp / name).write_text(json.dumps(obj, indent=2))
         return Path(directory)

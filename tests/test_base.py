@@ -213,3 +213,14 @@ def test_demo_base_loads_in_parallel_threads() -> None:
     assert first.keys() == second.keys()
     for name, p in first.items():
         assert not p.is_meta and torch.equal(p, second[name]), name
+
+
+def test_exported_adapters_name_a_base_transformers_can_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mole.base import DEMO_BASE, cache_dir, loadable_base
+
+    assert loadable_base(DEMO_BASE) == str(cache_dir() / "models" / "SmolLM2-135M-Instruct")
+    (tmp_path / "local").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert loadable_base("./local") == str((tmp_path / "local").resolve())
+    assert loadable_base("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+    assert loadable_base("tiny") == "tiny"

@@ -215,3 +215,34 @@ def test_prompts_get_the_training_prompts_ending_unless_raw() -> None:
     by_hand = model.generate_text(["2 + 2?\nAnswer:", "Name a colour.\nAnswer:"], max_new_tokens=6, raw=True)
     raw = model.generate_text(["2 + 2?", "Name a colour. "], max_new_tokens=6, raw=True)
     assert templated == by_hand and raw != templated
+
+
+def test_save_pretrained_keeps_cluster_routing_and_experts_load_with_auto_peft(tmp_path: Path) -> None:
+    from peft import AutoPeftModelForCausalLM
+
+    from mole.cluster import Clusterer
+    from mole.embed import TfidfEmbedder
+
+    base, tok = load_base("tiny", seed=0)
+    base.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    model, _ = _model()
+    model.spec.base_model = {"name": str(tmp_path / "base")}
+    texts = ["apple pie recipe"] * 4 + ["train timetable"] * 4
+    emb = TfidfEmbedder(dim=2).fit(texts)
+    model.clusterer = Clusterer(embedder=emb, centroids=emb.encode(texts)[[0, 4]])
+    model.spec.clusters = [1, 0, 2, 3]
+    model.save_pretrained(tmp_path / "mole")
+    loaded = MoLEModel.from_pretrained(tmp_path / "mole")
+    assert loaded.clusterer is not None
+    prompts = ["apple pie", "train"]
+    assert loaded.route_by_cluster(prompts).tolist() == model.route_by_cluster(prompts).tolist() == [1, 0]
+    assert loaded.generate_text(prompts, max_new_tokens=4, routing="cluster") == model.generate_text(
+        prompts, max_new_tokens=4, routing="cluster"
+    )
+    # Each expert dir names a base transformers can load, so plain peft loads it on its own.
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "mole" / "experts" / "expert_01"))
+    ids = _ids(1)
+    with torch.no_grad():
+        want = model(ids, route=torch.tensor([1])).logits
+        torch.testing.assert_close(peft_model(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)

@@ -122,3 +122,13 @@ def test_predict_refuses_bad_parameters_before_loading_a_model(tmp_path: Path, a
     proc = subprocess.run([sys.executable, "-m", "mole.cli", "predict", "--model", str(tmp_path / "nowhere"), *args],
                           cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 2 and message in " ".join(proc.stderr.split())
+
+
+def test_version_and_preset_choices() -> None:
+    from importlib.metadata import version
+
+    out = subprocess.run([*MOLE, "--version"], env=ENV, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == f"mole {version('mole')}"
+    bad = subprocess.run([*MOLE, "show-config", "--preset", "nope"], env=ENV, capture_output=True, text=True,
+                         timeout=60)  # fmt: skip
+    assert bad.returncode == 2 and "'demo', 'tiny'" in " ".join(bad.stderr.split())
