@@ -83,8 +83,17 @@ def tracking_link(registered: dict[str, Any], *, name: str) -> None:
 
 def summary_markdown(summary: dict[str, Any], *, name: str) -> None:
     """Where the build's outputs are."""
-    lines = [f"- **{k}**: `{v}`" for k, v in summary.items() if isinstance(v, str | int | float) and v is not None]
+    lines = [f"- **{k}**: {shown(v)}" for k, v in summary.items() if v is not None]
     create_markdown_artifact("## mole build\n\n" + "\n".join(lines), key=_key(name, "summary"))
+
+
+def shown(value: Any) -> str:
+    """A summary value as people read it: floats to 4 significant digits, stage times as 'name 1.2 s'."""
+    if isinstance(value, bool) or not isinstance(value, int | float | dict):
+        return f"`{value}`"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {v:.1f} s" if isinstance(v, int | float) else f"{k} {v}" for k, v in value.items())
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def report_paths(config_workspace: str, out_dir: str) -> dict[str, str]:

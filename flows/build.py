@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -110,8 +111,10 @@ def build_mole(config: BuildConfig = BuildConfig()) -> dict[str, Any]:  # noqa: 
     if config.experts.mode == "packed":
         experts = _fresh(tasks.train_experts_packed, [index])(config, clusters)
     else:
+        t0 = time.perf_counter()  # the fan-out is the train-experts stage of a flow build
         entries = expert_fanout.with_options(task_runner=task_runner(config.flow))(config, clusters)
         experts = _fresh(tasks.index_experts, [index])(config, entries)
+        stages.record_stage_time(config, "train-experts", time.perf_counter() - t0)
     artifacts.experts_table(index, name=name)
     model = _fresh(tasks.train_router, [stages.mole_paths(config)["config"]])(config, experts)
     report = _fresh(tasks.evaluate, [config.path(config.evaluate.out_dir) / "eval.json"])(config, model)
@@ -137,6 +140,8 @@ def _summary(config: BuildConfig, clusters: dict, model: dict, report: dict, reg
         "router_agreement": model["agreement"],
         "mole_loss": mole.get("loss"),
         "mole_exact_match": mole.get("exact_match"),
+        "stage_seconds": (report.get("cost", {}).get("build_time") or {}).get("stages"),
+        "training_fraction": (report.get("cost", {}).get("build_time") or {}).get("training_fraction"),
         "model_dir": str(stages.mole_paths(config)["dir"]),
         **artifacts.report_paths(config.workspace, config.evaluate.out_dir),
     }

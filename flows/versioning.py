@@ -27,7 +27,7 @@ PROJECT_DVC_YAML = Path(__file__).resolve().parents[1] / "dvc.yaml"
 REMOTE_NAME = "mole"
 DEFAULT_REMOTE = ".dvc/remote-storage"
 DVCIGNORE = (".mole-tmp-*", ".mole-merge-*")  # atomic-write temp dirs inside outs are never data
-GITIGNORE = ("/mlflow.db", "/mlruns/", "/mlartifacts/", ".mole-tmp-*")
+GITIGNORE = ("/mlflow.db", "/mlruns/", "/mlartifacts/", ".mole-tmp-*", "/.mole/")  # .mole/: stage timings
 
 
 def record_outputs(cfg: BuildConfig) -> dict[str, Any]:

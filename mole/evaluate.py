@@ -180,6 +180,7 @@ def run_evaluate(cfg: BuildConfig, *, extra_variants: dict[str, dict[str, Any]] 
     """
     from mole.stages import check_model_current, mole_paths
 
+    t0 = time.perf_counter()
     mole_dir = mole_paths(cfg)["dir"]
     check_model_current(cfg)  # made from the current experts, themselves from the current clusters
     rows, clusters, groups, creport = _eval_inputs(cfg)
@@ -197,7 +198,7 @@ def run_evaluate(cfg: BuildConfig, *, extra_variants: dict[str, dict[str, Any]] 
         "variants": {n: variants[n] for n in order if n in variants} | variants,
         "routing": mole["routing"],
         "clustering": {k: creport.get(k) for k in ("k", "silhouette", "ari", "k_rule")},
-        "cost": mole["cost"],
+        "cost": mole["cost"] | {"build_time": build_time(cfg, time.perf_counter() - t0)},
         "training": training_compute(cfg, variants),
     }
     out_dir = cfg.path(cfg.evaluate.out_dir)
@@ -205,6 +206,33 @@ def run_evaluate(cfg: BuildConfig, *, extra_variants: dict[str, dict[str, Any]] 
     _write_plots(cfg, out_dir, report, mole["expert_ids"])
     logger.info("wrote %s, eval.md and plots", out_dir / "eval.json")
     return report
+
+
+def build_time(cfg: BuildConfig, evaluate_seconds: float) -> dict[str, Any]:
+    """Wall seconds of each stage's latest run (this evaluation's so far) and of the training steps in them.
+
+    ``training_fraction``: the share of the stages' total spent in optimizer steps of MoLE's adapters (shared,
+    experts, joint phase), as the adapters' own train_metrics record them.
+    """
+    from mole.stages import experts_paths, mole_paths, stage_times
+
+    stages = stage_times(cfg) | {"evaluate": round(evaluate_seconds, 3)}
+    index_path, metrics_path = experts_paths(cfg)["index"], mole_paths(cfg)["metrics"]
+    index = json.loads(index_path.read_text(encoding="utf-8")) if index_path.exists() else {}
+    joint = (json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.exists() else {}).get("joint") or {}
+    # A reused adapter trained in an earlier run: its seconds are not part of this build's stage times.
+    fresh = [e for e in [index.get("shared"), *index.get("experts", []), index.get("baseline")] if e]
+    fresh = [e for e in fresh if not e.get("reused")]
+    training = {
+        "shared": sum(e.get("seconds", 0.0) for e in fresh if e.get("kind") == "shared"),
+        "experts": sum(e.get("seconds", 0.0) for e in fresh if e.get("kind") == "expert"),
+        "joint": float(joint.get("seconds", 0.0)),
+        "multitask_lora": sum(e.get("seconds", 0.0) for e in fresh if e.get("kind") == "multitask_lora"),
+    }
+    total = sum(stages.values())
+    mole_training = training["shared"] + training["experts"] + training["joint"]
+    return {"stages": stages, "training": training, "total": round(total, 3),
+            "training_fraction": mole_training / total if total > 0 else None}  # fmt: skip
 
 
 def training_compute(cfg: BuildConfig, variants: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -268,4 +268,15 @@ def _summary_lines(report: dict[str, Any]) -> list[str]:
         f"- cost: {cost.get('trainable_params', 0):,} trainable parameters, {_fmt(cost.get('adapter_mb'), '.3f')} MB "
         f"of adapters, forward latency ×{_fmt(cost.get('latency_ratio_vs_base'), '.3f')} of the base "
         f"({_fmt(cost.get('mole_ms'), '.1f')} ms vs {_fmt(cost.get('base_ms'), '.1f')} ms)",
+        *_build_time_lines(cost.get("build_time")),
     ]
+
+
+def _build_time_lines(bt: dict[str, Any] | None) -> list[str]:
+    if not bt or not bt.get("stages"):
+        return []
+    stages = ", ".join(f"{k} {v:.1f} s" for k, v in bt["stages"].items())
+    t, frac = bt.get("training", {}), bt.get("training_fraction")
+    share = "" if frac is None else f"; {frac:.0%} of it in training steps of the mixture's adapters"
+    steps = ", ".join(f"{k} {v:.1f} s" for k, v in t.items() if v)
+    return [f"- build time (latest run of each stage): {stages} (total {bt['total']:.1f} s{share}; {steps})"]

@@ -6,9 +6,12 @@ DVC (``dvc repro``) and the Prefect flow can all call them and a failed stage le
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +63,39 @@ def check_writable(cfg: BuildConfig) -> None:
             ) from None
 
 
+STAGE_TIMES = ".mole/stage_times.json"  # workspace-relative: each stage's wall time in its latest run
+
+
+def stage_times(cfg: BuildConfig) -> dict[str, float]:
+    """Stage name -> wall seconds of its latest run in this workspace (``{}`` before any)."""
+    path = cfg.path(STAGE_TIMES)
+    try:
+        return {str(k): float(v) for k, v in json.loads(path.read_text(encoding="utf-8")).items()}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def record_stage_time(cfg: BuildConfig, stage: str, seconds: float) -> None:
+    """Remember ``stage``'s wall time (kept out of the stages' outputs, so their content hashes stay stable)."""
+    write_json(cfg.path(STAGE_TIMES), {**stage_times(cfg), stage: round(seconds, 3)})
+
+
+def _timed(stage: str) -> Callable[[Callable[..., dict[str, Any]]], Callable[..., dict[str, Any]]]:
+    """Record the wall time of each successful run of the decorated stage function (see ``stage_times``)."""
+
+    def wrap(fn: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+        @functools.wraps(fn)
+        def run(cfg: BuildConfig, *args: Any, **kwargs: Any) -> dict[str, Any]:
+            t0 = time.perf_counter()
+            out = fn(cfg, *args, **kwargs)
+            record_stage_time(cfg, stage, time.perf_counter() - t0)
+            return out
+
+        return run
+
+    return wrap
+
+
 def begin(cfg: BuildConfig) -> None:
     """What every stage does first: check the workspace is writable, then repair interrupted writes."""
     check_writable(cfg)
@@ -84,6 +120,7 @@ def cluster_paths(cfg: BuildConfig) -> dict[str, Path]:
     }
 
 
+@_timed("prepare")
 def prepare(cfg: BuildConfig) -> dict[str, Any]:
     """Validate, clean and split the data into data/prepared/{train,eval}.jsonl and stats.json."""
     begin(cfg)
@@ -108,6 +145,7 @@ def load_prepared(cfg: BuildConfig) -> tuple[list[dict[str, Any]], list[dict[str
     return read_jsonl(paths["train"]), read_jsonl(paths["eval"])
 
 
+@_timed("cluster")
 def cluster(cfg: BuildConfig) -> dict[str, Any]:
     """Embed and cluster the training rows; write assignments, centroids, the clusterer and report.json."""
     begin(cfg)
@@ -184,6 +222,7 @@ def mole_paths(cfg: BuildConfig) -> dict[str, Path]:
     return {"dir": out, "config": out / "mole_config.json", "metrics": out / "train_metrics.json"}
 
 
+@_timed("train-experts")
 def train_experts(cfg: BuildConfig, progress: Any = None) -> dict[str, Any]:
     """Train one LoRA expert per cluster (and the multitask baseline) into artifacts/experts/."""
     begin(cfg)
@@ -197,6 +236,7 @@ def base_ref(cfg: BuildConfig) -> dict[str, Any]:
     return {**cfg.base_model.model_dump(mode="json"), "seed": cfg.seed}
 
 
+@_timed("train-router")
 def train_router(cfg: BuildConfig, progress: Any = None) -> dict[str, Any]:
     """Build the MoLE model from the experts, warm-start and jointly train the routers, save artifacts/mole/."""
     begin(cfg)
@@ -304,6 +344,7 @@ def check_model_current(cfg: BuildConfig) -> None:
         )
 
 
+@_timed("evaluate")
 def evaluate(cfg: BuildConfig) -> dict[str, Any]:
     """Evaluate every variant on the eval split: reports/eval.json, eval.md and the PNGs."""
     begin(cfg)
@@ -314,6 +355,7 @@ def evaluate(cfg: BuildConfig) -> dict[str, Any]:
     return {**report, "paths": {"eval": str(out / "eval.json"), "markdown": str(out / "eval.md")}}
 
 
+@_timed("merge-prune")
 def merge_prune(cfg: BuildConfig) -> dict[str, Any]:
     """Prune unused and merge similar experts; keep the result only if eval loss stays within the tolerance.
 

@@ -102,6 +102,20 @@ def test_clustering_and_cost(built: tuple[BuildConfig, dict[str, Any]]) -> None:
     assert cost["latency_ratio_vs_base"] == pytest.approx(cost["mole_ms"] / cost["base_ms"])
 
 
+def test_build_time_of_every_stage_and_its_training_share(built: tuple[BuildConfig, dict[str, Any]]) -> None:
+    cfg, report = built
+    bt = report["cost"]["build_time"]
+    assert list(bt["stages"]) == ["prepare", "cluster", "train-experts", "train-router", "evaluate"]
+    assert all(v > 0 for v in bt["stages"].values()) and bt["total"] == pytest.approx(sum(bt["stages"].values()))
+    index = json.loads(stages.experts_paths(cfg)["index"].read_text())
+    assert bt["training"]["experts"] == pytest.approx(sum(e["seconds"] for e in index["experts"]))
+    joint = json.loads(stages.mole_paths(cfg)["metrics"].read_text())["joint"]["seconds"]
+    share = (bt["training"]["shared"] + bt["training"]["experts"] + joint) / bt["total"]
+    assert bt["training_fraction"] == pytest.approx(share) and 0 < share < 1
+    md = (cfg.path(cfg.evaluate.out_dir) / "eval.md").read_text()
+    assert "- build time (latest run of each stage): prepare" in md and "in training steps" in md
+
+
 def test_markdown_and_plots(built: tuple[BuildConfig, dict[str, Any]]) -> None:
     cfg, _ = built
     out = cfg.path(cfg.evaluate.out_dir)

@@ -252,3 +252,10 @@ def test_mole_trigger_starts_a_run_of_the_deployment_with_the_resolved_config(
     unset = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
     res = subprocess.run(cmd, cwd=REPO, env=unset, capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "PREFECT_API_URL" in res.stdout + res.stderr
+
+
+def test_summary_values_are_shown_rounded() -> None:
+    from flows.artifacts import shown
+
+    assert shown(0.785188345) == "0.7852" and shown(6) == "6" and shown("a/b") == "`a/b`"
+    assert shown({"prepare": 0.512, "cluster": 14.94}) == "prepare 0.5 s, cluster 14.9 s"
