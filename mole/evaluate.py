@@ -1,6 +1,7 @@
 """Evaluation of every variant on the same eval rows in one run: reports/eval.json, eval.md and plots.
 
-Variants (DESIGN.md "Evaluation"): ``base``; ``multitask_lora`` (the peft baseline); ``mole`` (token routers);
+Variants (docs/architecture.md, "Evaluation"): ``base``; ``multitask_lora`` (the peft baseline); ``mole`` (token
+routers);
 ``oracle_experts`` (each row forced to the expert of its true group: information unavailable at inference);
 ``cluster_routing`` (each row routed whole by its prompt's nearest centroid). A later stage adds ``mole_merged``
 with :func:`add_variant`. Models are loaded one at a time; the base stays loaded for the latency comparison.

@@ -343,7 +343,7 @@ def multitask_steps(cfg: BuildConfig, k: int) -> int:
 
     That is the rows the whole MoLE build trains its adapters on (the shared LoRA, all k experts, and the joint
     phase when it trains the experts too), in steps of the baseline's batch size, so the baseline sees as many
-    training tokens as the mixture (DESIGN.md, "Evaluation").
+    training tokens as the mixture (docs/architecture.md, "Evaluation").
     """
     if cfg.experts.multitask_steps is not None:
         return cfg.experts.multitask_steps

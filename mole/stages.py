@@ -1,6 +1,6 @@
 """One function per pipeline stage: config in, workspace files out, a small JSON-able summary returned.
 
-Stages read and write only the workspace paths of DESIGN.md, each output written atomically, so the CLI,
+Stages read and write only the workspace paths of docs/architecture.md, each output written atomically, so the CLI,
 DVC (``dvc repro``) and the Prefect flow can all call them and a failed stage leaves earlier outputs intact.
 """
 
