@@ -212,6 +212,9 @@ def _log_and_register(
             info = _log_model(cfg, build)
             version_tags = tags | decision.tags() | {"mole.run_id": run.info.run_id}
             version = mlflow.register_model(info.model_uri, cfg.tracking.model_name, tags=version_tags)
+            card = _card(cfg, build, run.info.run_id, flow_run_id, flow_run_url)
+            mlflow.log_text(card, "README.md")
+            client.update_model_version(cfg.tracking.model_name, version.version, description=card)
             client.set_registered_model_alias(cfg.tracking.model_name, CHALLENGER, version.version)
             if decision.promote:
                 client.set_registered_model_alias(cfg.tracking.model_name, CHAMPION, version.version)
@@ -222,6 +225,21 @@ def _log_and_register(
                     client.delete_model_version(cfg.tracking.model_name, version.version)
             raise
     return client.get_model_version(cfg.tracking.model_name, version.version)
+
+
+DESCRIPTION_MAX = 5000  # characters MLflow's SQL store keeps of a model version's description
+
+
+def _card(cfg: BuildConfig, build: dict, run_id: str, flow_run_id: str | None, flow_run_url: str | None) -> str:
+    """The model card (mole.card) with this registration's lineage; cut to what a version description holds."""
+    from mole.card import model_card
+
+    lineage_lines = {"MLflow run": run_id, "Prefect flow run": flow_run_url or flow_run_id,
+                     **{f"DVC {path}": md5 for path, md5 in build["dvc"].items()}}  # fmt: skip
+    card = model_card(cfg, build["report"], lineage=lineage_lines)
+    if len(card) > DESCRIPTION_MAX:
+        card = card[: DESCRIPTION_MAX - 40].rsplit("\n", 1)[0] + "\n\n(cut: README.md of the run holds all)\n"
+    return card
 
 
 def _log_build_run(cfg: BuildConfig, client: MlflowClient, run_id: str, experiment_id: str, build: dict) -> None:

@@ -204,6 +204,7 @@ def run_evaluate(cfg: BuildConfig, *, extra_variants: dict[str, dict[str, Any]] 
     }
     out_dir = cfg.path(cfg.evaluate.out_dir)
     write_report(out_dir / "eval.json", report)
+    write_card(cfg, report)
     _write_plots(cfg, out_dir, report, mole["expert_ids"])
     logger.info("wrote %s, eval.md and plots", out_dir / "eval.json")
     return report
@@ -321,6 +322,19 @@ def _evaluate_mole(
 
 
 # --------------------------------------------------------------------------------------------- reports
+CARD_FILE = "model_card.md"
+
+
+def write_card(cfg: BuildConfig, report: dict[str, Any]) -> Path:
+    """Write the model card (``mole.card``) of this evaluation as ``evaluate.out_dir``/model_card.md, atomically."""
+    from mole.card import model_card
+
+    path = cfg.path(cfg.evaluate.out_dir) / CARD_FILE
+    with atomic_path(path) as tmp:
+        tmp.write_text(model_card(cfg, report), encoding="utf-8")
+    return path
+
+
 def write_report(path: str | Path, report: dict[str, Any]) -> Path:
     """Write ``report`` (its verdict recomputed) as eval.json at ``path`` and eval.md beside it, each atomically."""
     from mole.verdict import verdict

@@ -367,7 +367,7 @@ def merge_prune(cfg: BuildConfig) -> dict[str, Any]:
     summary = run_merge_prune(cfg)
     report = cfg.path(cfg.evaluate.out_dir) / "eval.json"
     if summary.get("accepted") and report.exists():
-        from mole.evaluate import _eval_inputs, _variant_kwargs, add_variant, evaluate_variant
+        from mole.evaluate import _eval_inputs, _variant_kwargs, add_variant, evaluate_variant, write_card
         from mole.metrics import ModelScorer, mole_generator
         from mole.model import MoLEModel
 
@@ -381,7 +381,7 @@ def merge_prune(cfg: BuildConfig) -> dict[str, Any]:
             "mole_merged", ModelScorer(model, model.tokenizer), rows, clusters, **_variant_kwargs(cfg), generate=gen
         )
         training = _merged_training(report, model)
-        add_variant(report, "mole_merged", metrics, training=training)
+        write_card(cfg, add_variant(report, "mole_merged", metrics, training=training))  # the card of the merged model
         summary["mole_merged"] = {k: metrics[k] for k in ("loss", "ppl", "exact_match")}
     return summary
 

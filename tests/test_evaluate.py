@@ -102,6 +102,25 @@ def test_clustering_and_cost(built: tuple[BuildConfig, dict[str, Any]]) -> None:
     assert cost["latency_ratio_vs_base"] == pytest.approx(cost["mole_ms"] / cost["base_ms"])
 
 
+def test_the_model_card_has_front_matter_experts_and_the_eval_numbers(
+    built: tuple[BuildConfig, dict[str, Any]],
+) -> None:
+    from mole.card import front_matter
+
+    cfg, report = built
+    card = (cfg.path(cfg.evaluate.out_dir) / "model_card.md").read_text()
+    front = front_matter(card)
+    assert front["base_model"] == "tiny" and front["library_name"] == "peft" and "mole" in front["tags"]
+    assert front["mole"]["eval"]["mole"]["loss"] == report["variants"]["mole"]["loss"]  # full precision
+    assert front["mole"]["beats_baseline"] == report["verdict"]["beats_baseline"]
+    spec = json.loads(stages.mole_paths(cfg)["config"].read_text())
+    sizes = json.loads(stages.cluster_paths(cfg)["report"].read_text())["sizes"]
+    for eid, c in zip(spec["expert_ids"], spec["clusters"], strict=True):
+        assert f"| {eid} | {c} | {sizes[c]} |" in card
+    assert f"| mole | {report['variants']['mole']['loss']:.4f} |" in card
+    assert report["verdict"]["headline"] in card and "train rows sha256" in card
+
+
 def test_build_time_of_every_stage_and_its_training_share(built: tuple[BuildConfig, dict[str, Any]]) -> None:
     cfg, report = built
     bt = report["cost"]["build_time"]

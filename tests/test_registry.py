@@ -261,6 +261,20 @@ def test_first_build_is_champion_with_lineage_tags(first: dict, built: BuildConf
     assert v.tags["mole.dvc.artifacts/mole/router.safetensors"] == first["dvc"]["artifacts/mole/router.safetensors"]
 
 
+def test_the_model_card_is_the_versions_description(first: dict, built: BuildConfig, client: MlflowClient) -> None:
+    from mole.card import front_matter
+
+    v = client.get_model_version(NAME, first["version"])
+    front = front_matter(v.description)
+    report = json.loads((built.path(built.evaluate.out_dir) / "eval.json").read_text())
+    assert front["library_name"] == "peft" and front["base_model"] == built.base_model.name
+    assert front["mole"]["eval"] == {n: {k: x.get(k) for k in ("loss", "ppl", "exact_match")}
+                                     for n, x in report["variants"].items()}  # fmt: skip
+    assert f"- MLflow run: `{first['run_id']}`" in v.description and "- Prefect flow run:" in v.description
+    artifacts = {a.path for a in client.list_artifacts(first["run_id"])}
+    assert "README.md" in artifacts
+
+
 def test_same_build_twice_is_one_version(first: dict, built: BuildConfig, client: MlflowClient) -> None:
     again = register_build(built, flow_run_id="flow-run-2")
     assert again["already_registered"] and again["version"] == first["version"] and again["run_id"] == first["run_id"]
