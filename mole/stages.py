@@ -38,7 +38,8 @@ def recover_workspace(cfg: BuildConfig) -> None:
     if not mole_dir.exists() and (keep / "mole_config.json").exists():
         keep.rename(mole_dir)
         logger.warning("restored %s from %s (merge-prune was interrupted)", mole_dir, keep)
-    for line in recover({p for d in output_dirs(cfg) for p in (d, d.parent)}):
+    roots = {p for d in output_dirs(cfg) for p in (d, d.parent)} | {cfg.path(STAGE_TIMES).parent}
+    for line in recover(roots):
         logger.warning("%s", line)
 
 
