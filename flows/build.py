@@ -108,7 +108,7 @@ def build_mole(config: BuildConfig = BuildConfig()) -> dict[str, Any]:  # noqa: 
     clusters = _fresh(tasks.cluster, [stages.cluster_paths(config)["report"]])(config, prepared)
     artifacts.clusters_table(clusters, name=name)
     index = stages.experts_paths(config)["index"]
-    if config.experts.mode == "packed":
+    if config.experts.mode == "packed" or config.experts.shared == "cotrained":  # one run trains every expert
         experts = _fresh(tasks.train_experts_packed, [index])(config, clusters)
     else:
         t0 = time.perf_counter()  # the fan-out is the train-experts stage of a flow build

@@ -76,7 +76,7 @@ def train_expert(config: BuildConfig, name: str, clusters: dict[str, Any]) -> di
 
 @task(name="train-experts-packed", cache_key_fn=stage_key("experts", "router"), persist_result=True)
 def train_experts_packed(config: BuildConfig, clusters: dict[str, Any]) -> dict[str, Any]:
-    """Train every expert in one packed run over one copy of the base (``experts.mode = packed``)."""
+    """Train every expert in one run over one copy of the base (``experts.mode = packed`` or ``shared = cotrained``)."""
     torch_threads(config)
     res = stages.train_experts(config, progress=_ProgressArtifact("experts (packed)"))
     return {**res, "hash": content_hash([stages.experts_paths(config)["dir"]])}

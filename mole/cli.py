@@ -172,9 +172,9 @@ def _run_with_bars(name: str, fn: Callable[..., dict[str, Any]], cfg: BuildConfi
     with _Bars() as bars:
         try:
             result = fn(cfg, progress=bars)
-        except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        except (ValueError, OSError, RuntimeError) as exc:
             bars.progress.stop()
-            _error(f"{name} failed:", exc)
+            _error(f"{name} failed:", _one_line(exc))
             raise typer.Exit(1) from None
     console.print(f"[green]✓[/] {name} ({time.perf_counter() - start:.1f}s)")
     return result

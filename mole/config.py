@@ -133,13 +133,20 @@ class ExpertsConfig(_Section):
     mode: Literal["separate", "packed"] = Field(
         "separate", description="separate: one run per expert; packed: all experts in one run over one base"
     )
-    shared: Literal["none", "seed", "residual"] = Field(
-        "residual",
-        description="a shared LoRA trained first on all rows: none; seed (each expert starts as a copy of it, "
-        "BTX-style, and the MoLE mixes the branched experts); residual (experts train on top of it, frozen, and "
-        "the MoLE applies it to every token plus the routed top-k)",
+    shared: Literal["none", "seed", "residual", "cotrained"] = Field(
+        "cotrained",
+        description="a shared LoRA on all rows: none; seed (trained first, each expert starts as a copy of it, "
+        "BTX-style, and the MoLE mixes the branched experts); residual (trained first, experts train on top of "
+        "it, frozen, and the MoLE applies it to every token plus the routed top-k); cotrained (the shared LoRA "
+        "and all experts in one run of mixed batches, each row through the shared adapter and its cluster's "
+        "expert; the MoLE applies it as residual does)",
     )
-    shared_steps: int = Field(45, ge=1, description="optimizer steps of the shared LoRA (all rows)")
+    shared_steps: int = Field(
+        45,
+        ge=1,
+        description="optimizer steps of the shared LoRA (all rows); cotrained: the run's steps beyond the "
+        "experts' (the run takes shared_steps + k * steps)",
+    )
     multitask_baseline: bool = True
     multitask_steps: int | None = Field(
         None,
@@ -157,8 +164,13 @@ class ExpertsConfig(_Section):
 class RouterConfig(_Section):
     """Token router and joint router + expert fine-tuning (stage ``train-router``)."""
 
-    top_k: int = Field(2, ge=1)
+    top_k: int = Field(1, ge=1)
     routing: Literal["token_topk", "cluster"] = "token_topk"
+    pool: Literal["token", "prefix"] = Field(
+        "token",
+        description="token: each token is routed by its own gate logits; prefix: by the running mean of the gate "
+        "logits over the sequence so far (causal: decoding routes as training did)",
+    )
     path: Literal["auto", "dense", "sparse"] = "auto"
     warm_start: bool = True
     warm_start_rows: int = Field(192, ge=1)

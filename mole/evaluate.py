@@ -244,13 +244,13 @@ def training_compute(cfg: BuildConfig, variants: dict[str, Any]) -> dict[str, di
     trains the experts; a router-only phase adds its steps and tokens all the same). The fixed-routing variants use
     the same adapters, so they share those counts, but apply one expert per token.
     """
-    from mole.experts import rank_per_token
+    from mole.experts import SHARED_APPLIED, rank_per_token
     from mole.stages import experts_paths, mole_paths
 
     index_path = experts_paths(cfg)["index"]
     index = json.loads(index_path.read_text(encoding="utf-8")) if index_path.exists() else {}
     r, shared = cfg.experts.lora.r, index.get("shared")
-    residual = index.get("shared_mode") == "residual"
+    residual = index.get("shared_mode") in SHARED_APPLIED
 
     def trained(entry: dict[str, Any] | None) -> tuple[int, int]:
         if not entry:
@@ -260,7 +260,10 @@ def training_compute(cfg: BuildConfig, variants: dict[str, Any]) -> dict[str, di
         return int(entry["steps"]), int(tokens)
 
     each = [trained(e) for e in index.get("experts", [])]
-    parts = {"shared": trained(shared), "experts": (sum(s for s, _ in each), sum(t for _, t in each))}
+    if index.get("shared_mode") == "cotrained":  # one run trained them all: the shared entry holds its counts
+        parts = {"cotrained": trained(shared)}
+    else:
+        parts = {"shared": trained(shared), "experts": (sum(s for s, _ in each), sum(t for _, t in each))}
     metrics = mole_paths(cfg)["metrics"]
     joint = (json.loads(metrics.read_text(encoding="utf-8")).get("joint") or {}) if metrics.exists() else {}
     parts["joint"] = (int(joint.get("steps", 0)), int(joint.get("tokens", 0)))

@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 METRICS = "train_metrics.json"
 BASELINE_ID = "multitask_lora"
 SHARED_ID = "shared"
+SHARED_APPLIED = ("residual", "cotrained")  # experts.shared modes whose MoLE applies the shared adapter to every token
 
 
 def expert_id(cluster: int) -> str:
@@ -308,13 +309,22 @@ def _jobs(cfg: BuildConfig, groups: dict[int, list[dict[str, Any]]]) -> list[_Jo
     e = cfg.experts
     every_row = [r for rows in groups.values() for r in rows]
     jobs, build_on = [], {}
-    if e.shared != "none":
+    steps = e.steps
+    if e.shared == "cotrained":  # one run trains them all: each depends on every cluster's rows and the run's steps
+        from mole.cotrain import cotrain_steps, run_fingerprint
+
+        run = run_fingerprint(cfg, {c: [r["id"] for r in rows] for c, rows in groups.items()})
+        steps = cotrain_steps(cfg, len(groups))
+        jobs.append(_Job(SHARED_ID, None, every_row, f"{e.out_dir}/{SHARED_ID}", cfg.seed, steps, "shared",
+                         upstream=run))  # fmt: skip
+        build_on = {"upstream": run}
+    elif e.shared != "none":
         shared = _Job(SHARED_ID, None, every_row, f"{e.out_dir}/{SHARED_ID}", cfg.seed, shared_steps(cfg), "shared")
         jobs.append(shared)
         key = "init_from" if e.shared == "seed" else "under"
         build_on = {key: shared.rel_dir, "upstream": shared.fingerprint(cfg)}
     jobs += [
-        _Job(expert_id(c), c, rows, f"{e.out_dir}/{expert_id(c)}", cfg.seed + c, e.steps, **build_on)
+        _Job(expert_id(c), c, rows, f"{e.out_dir}/{expert_id(c)}", cfg.seed + c, steps, **build_on)
         for c, rows in groups.items()
     ]
     if e.multitask_baseline:
@@ -332,9 +342,13 @@ def _joint_trains_experts(cfg: BuildConfig) -> bool:
 def mole_training(cfg: BuildConfig, k: int) -> dict[str, int]:
     """Optimizer steps and rows of every phase that trains MoLE's adapters (rows = steps × batch size)."""
     e, r = cfg.experts, cfg.router
-    out = {"shared_steps": shared_steps(cfg), "expert_steps": k * e.steps}
+    if e.shared == "cotrained":  # one run: its shared-only steps, then all adapters together
+        out = {"cotrained_steps": e.shared_steps + k * e.steps, "shared_steps": 0, "expert_steps": 0}
+    else:
+        out = {"cotrained_steps": 0, "shared_steps": shared_steps(cfg), "expert_steps": k * e.steps}
     out["joint_steps"] = r.steps if _joint_trains_experts(cfg) else 0
-    out["rows"] = (out["shared_steps"] + out["expert_steps"]) * e.batch_size + out["joint_steps"] * r.batch_size
+    adapter_steps = out["cotrained_steps"] + out["shared_steps"] + out["expert_steps"]
+    out["rows"] = adapter_steps * e.batch_size + out["joint_steps"] * r.batch_size
     return out
 
 
@@ -353,7 +367,7 @@ def multitask_steps(cfg: BuildConfig, k: int) -> int:
 def rank_per_token(cfg: BuildConfig, k: int) -> int:
     """The adapter rank MoLE applies to a token: its top-k experts' plus the always-on shared expert's."""
     e = cfg.experts
-    return e.lora.r * (min(cfg.router.top_k, k) + (1 if e.shared == "residual" else 0))
+    return e.lora.r * (min(cfg.router.top_k, k) + (1 if e.shared in SHARED_APPLIED else 0))
 
 
 def multitask_lora(cfg: BuildConfig, k: int) -> LoraSection:
@@ -533,7 +547,12 @@ def run_train_experts(cfg: BuildConfig, *, progress: Callable[[str, int, int, fl
     _remove_stale_experts(cfg.path(cfg.experts.out_dir), keep=_kept(cfg, groups))
     get_base = functools.cache(lambda: _load_base(cfg))
     jobs, entries = _jobs(cfg, groups), []
-    if cfg.experts.mode == "packed":  # the shared adapter first, then all experts in one run, then the baseline
+    if cfg.experts.shared == "cotrained":  # the shared adapter and the experts in one run, then the baseline
+        from mole.cotrain import run_cotrained
+
+        entries = run_cotrained(cfg, [job for job in jobs if job.kind != BASELINE_ID], get_base, progress)
+        jobs = [job for job in jobs if job.kind == BASELINE_ID]
+    elif cfg.experts.mode == "packed":  # the shared adapter first, then all experts in one run, then the baseline
         from mole.packed import run_packed
 
         entries = [_run_job(cfg, job, get_base, progress) for job in jobs if job.kind == "shared"]

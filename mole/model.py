@@ -51,6 +51,8 @@ class MoLESpec:
     shared: str | None = None
     # What every training prompt ended with (e.g. "\nAnswer:"): appended to a prompt that lacks it, unless raw.
     prompt_suffix: str | None = None
+    # How a token router pools gate logits: "token" (its own) or "prefix" (running mean over the sequence so far).
+    pool: str = "token"
 
     def templated(self, prompt: str) -> str:
         """``prompt`` as the model was trained on it: ending with ``prompt_suffix`` (added when missing)."""
@@ -106,9 +108,10 @@ class MoLEModel(nn.Module):
             p.requires_grad_(False)
         blocks = find_blocks(base)
         e, k, dim = spec.num_experts, spec.top_k, base.config.hidden_size
-        self.routers = nn.ModuleList(TokenTopKRouter(dim=dim, num_experts=e, top_k=k) for _ in blocks)
+        self.routers = nn.ModuleList(TokenTopKRouter(dim=dim, num_experts=e, top_k=k, pool=spec.pool) for _ in blocks)
         self.routers.to(next(base.parameters()).device)
         self.states = [RoutingState() for _ in blocks]
+        self._carry: list[Any] = [None] * len(blocks)  # prefix pooling: each block's running logits, for decoding
         self.bank: dict[str, MoLELinear] = {}
         self._forced: torch.Tensor | None = None  # (B,) expert per sequence, when routing is forced
         self._mask: torch.Tensor | None = None  # (B, T) attention mask of the current full forward
@@ -146,7 +149,10 @@ class MoLEModel(nn.Module):
                 )
             else:
                 mask = self._mask if self._mask is not None and self._mask.shape == hidden.shape[:2] else None
-                out = self.routers[b](hidden, mask)
+                cache = kwargs.get("past_key_values")
+                continued = cache is not None and cache.get_seq_length(b) > 0  # a decode step after earlier tokens
+                out = self.routers[b](hidden, mask, self._carry[b] if continued else None)
+                self._carry[b] = out.carry
             self.states[b].output = out
             self._outputs.append(out)
 
@@ -202,12 +208,12 @@ class MoLEModel(nn.Module):
         **kwargs: Any,
     ) -> torch.Tensor:
         """``base.generate`` with MoLE routing active (KV cache on by default); returns (B, T + new) ids."""
-        self._mask = None
+        self._mask = attention_mask  # the prompt's padding, for prefix pooling (decode steps add real tokens only)
         with self.forced_route(route if route is not None else self._forced):
             out = self.base.generate(
                 input_ids=input_ids, attention_mask=attention_mask, pad_token_id=self.tokenizer.pad_token_id, **kwargs
             )
-        self._outputs = []
+        self._outputs, self._mask = [], None
         return out
 
     def route_by_cluster(self, texts: list[str]) -> torch.Tensor:
@@ -396,6 +402,7 @@ class MoLEModel(nn.Module):
         clusters: list[int] | None = None,
         shared_dir: Path | None = None,
         shared_id: str = "shared",
+        pool: str = "token",
     ) -> MoLEModel:
         """Build a bank from trained peft adapter dirs (all with the same r, alpha and target modules).
 
@@ -415,6 +422,7 @@ class MoLEModel(nn.Module):
             path=path,
             clusters=list(clusters) if clusters is not None else list(range(len(expert_dirs))),
             shared=shared_id if shared_dir is not None else None,
+            pool=pool,
         )
         model = cls(base=base, tokenizer=tokenizer, spec=spec)
         for i, d in enumerate(expert_dirs):

@@ -221,7 +221,7 @@ def _forward_backward(
         part = seqs[start : start + chunk]
         batch = collate([{"input_ids": s[1], "labels": s[2]} for s in part], pad_id=pad)
         experts = torch.tensor([s[0] for s in part], device=device)  # (b,) bank index per sequence
-        nll = _token_losses(model, bank, {k: v.to(device) for k, v in batch.items()}, experts)  # (b, T-1)
+        nll = token_losses(model, bank, {k: v.to(device) for k, v in batch.items()}, experts)  # (b, T-1)
         per_seq = nll.sum(1)  # (b,)
         weight = torch.tensor([1.0 / counts[s[0]] for s in part], device=device)  # (b,)
         (per_seq * weight).sum().backward()
@@ -230,7 +230,7 @@ def _forward_backward(
     return totals
 
 
-def _token_losses(model: Any, bank: PackedBank, batch: dict[str, torch.Tensor], experts: torch.Tensor) -> torch.Tensor:
+def token_losses(model: Any, bank: PackedBank, batch: dict[str, torch.Tensor], experts: torch.Tensor) -> torch.Tensor:
     """Next-token losses, (b, T) batch -> (b, T-1) float32, zero at unlabelled positions.
 
     The LM head runs only at labelled positions when the model is a plain decoder + linear head (no logit

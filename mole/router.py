@@ -33,6 +33,8 @@ class RouterOutput:
         logits: (B, T, E) float32 gate logits, or None for forced routing.
         aux_loss: scalar Switch load-balancing loss ``E * sum_i f_i * P_i`` (1.0 when perfectly uniform).
         z_loss: scalar router z-loss, mean over unmasked tokens of ``logsumexp(logits) ** 2``.
+        carry: with prefix pooling, the running (sum (B, E), count (B,)) of the per-token logits up to the last
+            token, for a forward that continues these sequences (decoding with a KV cache); else None.
     """
 
     weights: torch.Tensor
@@ -41,6 +43,34 @@ class RouterOutput:
     logits: torch.Tensor | None
     aux_loss: torch.Tensor
     z_loss: torch.Tensor
+    carry: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+POOLS = ("token", "prefix")
+
+
+def prefix_mean(
+    logits: torch.Tensor, mask: torch.Tensor | None, carry: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Causal running mean of per-token logits: token t's pooled logits average those of its real tokens <= t.
+
+    Causal, so a decoded token is routed as it was in training; padding adds nothing.
+
+    Args:
+        logits: (B, T, E) float32.
+        mask: (B, T) 1 for real tokens, 0 for padding; None: all real.
+        carry: (sum (B, E), count (B,)) of the tokens before these (a continued sequence), or None.
+
+    Returns:
+        The pooled (B, T, E) logits and the carry after the last token.
+    """
+    m = torch.ones(logits.shape[:2], device=logits.device) if mask is None else mask.to(logits.device).float()
+    total = (logits * m[..., None]).cumsum(1)  # (B, T, E)
+    count = m.cumsum(1)  # (B, T)
+    if carry is not None:
+        total, count = total + carry[0][:, None], count + carry[1][:, None]
+    pooled = total / count.clamp(min=1.0)[..., None]  # before a sequence's first real token: 0
+    return pooled, (total[:, -1].detach(), count[:, -1].detach())
 
 
 def _token_mask(mask: torch.Tensor | None, lead_shape: torch.Size, device: torch.device) -> torch.Tensor:
@@ -118,10 +148,15 @@ class TokenTopKRouter(nn.Module):
         num_experts: E.
         top_k: K, experts per token, 1 <= K <= E.
         bias: whether the gate has a bias (the warm start uses it to centre the hidden states).
+        pool: "token" routes each token by its own gate logits; "prefix" by the running mean of the logits of the
+            sequence so far (causal), so a token is routed by all the evidence before it.
     """
 
-    def __init__(self, *, dim: int, num_experts: int, top_k: int, bias: bool = True) -> None:
+    def __init__(self, *, dim: int, num_experts: int, top_k: int, bias: bool = True, pool: str = "token") -> None:
         super().__init__()
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+        self.pool = pool
         if num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {num_experts}")
         if not 1 <= top_k <= num_experts:
@@ -131,7 +166,12 @@ class TokenTopKRouter(nn.Module):
         self.top_k = top_k
         self.gate = nn.Linear(dim, num_experts, bias=bias)
 
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> RouterOutput:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        carry: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> RouterOutput:
         """Route every token to its top-k experts.
 
         Note that with K = 1 the chosen weight is always 1, so the gate learns only through the aux/z losses.
@@ -139,6 +179,8 @@ class TokenTopKRouter(nn.Module):
         Args:
             hidden: (B, T, D) block input, any float dtype.
             mask: (B, T) 1 for real tokens, 0 for padding; padding is left out of the aux and z losses.
+            carry: with ``pool="prefix"``, the previous forward's ``RouterOutput.carry`` when these tokens continue
+                its sequences; None starts them afresh.
 
         Returns:
             The routing, with dense (B, T, E) weights and (B, T, K) indices / top-k weights.
@@ -147,6 +189,9 @@ class TokenTopKRouter(nn.Module):
         b = self.gate.bias
         with _fp32(hidden.device):
             logits = F.linear(hidden.float(), w.float(), None if b is None else b.float())  # (B, T, E)
+        new_carry = None
+        if self.pool == "prefix":
+            logits, new_carry = prefix_mean(logits, mask, carry)
         top_logits, indices = logits.topk(self.top_k, dim=-1)  # (B, T, K)
         topk_weights = top_logits.softmax(dim=-1)  # (B, T, K)
         weights = torch.zeros_like(logits).scatter(-1, indices, topk_weights)  # (B, T, E)
@@ -158,6 +203,7 @@ class TokenTopKRouter(nn.Module):
             logits=logits,
             aux_loss=load_balancing_loss(probs, indices, mask, self.num_experts),
             z_loss=router_z_loss(logits, mask),
+            carry=new_carry,
         )
 
     @torch.no_grad()

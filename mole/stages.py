@@ -242,7 +242,7 @@ def train_router(cfg: BuildConfig, progress: Any = None) -> dict[str, Any]:
     """Build the MoLE model from the experts, warm-start and jointly train the routers, save artifacts/mole/."""
     begin(cfg)
     from mole.base import load_base
-    from mole.experts import built_adapters, current_index
+    from mole.experts import SHARED_APPLIED, built_adapters, current_index
     from mole.model import MoLEModel
     from mole.train import joint_train, routing_agreement, row_routing, warm_start_gates
 
@@ -273,7 +273,8 @@ def train_router(cfg: BuildConfig, progress: Any = None) -> dict[str, Any]:
         routing=cfg.router.routing,
         path=cfg.router.path,
         clusters=[e["cluster"] for e in index],
-        shared_dir=cfg.path(shared["path"]) if shared and full_index.get("shared_mode") == "residual" else None,
+        shared_dir=cfg.path(shared["path"]) if shared and full_index.get("shared_mode") in SHARED_APPLIED else None,
+        pool=cfg.router.pool,
     )
     r, max_len = cfg.router, cfg.experts.max_length
     stats = prepared_paths(cfg)["stats"]

@@ -156,12 +156,14 @@ def test_training_compute_of_every_variant_is_recorded(built: tuple[BuildConfig,
     tokens = {e["id"]: json.loads((cfg.path(e["path"]) / "train_metrics.json").read_text())["tokens"]
               for e in [*index["experts"], index["shared"], index["baseline"]]}  # fmt: skip
     joint = json.loads((stages.mole_paths(cfg)["metrics"]).read_text())["joint"]
-    assert t["mole"]["tokens"] == sum(v for k, v in tokens.items() if k != "multitask_lora") + joint["tokens"]
-    assert t["mole"]["steps"] == cfg.experts.shared_steps + 3 * 3 + 2  # shared + three experts + the joint phase
+    # experts.shared = cotrained: one run trained the shared adapter and the experts; its entry holds the run's tokens
+    assert cfg.experts.shared == "cotrained" and t["mole"]["tokens"] == tokens["shared"] + joint["tokens"]
+    assert t["mole"]["phases"]["cotrained"]["tokens"] == tokens["shared"]
+    assert t["mole"]["steps"] == cfg.experts.shared_steps + 3 * 3 + 2  # the run (shared + 3 experts' steps) + joint
     assert t["multitask_lora"]["steps"] == multitask_steps(cfg, 3) and t["multitask_lora"]["tokens"] == tokens[
         "multitask_lora"]  # fmt: skip
-    # top-k experts plus the always-on shared one (experts.shared = residual)
-    assert cfg.experts.shared == "residual" and t["mole"]["rank"] == cfg.experts.lora.r * (cfg.router.top_k + 1)
+    # top-k experts plus the always-on shared one
+    assert t["mole"]["rank"] == cfg.experts.lora.r * (cfg.router.top_k + 1)
     assert t["multitask_lora"]["rank"] >= t["mole"]["rank"] and t["base"] == {"steps": 0, "tokens": 0, "rank": 0}
     # The baseline sees as many training rows as the mixture, so about as many tokens (rows differ in length).
     assert t["multitask_lora"]["tokens"] == pytest.approx(t["mole"]["tokens"], rel=0.25)

@@ -134,8 +134,9 @@ def test_stale_checkpoint_is_ignored(tiny, tmp_path: Path) -> None:
 
 
 def test_run_train_experts_trains_then_reuses(workspace: Path) -> None:
+    # Residual experts: one training run each (the cotrained run is tested below).
     overrides = ["cluster.embedder=tfidf", "cluster.k=2", "experts.steps=2", "experts.batch_size=2",
-                 "experts.max_length=32", "experts.checkpoint_every=1"]  # fmt: skip
+                 "experts.max_length=32", "experts.checkpoint_every=1", "experts.shared=residual"]  # fmt: skip
     cfg = load_config(None, preset="tiny", overrides=overrides)
     with pytest.raises(FileNotFoundError, match="run `mole prepare` first"):
         run_train_experts(cfg)
@@ -175,6 +176,32 @@ def test_run_train_experts_trains_then_reuses(workspace: Path) -> None:
     shared = load_config(None, preset="tiny", overrides=[*overrides[:2], "experts.steps=3", *overrides[3:],
                                                          "experts.shared_steps=4"])  # fmt: skip
     assert run_train_experts(shared)["trained"] == ["shared", "expert_00", "expert_01", "multitask_lora"]
+
+
+def test_cotrained_run_trains_every_adapter_once_then_reuses_them(workspace: Path) -> None:
+    overrides = ["cluster.embedder=tfidf", "cluster.k=2", "experts.steps=2", "experts.shared_steps=2",
+                 "experts.batch_size=2", "experts.max_length=32", "experts.checkpoint_every=1",
+                 "experts.shared=cotrained"]  # fmt: skip
+    cfg = load_config(None, preset="tiny", overrides=overrides)
+    stages.prepare(cfg)
+    stages.cluster(cfg)
+    calls: list[tuple[str, int, int]] = []
+    summary = run_train_experts(cfg, progress=lambda name, step, total, loss: calls.append((name, step, total)))
+    assert summary["trained"] == ["shared", "expert_00", "expert_01", "multitask_lora"]
+    assert [c for c in calls if c[0] == "cotrained"] == [("cotrained", s, 6) for s in range(1, 7)]  # 2 + 2 x 2 steps
+    index = json.loads((workspace / "artifacts/experts/experts.json").read_text())
+    assert index["shared_mode"] == "cotrained" and index["training"]["cotrained_steps"] == 6
+    assert index["shared"]["steps"] == 6 and [x["steps"] for x in index["experts"]] == [6, 6]
+    assert index["baseline"]["steps"] == math.ceil((6 * 2 + cfg.router.steps * cfg.router.batch_size) / 2)
+    for entry in [*index["experts"], index["shared"]]:
+        assert is_finished(workspace / entry["path"], entry["fingerprint"])
+        adapter_config = json.loads((workspace / entry["path"] / "adapter_config.json").read_text())
+        assert adapter_config["r"] == cfg.experts.lora.r
+    assert not [p for p in (workspace / "artifacts").rglob("*") if ".ckpt" in p.name or ".mole-tmp" in p.name]
+    assert run_train_experts(cfg)["reused"] == ["shared", "expert_00", "expert_01", "multitask_lora"]
+    # Every adapter of the run depends on all of it: one more step per expert retrains them all.
+    more = load_config(None, preset="tiny", overrides=[*overrides, "experts.steps=3"])
+    assert run_train_experts(more)["trained"] == ["shared", "expert_00", "expert_01", "multitask_lora"]
 
 
 @pytest.mark.parametrize(

@@ -69,7 +69,9 @@ def resumed_build(prefect_api: str, tmp_path_factory: pytest.TempPathFactory) ->
     """`mole build` SIGKILLed once some experts finished, then run again to the end with the same config."""
     ws = tmp_path_factory.mktemp("flow") / "ws"
     # Experts one at a time and slow enough to be killed between them; no multitask baseline (k × steps).
-    slow = ("--set", "experts.steps=12", "--set", "flow.max_workers=1", "--set", "experts.multitask_baseline=false")
+    # Residual experts: one fan-out task each (cotrained ones train in one task).
+    slow = ("--set", "experts.steps=12", "--set", "flow.max_workers=1", "--set", "experts.multitask_baseline=false",
+            "--set", "experts.shared=residual")  # fmt: skip
     proc = _build(ws, prefect_api, *slow)
     experts = ws / "artifacts" / "experts"
     deadline = time.monotonic() + 300
@@ -131,7 +133,8 @@ def test_expert_fanout_runs_on_a_local_dask_cluster(prefect_api: str, tmp_path: 
     from mole import stages
     from mole.config import load_config
 
-    sets = ["experts.multitask_baseline=false", "experts.steps=2", "cluster.embedder=tfidf", "flow.runner=dask"]
+    sets = ["experts.multitask_baseline=false", "experts.steps=2", "cluster.embedder=tfidf", "flow.runner=dask",
+            "experts.shared=residual"]  # fmt: skip
     cfg = load_config(None, preset="tiny", overrides=[f"workspace={tmp_path}", *sets])
     stages.prepare(cfg)
     k = stages.cluster(cfg)["k"]
