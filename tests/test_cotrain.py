@@ -1,4 +1,4 @@
-"""Co-trained experts (experts.shared = cotrained): one run of mixed batches trains the shared adapter and every expert."""
+"""Co-trained experts (experts.shared = cotrained): one run of mixed batches trains the shared LoRA and every expert."""
 
 from __future__ import annotations
 
