@@ -26,6 +26,16 @@ class ConfigError(ValueError):
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _counts_are_not_booleans(cls, data: Any) -> Any:
+        """Refuse ``true``/``false`` for an integer field (pydantic would read them as 1 and 0)."""
+        if isinstance(data, dict):
+            for name, field in cls.model_fields.items():
+                if isinstance(data.get(name), bool) and field.annotation in (int, int | None):
+                    raise ValueError(f"{name}: expected an integer, got {str(data[name]).lower()}")
+        return data
+
 
 class BaseModelConfig(_Section):
     """Which base causal LM to build on (see mole.base.resolve_base)."""
@@ -140,6 +150,13 @@ class ExpertsConfig(_Section):
         "it, frozen, and the MoLE applies it to every token plus the routed top-k); cotrained (the shared LoRA "
         "and all experts in one run of mixed batches, each row through the shared adapter and its cluster's "
         "expert; the MoLE applies it as residual does)",
+    )
+    expert_lr_scale: float = Field(
+        0.25,
+        gt=0,
+        le=1,
+        description="cotrained: the experts' learning rate as a fraction of experts.lr (the shared "
+        "adapter's); an expert is stepped from the few rows of its cluster in a batch, so its steps are noisier",
     )
     shared_steps: int = Field(
         45,

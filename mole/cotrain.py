@@ -158,6 +158,42 @@ def train_cotrained(
     return slots, state, peft_config
 
 
+def _step(optimizer: torch.optim.Optimizer, bank: PackedBank, scale: float) -> None:
+    """One AdamW step of the bank, the routed experts' update scaled by ``scale`` (their lr is ``scale * lr``).
+
+    AdamW's update (decoupled weight decay included) is linear in the lr, so scaling the step of the experts'
+    slices is exactly a step at the scaled lr.
+    """
+    if scale == 1.0:
+        optimizer.step()
+    else:
+        e = bank.num_experts * bank.lora.r
+        before = [(layer.lora_A.detach()[:e].clone(), layer.lora_B.detach()[:, :e].clone())
+                  for layer in bank.layers.values()]  # fmt: skip
+        optimizer.step()
+        with torch.no_grad():
+            for (a, b), layer in zip(before, bank.layers.values(), strict=True):
+                layer.lora_A[:e] = a + scale * (layer.lora_A[:e] - a)
+                layer.lora_B[:, :e] = b + scale * (layer.lora_B[:, :e] - b)
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _expert_losses(state: dict[str, Any], nll: torch.Tensor, counts: torch.Tensor, ids: torch.Tensor, e: int) -> None:
+    """Append each expert's loss of this step: the mean token loss of its rows in the batch.
+
+    An expert with no rows in the batch repeats its last value (the batch's loss before its first rows), so every
+    expert has one value per step, as a separately trained adapter has.
+    """
+    sums, tokens = nll.sum(1), counts.float()  # (B,), (B,)
+    for i in range(e):
+        mine = ids == i
+        series = state["expert_losses"].setdefault(str(i), [])
+        if mine.any():
+            series.append(round(float(sums[mine].sum() / tokens[mine].sum().clamp(min=1)), 5))
+        else:
+            series.append(series[-1] if series else round(state["losses"][-1], 5))
+
+
 def _loop(
     bank: PackedBank, model: Any, params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
     batches: Iterator[dict[str, Any]], state: dict[str, Any], *, cfg: ExpertsConfig, ckpt: Path,
@@ -178,12 +214,9 @@ def _loop(
         torch.nn.utils.clip_grad_norm_(params.values(), cfg.grad_clip)
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * lr_factor(step, steps, warmup)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        per_row = (nll.detach().sum(1) / counts.clamp(min=1)).tolist()
-        for i, value in zip(ids.tolist(), per_row, strict=True):
-            state["expert_losses"].setdefault(str(i), []).append(round(value, 5))
+        _step(optimizer, bank, cfg.expert_lr_scale)
         state["losses"].append(float(loss.detach()))
+        _expert_losses(state, nll.detach(), counts, ids, bank.num_experts)
         state["tokens"] += int(batch["attention_mask"].sum())
         state["step"], state["seconds"] = step + 1, state["seconds"] + time.perf_counter() - t0
         if state["step"] % cfg.checkpoint_every == 0 or state["step"] == steps:
@@ -247,7 +280,7 @@ def _train_and_write(
     metrics = {}
     for j in [*experts, shared]:
         i = len(experts) if j is shared else index[j.cluster]
-        own = state if j is shared else {**state, "losses": state["expert_losses"].get(str(i)) or [float("nan")]}
+        own = state if j is shared else {**state, "losses": state["expert_losses"][str(i)]}
         own = {**own, "fingerprint": fps[j.name], "tokens": _tokens(state, j, rows)}
         m = {**_metrics(own, rows=j.rows, lora=e.lora, cfg=e, seed=cfg.seed + (0 if j is shared else 1 + i),
                         resumed_from=0), "mode": "cotrained", "run_steps": shared.steps}  # fmt: skip

@@ -14,7 +14,9 @@ from mole.model import MoLEModel, MoLESpec
 E, R = 3, 4
 LORA = LoraSection(r=R, lora_alpha=8.0, target_modules=["q_proj", "v_proj"])
 ROWS = [{"id": f"r{i}", "prompt": f"Q{i}: add {i} and {i + 1}", "completion": str(2 * i + 1)} for i in range(9)]
-CFG = ExpertsConfig(lora=LORA, batch_size=3, max_length=32, lr=0.05, warmup_steps=0, checkpoint_every=2)
+CFG = ExpertsConfig(
+    lora=LORA, batch_size=3, max_length=32, lr=0.05, warmup_steps=0, checkpoint_every=2, expert_lr_scale=1.0
+)
 
 
 def _run(tmp_path: Path, experts: list[int], *, steps: int, name: str = "run") -> tuple:
@@ -33,7 +35,8 @@ def test_a_row_trains_the_shared_adapter_and_only_its_own_expert(tmp_path: Path)
         assert all(not b.any() for _, b in slots[i].values()), f"expert {i} moved without rows of its own"
     assert all(b.any() for _, b in slots[0].values()), "expert 0 got rows and should have moved"
     assert all(b.any() for _, b in slots[E].values()), "the shared adapter trains on every row"
-    assert set(state["expert_losses"]) == {"0"} and len(state["losses"]) == 2
+    assert sorted(state["expert_losses"]) == ["0", "1", "2"] and len(state["losses"]) == 2
+    assert all(len(v) == 2 for v in state["expert_losses"].values())  # one value per step, rows or not
 
 
 def test_every_expert_with_rows_in_a_batch_is_stepped_by_it(tmp_path: Path) -> None:
@@ -80,3 +83,17 @@ def test_exported_adapters_reproduce_the_oracle_mixture_through_peft(tmp_path: P
             want = ref.eval()(input_ids=ids).logits
             got = mole(ids, route=torch.tensor([i])).logits
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_expert_lr_scale_scales_the_experts_step_only(tmp_path: Path) -> None:
+    experts = [i % E for i in range(9)]
+    full, _, _ = _run(tmp_path, experts, steps=1, name="full")
+    model, tok = load_base("tiny", seed=0)
+    half_cfg = CFG.model_copy(update={"expert_lr_scale": 0.5})
+    half, _, _ = train_cotrained(model, tok, ROWS, experts, num_experts=E, lora=LORA, cfg=half_cfg, steps=1,
+                                 ckpt=tmp_path / "half.ckpt", seed=0, fingerprint="half")  # fmt: skip
+    for m in full[E]:  # the shared adapter: the same first step
+        torch.testing.assert_close(half[E][m][1], full[E][m][1], rtol=0, atol=0)
+    for i in range(E):  # B starts at 0, so after one step it is the step itself
+        for m in full[i]:
+            torch.testing.assert_close(half[i][m][1], 0.5 * full[i][m][1], rtol=1e-6, atol=1e-7)

@@ -38,12 +38,20 @@ def _source(path: Path, rows: list[dict[str, str]]) -> Path:
 @pytest.mark.parametrize("value", ["true", "false"])
 def test_a_boolean_is_not_a_cluster_count(tmp_path: Path, value: str) -> None:
     """YAML's true is an int subclass in Python: it must not become k = 1 (or 0), from --set or from params.yaml."""
-    with pytest.raises(ConfigError, match=rf"cluster\.k: value {value.capitalize()} is invalid"):
+    with pytest.raises(ConfigError, match=rf"k: expected an integer, got {value}"):
         load_config(None, preset="tiny", overrides=[f"cluster.k={value}"])
     params = tmp_path / "params.yaml"
     params.write_text(f"cluster:\n  k: {value}\n", encoding="utf-8")
-    with pytest.raises(ConfigError, match=r"cluster\.k: value"):
+    with pytest.raises(ConfigError, match=rf"k: expected an integer, got {value}"):
         load_config(params)
+
+
+@pytest.mark.parametrize("key", ["router.top_k", "experts.steps", "experts.multitask_steps", "seed"])
+def test_a_boolean_is_not_any_count(key: str) -> None:
+    """Every integer setting refuses true/false, naming the field."""
+    name = key.rsplit(".", 1)[-1]
+    with pytest.raises(ConfigError, match=rf"{name}: expected an integer, got true"):
+        load_config(None, preset="tiny", overrides=[f"{key}=true"])
 
 
 # --------------------------------------------------------- item 3: train-router checks its clusters are current

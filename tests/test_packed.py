@@ -113,8 +113,9 @@ def test_packed_resumes_after_a_crash(trained: dict, tmp_path: Path) -> None:
 
 
 def test_cli_train_experts_packed_writes_loadable_peft_adapters(workspace: Path) -> None:
+    # Packed residual experts (a cotrained run trains its experts together whatever experts.mode says).
     overrides = ["cluster.embedder=tfidf", "cluster.k=2", "experts.steps=2", "experts.batch_size=4",
-                 "experts.max_length=32", "experts.mode=packed"]  # fmt: skip
+                 "experts.max_length=32", "experts.mode=packed", "experts.shared=residual"]  # fmt: skip
     cfg = load_config(None, preset="tiny", overrides=overrides)
     stages.prepare(cfg)
     stages.cluster(cfg)

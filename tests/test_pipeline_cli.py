@@ -54,9 +54,9 @@ def test_bad_data_file_is_named_and_nothing_is_written(tmp_path: Path) -> None:
 def test_killed_train_experts_resumes_without_retraining_finished_experts(tiny_ws: Path) -> None:
     experts = tiny_ws / "artifacts" / "experts"
     # Slow enough per expert that the kill lands mid-run, after the first expert finished; no multitask baseline
-    # (it would train k × steps more).
+    # (it would train k × steps more). Residual experts: one run each (a cotrained run is one run for all).
     args = ["train-experts", "--preset", "tiny", "--set", "experts.steps=20", "--set", "experts.checkpoint_every=5",
-            "--set", "experts.multitask_baseline=false"]  # fmt: skip
+            "--set", "experts.multitask_baseline=false", "--set", "experts.shared=residual"]  # fmt: skip
     proc = subprocess.Popen([*MOLE, *args], cwd=tiny_ws, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (experts / "expert_00" / "train_metrics.json").exists():
