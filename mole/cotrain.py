@@ -42,7 +42,6 @@ from mole.packed_bank import PackedBank, peft_init
 
 logger = logging.getLogger(__name__)
 Progress = Callable[[str, int, int, float], None]
-PEFT_PREFIX = "base_model.model."
 
 
 def cotrain_steps(cfg: BuildConfig, k: int) -> int:
