@@ -19,6 +19,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -307,12 +308,13 @@ def trigger(
         f"flow run {run.name} on pool {dep.work_pool_name!r}: {flow_run_url(run.id)}\n"
         f"(a worker of that pool runs it: prefect worker start --pool {dep.work_pool_name})",
         highlight=False,
+        markup=False,
     )
     if not wait:
         return
     try:
         run = wait_for_run(
-            run.id, timeout=timeout, on_state=lambda n: console.print(f"  {time.strftime('%H:%M:%S')} {n}")
+            run.id, timeout=timeout, on_state=lambda n: console.print(f"  {time.strftime('%H:%M:%S')} {n}", markup=False)
         )
     except TimeoutError as exc:
         _error("error:", exc)
@@ -320,7 +322,7 @@ def trigger(
     if not run.state.is_completed():
         _error(f"flow run {run.name} ended {run.state.name}:", run.state.message)
         raise typer.Exit(1)
-    console.print(f"[green]✓[/] flow run {run.name} completed")
+    console.print(f"[green]✓[/] flow run {escape(run.name)} completed")
 
 
 @app.command()
@@ -340,16 +342,21 @@ def deploy(
     from flows.build import build_mole
 
     params = {"config": cfg.model_dump(mode="json")}
+    if bad := sorted(set(name) & set("/%&<>")):
+        _error("error:", f"--name {name!r}: a Prefect deployment name must not contain {' '.join(bad)}")
+        raise typer.Exit(2)
     if pool is None:
-        console.print(f"serving {name!r} ({cron}); runs happen in this process until you stop it (Ctrl-C)")
+        console.print(
+            f"serving {name!r} ({cron}); runs happen in this process until you stop it (Ctrl-C)", markup=False
+        )
         build_mole.serve(name=name, cron=cron, parameters=params)
         return
     root = Path(__file__).resolve().parent.parent
     flow = build_mole.from_source(source=str(root), entrypoint="flows/build.py:build_mole")
     dep_id = flow.deploy(name=name, work_pool_name=pool, cron=cron, parameters=params, print_next_steps=False)
     console.print(
-        f"[green]✓[/] deployment {name!r} ({dep_id}) on pool {pool!r}; start a worker: "
-        f"prefect worker start --pool {pool}",
+        f"[green]✓[/] deployment {escape(repr(name))} ({dep_id}) on pool {escape(repr(pool))}; start a worker: "
+        f"prefect worker start --pool {escape(pool)}",
         highlight=False,
     )
 

@@ -44,24 +44,31 @@ def recover_workspace(cfg: BuildConfig) -> None:
 
 
 def check_writable(cfg: BuildConfig) -> None:
-    """Fail before any work when the workspace (or an existing output dir) cannot be written.
+    """Fail before any work when the workspace or an output dir (or, not made yet, its nearest parent) is not writable.
 
     Raises:
         PermissionError: naming the directory and the OS's reason.
     """
     import tempfile
 
-    for d in [cfg.path("."), *(d for d in output_dirs(cfg) if d.is_dir())]:
+    probed: set[Path] = set()
+    for target in [cfg.path("."), *output_dirs(cfg)]:
+        d = target
+        while not d.exists() and d.parent != d:  # a dir made later: its nearest existing ancestor must take it
+            d = d.parent
+        if d in probed:
+            continue
+        probed.add(d)
         try:
-            d.mkdir(parents=True, exist_ok=True)
             fd, probe = tempfile.mkstemp(prefix=".mole-tmp-probe.", dir=d)
             os.close(fd)
             os.unlink(probe)
         except OSError as exc:
             raise PermissionError(
-                f"{d}: cannot write there ({exc.strerror or exc}); make it writable or choose another workspace "
+                f"{target}: cannot write there ({exc.strerror or exc}{'' if d == target else f' in {d}'}); make it writable or choose another workspace "
                 "(--set workspace=DIR)"
             ) from None
+    cfg.path(".").mkdir(parents=True, exist_ok=True)
 
 
 STAGE_TIMES = ".mole/stage_times.json"  # workspace-relative: each stage's wall time in its latest run

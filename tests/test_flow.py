@@ -257,6 +257,23 @@ def test_mole_trigger_starts_a_run_of_the_deployment_with_the_resolved_config(
     assert res.returncode == 2 and "PREFECT_API_URL" in res.stdout + res.stderr
 
 
+def test_mole_deploy_prints_user_names_literally(prefect_api: str, deployed: None) -> None:
+    """A deployment name with rich markup in it is printed as typed, not styled away."""
+    mole = str(Path(sys.executable).parent / "mole")
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    name = "nightly-[bold]x"
+    res = subprocess.run([mole, "deploy", *TINY, "--name", name, "--pool", "mole-process"], env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"deployment {name!r}" in " ".join((res.stdout + res.stderr).split()), res.stdout + res.stderr
+    with _client() as c:
+        c.delete_deployment(c.read_deployment_by_name(f"build-mole/{name}").id)
+    bad = subprocess.run([mole, "deploy", *TINY, "--name", "a/b", "--pool", "mole-process"], env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    text = " ".join((bad.stdout + bad.stderr).split())
+    assert bad.returncode == 2 and "--name 'a/b'" in text and "Traceback" not in text, text
+
+
 def test_summary_values_are_shown_rounded() -> None:
     from flows.artifacts import shown
 

@@ -141,3 +141,13 @@ def test_the_next_stage_puts_back_every_atomic_output_a_killed_swap_left_missing
     for target in targets:
         assert (target / "marker").read_text() == target.name, target
     assert list(tmp_path.rglob(f"{TMP_PREFIX}*")) == []
+
+
+def test_an_output_dir_not_made_yet_is_checked_through_its_unwritable_parent(tmp_path: Path) -> None:
+    """The workspace is writable but artifacts/ is not: train-experts would fail only when it writes experts/."""
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "artifacts").symlink_to("/sys")  # a directory nobody (not even root) can create files in
+    cfg = load_config(None, preset="tiny", overrides=[f"workspace={ws}"])
+    with pytest.raises(PermissionError, match=r"artifacts/experts: cannot write there .* in .*/artifacts\)"):
+        stages.check_writable(cfg)
