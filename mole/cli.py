@@ -314,7 +314,9 @@ def trigger(
         return
     try:
         run = wait_for_run(
-            run.id, timeout=timeout, on_state=lambda n: console.print(f"  {time.strftime('%H:%M:%S')} {n}", markup=False)
+            run.id,
+            timeout=timeout,
+            on_state=lambda n: console.print(f"  {time.strftime('%H:%M:%S')} {n}", markup=False),
         )
     except TimeoutError as exc:
         _error("error:", exc)

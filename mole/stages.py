@@ -64,9 +64,10 @@ def check_writable(cfg: BuildConfig) -> None:
             os.close(fd)
             os.unlink(probe)
         except OSError as exc:
+            where = "" if d == target else f" in {d}"
             raise PermissionError(
-                f"{target}: cannot write there ({exc.strerror or exc}{'' if d == target else f' in {d}'}); make it writable or choose another workspace "
-                "(--set workspace=DIR)"
+                f"{target}: cannot write there ({exc.strerror or exc}{where}); make it writable or choose another "
+                "workspace (--set workspace=DIR)"
             ) from None
     cfg.path(".").mkdir(parents=True, exist_ok=True)
 
