@@ -34,9 +34,9 @@ def load_model() -> tuple[torch.nn.Module, Any, str]:
     Returns:
         ``(model in eval mode, tokenizer, what the weights are)``.
     """
-    from mole.base import _is_complete, build_tiny, resolve_base
+    from mole.base import build_tiny, demo_is_cached
 
-    if _is_complete(Path(resolve_base(DEMO).path)):
+    if demo_is_cached():
         from mole.base import load_base
 
         model, tok = load_base(DEMO)

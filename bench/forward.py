@@ -36,7 +36,7 @@ def layer_floor(n: int, r: int, d_in: int, d_out: int) -> float:
 
 def mole_model(model: torch.nn.Module, tok: Any, dirs: list[Path], k: int) -> torch.nn.Module:
     """A MoLE model over ``dirs`` on a shared-weight copy of ``model`` (random token-router gates)."""
-    from mole.model import MoLEModel
+    from mole.nn.model import MoLEModel
 
     ids = [d.name for d in dirs]
     return MoLEModel.from_experts(

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from mole.model import MoLEModel, MoLESpec
+from mole.nn.model import MoLEModel, MoLESpec
 
 # SmolLM2-135M-Instruct's architecture (config.json of the demo model).
 DEMO_SHAPES = dict(

@@ -31,7 +31,7 @@ def _size_mb(directory: Path) -> float:
 def run(model: torch.nn.Module, tok: Any, *, mode: str) -> dict[str, Any]:
     """Time base, MoLE before and MoLE after merge/prune, interleaved; return latency and size rows."""
     from mole.merge import apply_plan
-    from mole.model import MoLEModel
+    from mole.nn.model import MoLEModel
 
     batch, seq, reps = SHAPES[mode]
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))

@@ -57,8 +57,8 @@ def worker(mode: str, *, n: int, steps: int, per_skill: int) -> dict[str, Any]:
 
     from bench.common import load_model
     from mole.config import load_config
-    from mole.experts import train_lora
-    from mole.packed import PackedExpert, train_packed
+    from mole.training.experts import train_lora
+    from mole.training.packed import PackedExpert, train_packed
 
     cfg = load_config(None, preset="demo")
     e = cfg.experts.model_copy(update={"steps": steps})

@@ -20,9 +20,9 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import artifacts, tasks
 from flows.cache import outputs_exist
-from mole import stages
+from mole import workspace
 from mole.config import BuildConfig, FlowConfig
-from mole.experts import BASELINE_ID, SHARED_ID, job_names
+from mole.training.experts import BASELINE_ID, SHARED_ID, job_names
 
 
 def task_runner(f: FlowConfig) -> Any:
@@ -104,19 +104,19 @@ def _run_name() -> str:
 def build_mole(config: BuildConfig = BuildConfig()) -> dict[str, Any]:  # noqa: B008 - pydantic default, immutable use
     """Build a MoLE model from domain data and a base causal LM, evaluate it, version it and register it."""
     log, name = get_run_logger(), config.tracking.model_name
-    prepared = _fresh(tasks.prepare, list(stages.prepared_paths(config).values()))(config)
-    clusters = _fresh(tasks.cluster, [stages.cluster_paths(config)["report"]])(config, prepared)
+    prepared = _fresh(tasks.prepare, list(workspace.prepared_paths(config).values()))(config)
+    clusters = _fresh(tasks.cluster, [workspace.cluster_paths(config)["report"]])(config, prepared)
     artifacts.clusters_table(clusters, name=name)
-    index = stages.experts_paths(config)["index"]
+    index = workspace.experts_paths(config)["index"]
     if config.experts.mode == "packed" or config.experts.shared == "cotrained":  # one run trains every expert
         experts = _fresh(tasks.train_experts_packed, [index])(config, clusters)
     else:
         t0 = time.perf_counter()  # the fan-out is the train-experts stage of a flow build
         entries = expert_fanout.with_options(task_runner=task_runner(config.flow))(config, clusters)
         experts = _fresh(tasks.index_experts, [index])(config, entries)
-        stages.record_stage_time(config, "train-experts", time.perf_counter() - t0)
+        workspace.record_stage_time(config, "train-experts", time.perf_counter() - t0)
     artifacts.experts_table(index, name=name)
-    model = _fresh(tasks.train_router, [stages.mole_paths(config)["config"]])(config, experts)
+    model = _fresh(tasks.train_router, [workspace.mole_paths(config)["config"]])(config, experts)
     report = _fresh(tasks.evaluate, [config.path(config.evaluate.out_dir) / "eval.json"])(config, model)
     merged = _fresh(tasks.merge_prune, [config.path(config.evaluate.out_dir) / "merge_prune.json"])(config, report)
     artifacts.evaluation_table(config.path(config.evaluate.out_dir) / "eval.json", name=name)
@@ -142,7 +142,7 @@ def _summary(config: BuildConfig, clusters: dict, model: dict, report: dict, reg
         "mole_exact_match": mole.get("exact_match"),
         "stage_seconds": (report.get("cost", {}).get("build_time") or {}).get("stages"),
         "training_fraction": (report.get("cost", {}).get("build_time") or {}).get("training_fraction"),
-        "model_dir": str(stages.mole_paths(config)["dir"]),
+        "model_dir": str(workspace.mole_paths(config)["dir"]),
         **artifacts.report_paths(config.workspace, config.evaluate.out_dir),
     }
     if registered:

@@ -88,8 +88,8 @@ def stage_key(*sections: str, data: bool = False) -> Callable[[Any, dict[str, An
 
 def adapter_key(context: Any, parameters: dict[str, Any]) -> str:
     """Cache key of one ``train-expert`` task: the multitask baseline also reads the router section (its steps
-    include the joint phase's, see ``mole.experts.multitask_steps``); an expert reads ``experts`` only."""
-    from mole.experts import BASELINE_ID
+    include the joint phase's, see ``mole.training.experts.multitask_steps``); an expert reads ``experts`` only."""
+    from mole.training.experts import BASELINE_ID
 
     sections = ("experts", "router") if parameters.get("name") == BASELINE_ID else ("experts",)
     return stage_key(*sections)(context, parameters)

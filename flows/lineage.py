@@ -54,7 +54,7 @@ def content_hash(path: str | Path) -> str:
 
 def eval_set_hash(cfg: BuildConfig) -> str:
     """Hash of the eval rows (data/prepared/eval.jsonl): builds compared by the promotion gate must share it."""
-    from mole.stages import prepared_paths
+    from mole.workspace import prepared_paths
 
     path = prepared_paths(cfg)["eval"]
     if not path.exists():
@@ -111,7 +111,7 @@ def eval_metrics(report: dict[str, Any]) -> dict[str, float]:
 
 def expert_records(cfg: BuildConfig) -> list[dict[str, Any]]:
     """One record per trained adapter (the shared one, the experts, the baseline): params, loss per step, tokens/s."""
-    from mole.stages import experts_paths
+    from mole.workspace import experts_paths
 
     index = read_json(experts_paths(cfg)["index"], "train-experts")
     entries = [*([index["shared"]] if index.get("shared") else []), *index.get("experts", []),
@@ -144,7 +144,7 @@ def bundle_base(ref: dict[str, Any], dest: Path, *, max_mb: float) -> dict[str, 
     if rb.kind == "hub":
         return {"bundled": False, "kind": rb.kind, "mb": None, "reason": "Hub model: referenced by id and revision"}
     if rb.kind == "tiny":  # rebuilt from config + seed: save what it builds to
-        from mole.model import load_spec_base
+        from mole.nn.model import load_spec_base
 
         model, tokenizer = load_spec_base(ref, device="cpu")
         mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20

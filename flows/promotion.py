@@ -48,7 +48,7 @@ class Decision:
 
 def baseline_refusal(cfg: BuildConfig, report: dict[str, Any]) -> str | None:
     """Why the build may not be champion because it loses to its own multitask baseline; None when it may."""
-    from mole.verdict import verdict
+    from mole.eval.verdict import verdict
 
     if not cfg.tracking.require_beats_baseline:
         return None
@@ -85,7 +85,7 @@ def decide(cfg: BuildConfig, champion: Any, build: dict[str, Any], *, rescore: C
         ``tracking.require_beats_baseline``); otherwise promote when there is no champion, or when the relative
         improvement exceeds the margin.
     """
-    from mole.verdict import verdict
+    from mole.eval.verdict import verdict
 
     t, value = cfg.tracking, float(build["value"])
     beats = verdict(build["report"])["beats_baseline"] if build.get("report") else None

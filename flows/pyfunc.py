@@ -34,14 +34,14 @@ def load_mole(
     Args:
         mole_dir: a directory written by ``MoLEModel.save_pretrained`` (holds mole_config.json).
         base_dir: a bundled base (see flows/registry.py ``bundle_base``); None loads ``base_model`` of
-            mole_config.json as ``mole.model.load_spec_base`` resolves it.
+            mole_config.json as ``mole.nn.model.load_spec_base`` resolves it.
         device: where to load; None keeps the spec's device when it is "cpu", else "auto".
         trust_remote_code: the caller's permission for the base's own code (a saved flag alone is refused).
 
     Returns:
-        A ``mole.model.MoLEModel`` in eval mode.
+        A ``mole.nn.model.MoLEModel`` in eval mode.
     """
-    from mole.model import SPEC_FILE, MoLEModel
+    from mole.nn.model import SPEC_FILE, MoLEModel
 
     mole_dir = Path(mole_dir)
     spec_file = mole_dir / SPEC_FILE

@@ -152,7 +152,7 @@ def _tracking(uri: str) -> Iterator[None]:
 
 def _build_facts(cfg: BuildConfig, dvc_hashes: dict[str, str]) -> dict[str, Any]:
     """Everything the gate and the tags need, read from the workspace before anything is sent to MLflow."""
-    from mole.stages import mole_paths, prepared_paths
+    from mole.workspace import mole_paths, prepared_paths
 
     model_dir = mole_paths(cfg)["dir"]
     report = lineage.read_json(cfg.path(cfg.evaluate.out_dir) / "eval.json", "evaluate")
@@ -231,8 +231,8 @@ DESCRIPTION_MAX = 5000  # characters MLflow's SQL store keeps of a model version
 
 
 def _card(cfg: BuildConfig, build: dict, run_id: str, flow_run_id: str | None, flow_run_url: str | None) -> str:
-    """The model card (mole.card) with this registration's lineage; cut to what a version description holds."""
-    from mole.card import model_card
+    """The model card (mole.eval.card) with this registration's lineage; cut to what a version description holds."""
+    from mole.eval.card import model_card
 
     lineage_lines = {"MLflow run": run_id, "Prefect flow run": flow_run_url or flow_run_id,
                      **{f"DVC {path}": md5 for path, md5 in build["dvc"].items()}}  # fmt: skip
@@ -244,7 +244,7 @@ def _card(cfg: BuildConfig, build: dict, run_id: str, flow_run_id: str | None, f
 
 def _log_build_run(cfg: BuildConfig, client: MlflowClient, run_id: str, experiment_id: str, build: dict) -> None:
     """Params (the flattened config), eval metrics, router loss curve, report files and one nested run per expert."""
-    from mole.stages import mole_paths
+    from mole.workspace import mole_paths
 
     mlflow.log_params(lineage.flatten(cfg.model_dump(mode="json")))
     router = mole_paths(cfg)["metrics"]
@@ -323,7 +323,7 @@ def _log_model(cfg: BuildConfig, build: dict[str, Any]) -> Any:
 
 
 def _example_prompt(cfg: BuildConfig) -> str:
-    from mole.stages import load_prepared
+    from mole.workspace import load_prepared
 
     row = load_prepared(cfg)[1][0]
     return row.get("prompt") or row.get("text", "")[:64]
@@ -368,15 +368,15 @@ def _load_pyfunc(model_uri: str, *, trust_remote_code: bool = False) -> Any:
 
 def _rescore(cfg: BuildConfig, name: str, version: Any) -> float:
     """The champion's ``tracking.metric`` on this build's eval rows (its own eval set differed)."""
-    from mole.evaluate import _eval_inputs, _variant_kwargs, evaluate_variant
-    from mole.metrics import ModelScorer, mole_generator
+    from mole.eval.evaluate import eval_inputs, evaluate_variant, variant_kwargs
+    from mole.eval.metrics import ModelScorer, mole_generator
 
     model = _load_pyfunc(f"models:/{name}/{version.version}").unwrap_python_model().model
-    rows, clusters, _, _ = _eval_inputs(cfg)
+    rows, clusters, _, _ = eval_inputs(cfg)
     metric = cfg.tracking.metric
     gen = mole_generator(model, max_new_tokens=cfg.evaluate.max_new_tokens) if metric == "exact_match" else None
     scores = evaluate_variant("champion", ModelScorer(model, model.tokenizer), rows, clusters,
-                              **_variant_kwargs(cfg), generate=gen)  # fmt: skip
+                              **variant_kwargs(cfg), generate=gen)  # fmt: skip
     return float(scores[metric])
 
 

@@ -14,7 +14,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from flows.cache import adapter_key, content_hash, stage_key
-from mole import stages
+from mole import stages, workspace
 from mole.config import BuildConfig
 
 
@@ -32,7 +32,7 @@ def prepare(config: BuildConfig) -> dict[str, Any]:
     """Validate, clean and split the data."""
     res = stages.prepare(config)
     get_run_logger().info("prepared %d train and %d eval rows", res["train_rows"], res["eval_rows"])
-    return {**res, "hash": content_hash(stages.prepared_paths(config).values())}
+    return {**res, "hash": content_hash(workspace.prepared_paths(config).values())}
 
 
 @task(name="cluster", cache_key_fn=stage_key("cluster"), persist_result=True)
@@ -41,7 +41,7 @@ def cluster(config: BuildConfig, prepared: dict[str, Any]) -> dict[str, Any]:
     torch_threads(config)
     res = stages.cluster(config)
     get_run_logger().info("k=%d sizes=%s silhouette=%.3f", res["k"], res["sizes"], res["silhouette"])
-    return {**res, "hash": content_hash([stages.cluster_paths(config)["dir"]])}
+    return {**res, "hash": content_hash([workspace.cluster_paths(config)["dir"]])}
 
 
 class _ProgressArtifact:
@@ -65,7 +65,7 @@ class _ProgressArtifact:
 @task(name="train-expert", task_run_name="train-{name}", cache_key_fn=adapter_key, persist_result=True)
 def train_expert(config: BuildConfig, name: str, clusters: dict[str, Any]) -> dict[str, Any]:
     """Train (or reuse) one LoRA adapter: a cluster's expert or the multitask baseline."""
-    from mole.experts import train_job
+    from mole.training.experts import train_job
 
     threads = torch_threads(config, parallel=config.flow.max_workers)
     get_run_logger().info("training %s with %d torch threads", name, threads)
@@ -79,16 +79,16 @@ def train_experts_packed(config: BuildConfig, clusters: dict[str, Any]) -> dict[
     """Train every expert in one run over one copy of the base (``experts.mode = packed`` or ``shared = cotrained``)."""
     torch_threads(config)
     res = stages.train_experts(config, progress=_ProgressArtifact("experts (packed)"))
-    return {**res, "hash": content_hash([stages.experts_paths(config)["dir"]])}
+    return {**res, "hash": content_hash([workspace.experts_paths(config)["dir"]])}
 
 
 @task(name="index-experts", cache_key_fn=stage_key("experts"), persist_result=True)
 def index_experts(config: BuildConfig, entries: list[dict[str, Any]]) -> dict[str, Any]:
     """Write artifacts/experts/experts.json from the fan-out's results."""
-    from mole.experts import write_index
+    from mole.training.experts import write_index
 
     res = write_index(config, [{k: v for k, v in e.items() if k not in ("hash", "pid")} for e in entries])
-    return {**res, "hash": content_hash([stages.experts_paths(config)["index"]])}
+    return {**res, "hash": content_hash([workspace.experts_paths(config)["index"]])}
 
 
 @task(name="train-router", cache_key_fn=stage_key("router", "experts"), persist_result=True)
@@ -97,7 +97,7 @@ def train_router(config: BuildConfig, experts: dict[str, Any]) -> dict[str, Any]
     torch_threads(config)
     res = stages.train_router(config, progress=_ProgressArtifact("router"))
     get_run_logger().info("router agreement with the clusters: %.3f", res["agreement"])
-    return {**res, "hash": content_hash([stages.mole_paths(config)["dir"]])}
+    return {**res, "hash": content_hash([workspace.mole_paths(config)["dir"]])}
 
 
 @task(name="evaluate", cache_key_fn=stage_key("evaluate", "experts", "router"), persist_result=True)
@@ -115,7 +115,7 @@ def merge_prune(config: BuildConfig, report: dict[str, Any]) -> dict[str, Any]:
     res = stages.merge_prune(config)
     get_run_logger().info("merge/prune: %s", "accepted" if res.get("accepted") else "kept the original")
     out = config.path(config.evaluate.out_dir)
-    return {**res, "hash": content_hash([stages.mole_paths(config)["dir"], out / "eval.json"])}
+    return {**res, "hash": content_hash([workspace.mole_paths(config)["dir"], out / "eval.json"])}
 
 
 def _backoff(config: BuildConfig) -> dict[str, Any]:

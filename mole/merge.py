@@ -20,13 +20,13 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from mole.adapters import write_adapter
 from mole.base import loadable_base
 from mole.config import BuildConfig, MergeConfig
 from mole.io import atomic_dir, sha256_file, write_json
-from mole.model import ROUTER_FILE, SPEC_FILE, MoLEModel
-from mole.stages import load_prepared, mole_paths
-from mole.train import eval_loss, joint_train, row_routing
+from mole.nn.adapters import write_adapter
+from mole.nn.model import ROUTER_FILE, SPEC_FILE, MoLEModel
+from mole.routing.train import eval_loss, joint_train, row_routing
+from mole.workspace import load_prepared, mole_paths
 
 logger = logging.getLogger(__name__)
 Decision = dict[str, Any]

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from mole import stages
-from mole.cluster import Clusterer, balance, choose_k, fit_clusters, top_terms
+from mole.cluster.clustering import Clusterer, balance, choose_k, fit_clusters, top_terms
+from mole.cluster.embed import TfidfEmbedder, load_embedder
 from mole.config import load_config
-from mole.embed import TfidfEmbedder, load_embedder
 
 
 def _blobs(sizes: list[int], dim: int = 8, spread: float = 0.05, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -92,7 +92,7 @@ def test_minilm_auto_k_recovers_demo_skills(workspace: Path) -> None:
 
 
 def test_base_model_embedder_clusters_rows(tmp_path: Path) -> None:
-    from mole.embed import BaseModelEmbedder
+    from mole.cluster.embed import BaseModelEmbedder
 
     rows = [{"text": w * 6, "domain": w} for w in ("aaaa ", "zzzz ", "0000 ") for _ in range(4)]
     rows = [{**r, "text": r["text"] + str(i)} for i, r in enumerate(rows)]
@@ -134,7 +134,7 @@ def _worded_blobs(k: int, *, n: int = 40, seed: int = 0) -> tuple[np.ndarray, li
 
 @pytest.mark.parametrize("k_true", [2, 3, 5])
 def test_heldout_lm_rule_recovers_k_of_worded_blobs(k_true: int) -> None:
-    from mole.cluster import proxy_counts
+    from mole.cluster.clustering import proxy_counts
 
     x, texts, _ = _worded_blobs(k_true, seed=k_true)
     k, tried, _ = choose_k(x, k_min=1, k_max=8, min_cluster_size=5, n_init=3, seed=0, sample=500,
@@ -145,7 +145,7 @@ def test_heldout_lm_rule_recovers_k_of_worded_blobs(k_true: int) -> None:
 
 
 def test_heldout_lm_rule_answers_one_cluster_for_one_blob() -> None:
-    from mole.cluster import proxy_counts
+    from mole.cluster.clustering import proxy_counts
 
     rng = np.random.default_rng(1)
     x = rng.normal(size=(120, 8)).astype(np.float32)  # one blob: any split is arbitrary
@@ -157,7 +157,7 @@ def test_heldout_lm_rule_answers_one_cluster_for_one_blob() -> None:
 
 
 def test_refine_moves_rows_to_the_cluster_whose_words_they_use() -> None:
-    from mole.cluster import proxy_counts, refine
+    from mole.cluster.clustering import proxy_counts, refine
 
     _, texts, truth = _worded_blobs(3, seed=7)
     noisy = truth.copy()

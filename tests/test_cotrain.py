@@ -8,8 +8,8 @@ import torch
 
 from mole.base import load_base
 from mole.config import ExpertsConfig, LoraSection
-from mole.cotrain import train_cotrained, write_adapter
-from mole.model import MoLEModel, MoLESpec
+from mole.nn.model import MoLEModel, MoLESpec
+from mole.training.cotrain import train_cotrained, write_adapter
 
 E, R = 3, 4
 LORA = LoraSection(r=R, lora_alpha=8.0, target_modules=["q_proj", "v_proj"])

@@ -292,7 +292,7 @@ def test_champion_loads_in_a_fresh_process_and_completes_prompts(stack: Stack, f
     completions = json.loads(line.removeprefix("COMPLETIONS="))
     # The champion is the model this run built: the same greedy completions as the workspace's model, loaded the
     # plain way (a random tiny model may well answer with blanks, so that is what is compared, not "non-empty").
-    from mole.model import MoLEModel
+    from mole.nn.model import MoLEModel
 
     built = MoLEModel.from_pretrained(finished["ws"] / "artifacts" / "mole")
     assert completions == built.generate_text(PROMPTS, max_new_tokens=8), completions

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 import torch
 
-from mole import stages
+from mole import stages, workspace
 from mole.config import BuildConfig, load_config
-from mole.evaluate import ModelScorer, add_variant, evaluate_variant, normalize_answer, run_evaluate
+from mole.eval.evaluate import ModelScorer, add_variant, evaluate_variant, normalize_answer, run_evaluate
 from mole.io import read_jsonl
 
 VARIANTS = ("base", "multitask_lora", "oracle_experts", "cluster_routing", "mole")
@@ -44,7 +44,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[BuildConfig, dict[s
 
 @pytest.fixture(scope="module")
 def eval_rows(built: tuple[BuildConfig, dict[str, Any]]) -> list[dict[str, Any]]:
-    return read_jsonl(stages.prepared_paths(built[0])["eval"])
+    return read_jsonl(workspace.prepared_paths(built[0])["eval"])
 
 
 def test_every_variant_has_finite_metrics(built: tuple[BuildConfig, dict[str, Any]]) -> None:
@@ -63,7 +63,7 @@ def test_every_variant_has_finite_metrics(built: tuple[BuildConfig, dict[str, An
 
 def test_per_cluster_rows_cover_the_eval_split(built: tuple[BuildConfig, dict[str, Any]], eval_rows: list) -> None:
     cfg, report = built
-    assigned = read_jsonl(stages.cluster_paths(cfg)["eval_assignments"])
+    assigned = read_jsonl(workspace.cluster_paths(cfg)["eval_assignments"])
     expected = {str(c): sum(a["cluster"] == c for a in assigned) for c in {a["cluster"] for a in assigned}}
     for v in report["variants"].values():
         assert {c: p["rows"] for c, p in v["per_cluster"].items()} == expected
@@ -74,8 +74,8 @@ def test_per_cluster_rows_cover_the_eval_split(built: tuple[BuildConfig, dict[st
 
 
 def test_routing_statistics(built: tuple[BuildConfig, dict[str, Any]], eval_rows: list) -> None:
-    from mole.model import MoLEModel
-    from mole.train import routing_agreement, row_routing
+    from mole.nn.model import MoLEModel
+    from mole.routing.train import routing_agreement, row_routing
 
     cfg, report = built
     r = report["routing"]
@@ -86,8 +86,8 @@ def test_routing_statistics(built: tuple[BuildConfig, dict[str, Any]], eval_rows
     assert 0.0 <= r["normalized_entropy"] <= 1.0 + 1e-9
     assert r["entropy"] == pytest.approx(r["normalized_entropy"] * math.log(3))
     assert 0.0 <= r["top1_agreement"] <= 1.0
-    model = MoLEModel.from_pretrained(stages.mole_paths(cfg)["dir"])
-    clusters = {a["id"]: a["cluster"] for a in read_jsonl(stages.cluster_paths(cfg)["eval_assignments"])}
+    model = MoLEModel.from_pretrained(workspace.mole_paths(cfg)["dir"])
+    clusters = {a["id"]: a["cluster"] for a in read_jsonl(workspace.cluster_paths(cfg)["eval_assignments"])}
     experts = [model.spec.expert_of_cluster()[clusters[row["id"]]] for row in eval_rows]
     _, logits = row_routing(model, eval_rows, batch_size=cfg.evaluate.batch_size, max_length=cfg.experts.max_length)
     assert r["top1_agreement"] == pytest.approx(routing_agreement(logits, experts))
@@ -105,7 +105,7 @@ def test_clustering_and_cost(built: tuple[BuildConfig, dict[str, Any]]) -> None:
 def test_the_model_card_has_front_matter_experts_and_the_eval_numbers(
     built: tuple[BuildConfig, dict[str, Any]],
 ) -> None:
-    from mole.card import front_matter
+    from mole.eval.card import front_matter
 
     cfg, report = built
     card = (cfg.path(cfg.evaluate.out_dir) / "model_card.md").read_text()
@@ -113,8 +113,8 @@ def test_the_model_card_has_front_matter_experts_and_the_eval_numbers(
     assert front["base_model"] == "tiny" and front["library_name"] == "peft" and "mole" in front["tags"]
     assert front["mole"]["eval"]["mole"]["loss"] == report["variants"]["mole"]["loss"]  # full precision
     assert front["mole"]["beats_baseline"] == report["verdict"]["beats_baseline"]
-    spec = json.loads(stages.mole_paths(cfg)["config"].read_text())
-    sizes = json.loads(stages.cluster_paths(cfg)["report"].read_text())["sizes"]
+    spec = json.loads(workspace.mole_paths(cfg)["config"].read_text())
+    sizes = json.loads(workspace.cluster_paths(cfg)["report"].read_text())["sizes"]
     for eid, c in zip(spec["expert_ids"], spec["clusters"], strict=True):
         assert f"| {eid} | {c} | {sizes[c]} |" in card
     assert f"| mole | {report['variants']['mole']['loss']:.4f} |" in card
@@ -126,9 +126,9 @@ def test_build_time_of_every_stage_and_its_training_share(built: tuple[BuildConf
     bt = report["cost"]["build_time"]
     assert list(bt["stages"]) == ["prepare", "cluster", "train-experts", "train-router", "evaluate"]
     assert all(v > 0 for v in bt["stages"].values()) and bt["total"] == pytest.approx(sum(bt["stages"].values()))
-    index = json.loads(stages.experts_paths(cfg)["index"].read_text())
+    index = json.loads(workspace.experts_paths(cfg)["index"].read_text())
     assert bt["training"]["experts"] == pytest.approx(sum(e["seconds"] for e in index["experts"]))
-    joint = json.loads(stages.mole_paths(cfg)["metrics"].read_text())["joint"]["seconds"]
+    joint = json.loads(workspace.mole_paths(cfg)["metrics"].read_text())["joint"]["seconds"]
     share = (bt["training"]["shared"] + bt["training"]["experts"] + joint) / bt["total"]
     assert bt["training_fraction"] == pytest.approx(share) and 0 < share < 1
     md = (cfg.path(cfg.evaluate.out_dir) / "eval.md").read_text()
@@ -148,14 +148,14 @@ def test_markdown_and_plots(built: tuple[BuildConfig, dict[str, Any]]) -> None:
 
 
 def test_training_compute_of_every_variant_is_recorded(built: tuple[BuildConfig, dict[str, Any]]) -> None:
-    from mole.experts import multitask_steps
+    from mole.training.experts import multitask_steps
 
     cfg, report = built
     t = report["training"]
     index = json.loads((cfg.path(cfg.experts.out_dir) / "experts.json").read_text())
     tokens = {e["id"]: json.loads((cfg.path(e["path"]) / "train_metrics.json").read_text())["tokens"]
               for e in [*index["experts"], index["shared"], index["baseline"]]}  # fmt: skip
-    joint = json.loads((stages.mole_paths(cfg)["metrics"]).read_text())["joint"]
+    joint = json.loads((workspace.mole_paths(cfg)["metrics"]).read_text())["joint"]
     # experts.shared = cotrained: one run trained the shared adapter and the experts; its entry holds the run's tokens
     assert cfg.experts.shared == "cotrained" and t["mole"]["tokens"] == tokens["shared"] + joint["tokens"]
     assert t["mole"]["phases"]["cotrained"]["tokens"] == tokens["shared"]
@@ -199,10 +199,10 @@ def test_add_variant_keeps_the_others(built: tuple[BuildConfig, dict[str, Any]],
 def test_missing_baseline_is_skipped_with_a_warning(
     built: tuple[BuildConfig, dict[str, Any]], caplog: pytest.LogCaptureFixture
 ) -> None:
-    from mole.evaluate import _multitask_lora
+    from mole.eval.evaluate import _multitask_lora
 
     cfg = built[0].model_copy(update={"experts": built[0].experts.model_copy(update={"baseline_dir": "nowhere"})})
-    with caplog.at_level(logging.WARNING, logger="mole.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="mole.eval.evaluate"):
         assert _multitask_lora(cfg, None, [], []) is None
     assert "skipping the baseline" in caplog.text
 

@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 
 from mole import stages
 from mole.base import load_base
-from mole.checkpoint import checkpoint_dir
 from mole.config import ExpertsConfig, LoraSection, load_config
-from mole.experts import expert_id, is_finished, lr_factor, run_train_experts, train_lora
+from mole.training.checkpoint import checkpoint_dir
+from mole.training.experts import expert_id, is_finished, lr_factor, run_train_experts, train_lora
 
 ROWS = [{"prompt": f"Add {a} and {b}.\nAnswer:", "completion": str(a + b)} for a in range(3) for b in range(2)]
 LORA = LoraSection(r=4, lora_alpha=8)
@@ -113,7 +113,7 @@ def test_resume_after_crash_matches_uninterrupted_run(tiny, tmp_path: Path, capl
     assert json.loads((ckpt / "state.json").read_text())["step"] == 2
     assert any(k.startswith("exp_avg_sq/") for k in load_file(str(ckpt / "optimizer.safetensors")))
 
-    with caplog.at_level(logging.INFO, logger="mole.experts"):
+    with caplog.at_level(logging.INFO, logger="mole.training.experts"):
         resumed = train_lora(model, tok, ROWS, out_dir=tmp_path / "run", fingerprint="fp", **kw)
     assert resumed["resumed_from"] == 2 and "resuming from its checkpoint at step 2/6" in caplog.text
     assert not ckpt.exists() and len(resumed["loss"]) == 6
@@ -219,7 +219,7 @@ def test_cotrained_run_trains_every_adapter_once_then_reuses_them(workspace: Pat
     ],
 )
 def test_multitask_baseline_gets_the_training_rows_mole_gets(overrides: list[str], expected: int) -> None:
-    from mole.experts import multitask_steps
+    from mole.training.experts import multitask_steps
 
     sizes = ["experts.steps=15", "experts.shared_steps=45", "router.steps=20", "experts.batch_size=4",
              "router.batch_size=4"]  # fmt: skip
@@ -233,7 +233,7 @@ def test_multitask_baseline_gets_the_training_rows_mole_gets(overrides: list[str
      (["experts.shared=none", "router.top_k=1"], 8), (["experts.multitask_r=4"], 4)],
 )  # fmt: skip
 def test_multitask_baseline_gets_at_least_the_rank_mole_applies_per_token(overrides: list[str], rank: int) -> None:
-    from mole.experts import multitask_lora
+    from mole.training.experts import multitask_lora
 
     cfg = load_config(None, overrides=["experts.lora.r=8", "experts.lora.lora_alpha=16", "router.top_k=2", *overrides])
     lora = multitask_lora(cfg, 5)

@@ -252,7 +252,7 @@ def test_register_checks_the_tracking_server_before_dvc_commits_anything(tmp_pat
 
 
 def test_top_k_above_the_chosen_k_is_said_not_silently_clamped(reference: dict, tmp_path: Path) -> None:
-    from mole.metrics import render_markdown
+    from mole.eval.metrics import render_markdown
 
     ws = _copy(reference["before"]["evaluate"], tmp_path / "ws")
     k = json.loads((ws / "data" / "clusters" / "report.json").read_text())["k"]

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mole import stages
+from mole import stages, workspace
 from mole.config import ConfigError, load_config
 from mole.io import TMP_PREFIX, atomic_dir, write_json
 
@@ -129,7 +129,7 @@ def test_the_next_stage_puts_back_every_atomic_output_a_killed_swap_left_missing
     """Every output dir as a kill between atomic_dir's renames leaves it: missing, its previous version aside as
     ``.mole-tmp-<name>.old``, and beside it an unfinished temp. Any stage's start restores all and removes the rest."""
     cfg = load_config(None, preset="tiny", overrides=[f"workspace={tmp_path}"])
-    targets = stages.output_dirs(cfg)
+    targets = workspace.output_dirs(cfg)
     for target in targets:
         old = target.with_name(f"{TMP_PREFIX}{target.name}.old")
         old.mkdir(parents=True)

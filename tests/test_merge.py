@@ -22,7 +22,7 @@ from mole.merge import (
     run_merge_prune,
     utilization,
 )
-from mole.model import MoLEModel, MoLESpec
+from mole.nn.model import MoLEModel, MoLESpec
 
 R = 4
 WORDS = ["alpha beta gamma", "one two three four", "red green blue", "cat dog bird fish"]

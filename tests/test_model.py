@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mole.base import load_base
-from mole.model import MoLEModel, MoLESpec
+from mole.nn.model import MoLEModel, MoLESpec
 
 E, R = 4, 4
 
@@ -133,9 +133,9 @@ def test_forced_route_matches_single_expert_and_bad_adapter_is_refused(tmp_path:
 
 
 def test_score_matches_the_mean_loss_and_cluster_routing_uses_the_clusterer() -> None:
-    from mole.cluster import Clusterer
+    from mole.cluster.clustering import Clusterer
+    from mole.cluster.embed import TfidfEmbedder
     from mole.data.tokenize import collate, encode_row
-    from mole.embed import TfidfEmbedder
 
     model, _ = _model()
     rows = [
@@ -196,7 +196,7 @@ def test_a_model_dir_cannot_switch_on_remote_code(tmp_path: Path) -> None:
 
 
 def test_a_saved_embedder_cannot_switch_on_remote_code(tmp_path: Path) -> None:
-    from mole.embed import BaseModelEmbedder, load_embedder
+    from mole.cluster.embed import BaseModelEmbedder, load_embedder
 
     BaseModelEmbedder(base_spec="tiny", trust_remote_code=True).save(tmp_path)
     with pytest.raises(PermissionError, match=r"embedder\.json: sets trust_remote_code=true"):
@@ -220,8 +220,8 @@ def test_prompts_get_the_training_prompts_ending_unless_raw() -> None:
 def test_save_pretrained_keeps_cluster_routing_and_experts_load_with_auto_peft(tmp_path: Path) -> None:
     from peft import AutoPeftModelForCausalLM
 
-    from mole.cluster import Clusterer
-    from mole.embed import TfidfEmbedder
+    from mole.cluster.clustering import Clusterer
+    from mole.cluster.embed import TfidfEmbedder
 
     base, tok = load_base("tiny", seed=0)
     base.save_pretrained(tmp_path / "base")

@@ -15,11 +15,11 @@ from safetensors.torch import load_file
 
 from mole import stages
 from mole.base import load_base
-from mole.checkpoint import checkpoint_dir
 from mole.config import ExpertsConfig, LoraSection, load_config
-from mole.experts import is_finished, run_train_experts, train_lora
-from mole.layer import MoLELinear
-from mole.packed import PackedExpert, train_packed
+from mole.nn.layer import MoLELinear
+from mole.training.checkpoint import checkpoint_dir
+from mole.training.experts import is_finished, run_train_experts, train_lora
+from mole.training.packed import PackedExpert, train_packed
 
 # Two experts with different data, lengths, seeds and label counts (prompt/completion vs text rows), so that a
 # shared loss normalisation, a shared clip norm or shared batches would all show up in the weights.

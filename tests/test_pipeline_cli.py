@@ -86,7 +86,7 @@ def test_warm_started_router_routes_like_the_clusterer(tiny_ws: Path) -> None:
     print(f"tiny preset: warm-start agreement {metrics['agreement_before_training']:.3f}")
     assert metrics["agreement_before_training"] >= 0.9
     # warm_start_method auto: both rules were scored on held-out warm-start rows, and the rule kept follows them
-    from mole.train import AUTO_MARGIN
+    from mole.routing.train import AUTO_MARGIN
 
     ws = metrics["warm_start"]
     losses = ws["heldout_loss"]
@@ -94,7 +94,7 @@ def test_warm_started_router_routes_like_the_clusterer(tiny_ws: Path) -> None:
     assert ws["method"] == ("logistic" if losses["logistic"] < losses["means"] * (1 - AUTO_MARGIN) else "means"), ws
     util = metrics["utilization"]
     assert all(abs(sum(block) - 1) < 1e-3 for block in util)
-    from mole.model import MoLEModel
+    from mole.nn.model import MoLEModel
 
     model = MoLEModel.from_pretrained(tiny_ws / "artifacts" / "mole")
     assert model.spec.num_experts == len(util[0])

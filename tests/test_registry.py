@@ -26,9 +26,9 @@ from flows import lineage, registry
 from flows.promotion import decide, relative_improvement
 from flows.registry import register_build
 from flows.versioning import record_outputs
-from mole import stages
+from mole import stages, workspace
 from mole.config import BuildConfig, load_config
-from mole.model import MoLEModel
+from mole.nn.model import MoLEModel
 
 mlflow = pytest.importorskip("mlflow")
 from mlflow import MlflowClient  # noqa: E402
@@ -152,13 +152,13 @@ def client(server: Server) -> MlflowClient:
 
 @pytest.fixture(scope="module")
 def prompts(built: BuildConfig) -> list[str]:
-    return [r["prompt"] for r in stages.load_prepared(built)[1][:3]]
+    return [r["prompt"] for r in workspace.load_prepared(built)[1][:3]]
 
 
 @pytest.fixture(scope="module")
 def expected(built: BuildConfig, prompts: list[str]) -> list[str]:
     """Greedy completions of the workspace's MoLE model, loaded the plain way (base rebuilt from its seed)."""
-    return MoLEModel.from_pretrained(stages.mole_paths(built)["dir"]).generate_text(prompts, **GEN)
+    return MoLEModel.from_pretrained(workspace.mole_paths(built)["dir"]).generate_text(prompts, **GEN)
 
 
 def _eval_value(cfg: BuildConfig) -> float:
@@ -262,7 +262,7 @@ def test_first_build_is_champion_with_lineage_tags(first: dict, built: BuildConf
 
 
 def test_the_model_card_is_the_versions_description(first: dict, built: BuildConfig, client: MlflowClient) -> None:
-    from mole.card import front_matter
+    from mole.eval.card import front_matter
 
     v = client.get_model_version(NAME, first["version"])
     front = front_matter(v.description)
@@ -350,7 +350,7 @@ def test_gate_refuses_champion_to_a_build_that_loses_to_its_baseline(
 ) -> None:
     """With tracking.require_beats_baseline on, a build whose mole loses to its own multitask_lora stays
     challenger, even though its loss beats the champion's, and says why in its tags."""
-    from mole.verdict import verdict
+    from mole.eval.verdict import verdict
 
     ws = tmp_path / "loses"
     shutil.copytree(built.workspace, ws, ignore=shutil.ignore_patterns(".dvc", "dvc.lock"))
@@ -426,7 +426,7 @@ def test_mole_predict_and_register_commands(
     res = CliRunner().invoke(app, [*args, *(a for p in prompts for a in ("--prompt", p))])
     assert res.exit_code == 0, res.output
     assert [r["completion"] for r in json.loads(res.stdout)] == expected
-    model_dir = str(stages.mole_paths(built)["dir"])
+    model_dir = str(workspace.mole_paths(built)["dir"])
     res = CliRunner().invoke(app, ["predict", "--max-new-tokens", "6", "--model", model_dir, "--prompt", prompts[0]])
     assert res.exit_code == 0 and res.stdout == expected[0] + "\n"
     res = CliRunner().invoke(app, ["register"])

@@ -9,10 +9,10 @@ import torch
 
 from mole.base import load_base
 from mole.config import ExpertsConfig, LoraSection
-from mole.experts import train_lora
-from mole.layer import MoLELinear, RoutingState
-from mole.model import MoLEModel, MoLESpec
-from mole.router import TokenTopKRouter
+from mole.nn.layer import MoLELinear, RoutingState
+from mole.nn.model import MoLEModel, MoLESpec
+from mole.nn.router import TokenTopKRouter
+from mole.training.experts import train_lora
 
 E, R = 3, 4
 LORA = LoraSection(r=R, lora_alpha=8.0, target_modules=["q_proj", "v_proj"])
@@ -75,7 +75,7 @@ def test_shared_slot_is_added_to_every_token_in_both_paths(path: str) -> None:
 
 
 def test_branched_expert_starts_equal_to_the_shared_one(tmp_path: Path) -> None:
-    from mole.adapters import read_adapter
+    from mole.nn.adapters import read_adapter
 
     shared = _trained_adapter(tmp_path, "shared")
     seen: dict[str, torch.Tensor] = {}
@@ -95,7 +95,7 @@ def test_branched_expert_starts_equal_to_the_shared_one(tmp_path: Path) -> None:
 
 
 def test_residual_expert_trains_on_top_of_the_frozen_shared_adapter(tmp_path: Path) -> None:
-    from mole.adapters import read_adapter
+    from mole.nn.adapters import read_adapter
 
     shared = _trained_adapter(tmp_path, "shared")
     before = read_adapter(shared)[1]

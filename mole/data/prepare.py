@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mole.config import BuildConfig
+from mole.data.demo import generate_demo_corpus
 from mole.data.readers import DataError, Record, read_source
 
 logger = logging.getLogger(__name__)
@@ -188,8 +189,6 @@ def split_rows(
 
 def _load(cfg: BuildConfig, source: str) -> Iterable[Record]:
     if source == "demo":
-        from mole.data.demo import generate_demo_corpus
-
         rows = generate_demo_corpus(rows_per_skill=cfg.data.demo_rows_per_skill, seed=cfg.seed)
         return ((f"demo[row {i}]", r) for i, r in enumerate(rows))
     return read_source(source, hf_split=cfg.data.hf_split)

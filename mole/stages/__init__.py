@@ -9,84 +9,35 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mole.base import load_configured_base
+from mole.cluster.clustering import fit_clusters, row_text
+from mole.cluster.embed import make_embedder
 from mole.config import BuildConfig
-from mole.io import atomic_dir, read_jsonl, recover, write_json, write_jsonl
+from mole.data.prepare import prepare_dataset
+from mole.eval.evaluate import add_variant, eval_inputs, evaluate_variant, run_evaluate, variant_kwargs, write_card
+from mole.eval.metrics import ModelScorer, mole_generator
+from mole.io import atomic_dir, read_jsonl, write_json, write_jsonl
+from mole.merge import run_merge_prune
+from mole.nn.model import MoLEModel
+from mole.routing.train import joint_train, routing_agreement, row_routing, warm_start_gates
+from mole.training.experts import SHARED_APPLIED, built_adapters, current_index, run_train_experts
+from mole.workspace import (
+    check_writable,
+    cluster_paths,
+    eval_paths,
+    load_prepared,
+    mole_paths,
+    prepared_paths,
+    record_stage_time,
+    recover_workspace,
+)
 
 logger = logging.getLogger(__name__)
-
-
-def output_dirs(cfg: BuildConfig) -> list[Path]:
-    """Every stage's output directory (and where their atomic temps live: the directories and their parents)."""
-    dirs = [cfg.data.out_dir, cfg.cluster.out_dir, cfg.experts.out_dir, cfg.experts.baseline_dir, cfg.router.out_dir,
-            cfg.evaluate.out_dir, cfg.merge.keep_dir]  # fmt: skip
-    return [cfg.path(d) for d in dirs]
-
-
-def recover_workspace(cfg: BuildConfig) -> None:
-    """Before a stage: put back outputs a killed write left missing and remove unfinished temps (``mole.io.recover``).
-
-    It also puts back the MoLE model if merge-prune was killed between its two renames (the unmerged one: the
-    stage then runs again).
-    """
-    mole_dir, keep = cfg.path(cfg.router.out_dir), cfg.path(cfg.merge.keep_dir)
-    if not mole_dir.exists() and (keep / "mole_config.json").exists():
-        keep.rename(mole_dir)
-        logger.warning("restored %s from %s (merge-prune was interrupted)", mole_dir, keep)
-    roots = {p for d in output_dirs(cfg) for p in (d, d.parent)} | {cfg.path(STAGE_TIMES).parent}
-    for line in recover(roots):
-        logger.warning("%s", line)
-
-
-def check_writable(cfg: BuildConfig) -> None:
-    """Fail before any work when the workspace or an output dir (or, not made yet, its nearest parent) is not writable.
-
-    Raises:
-        PermissionError: naming the directory and the OS's reason.
-    """
-    import tempfile
-
-    probed: set[Path] = set()
-    for target in [cfg.path("."), *output_dirs(cfg)]:
-        d = target
-        while not d.exists() and d.parent != d:  # a dir made later: its nearest existing ancestor must take it
-            d = d.parent
-        if d in probed:
-            continue
-        probed.add(d)
-        try:
-            fd, probe = tempfile.mkstemp(prefix=".mole-tmp-probe.", dir=d)
-            os.close(fd)
-            os.unlink(probe)
-        except OSError as exc:
-            where = "" if d == target else f" in {d}"
-            raise PermissionError(
-                f"{target}: cannot write there ({exc.strerror or exc}{where}); make it writable or choose another "
-                "workspace (--set workspace=DIR)"
-            ) from None
-    cfg.path(".").mkdir(parents=True, exist_ok=True)
-
-
-STAGE_TIMES = ".mole/stage_times.json"  # workspace-relative: each stage's wall time in its latest run
-
-
-def stage_times(cfg: BuildConfig) -> dict[str, float]:
-    """Stage name -> wall seconds of its latest run in this workspace (``{}`` before any)."""
-    path = cfg.path(STAGE_TIMES)
-    try:
-        return {str(k): float(v) for k, v in json.loads(path.read_text(encoding="utf-8")).items()}
-    except (OSError, ValueError, AttributeError):
-        return {}
-
-
-def record_stage_time(cfg: BuildConfig, stage: str, seconds: float) -> None:
-    """Remember ``stage``'s wall time (kept out of the stages' outputs, so their content hashes stay stable)."""
-    write_json(cfg.path(STAGE_TIMES), {**stage_times(cfg), stage: round(seconds, 3)})
 
 
 def _timed(stage: str) -> Callable[[Callable[..., dict[str, Any]]], Callable[..., dict[str, Any]]]:
@@ -111,29 +62,10 @@ def begin(cfg: BuildConfig) -> None:
     recover_workspace(cfg)
 
 
-def prepared_paths(cfg: BuildConfig) -> dict[str, Path]:
-    """Where ``prepare`` writes its outputs."""
-    out = cfg.path(cfg.data.out_dir)
-    return {"train": out / "train.jsonl", "eval": out / "eval.jsonl", "stats": out / "stats.json"}
-
-
-def cluster_paths(cfg: BuildConfig) -> dict[str, Path]:
-    """Where ``cluster`` writes its outputs."""
-    out = cfg.path(cfg.cluster.out_dir)
-    return {
-        "dir": out,
-        "assignments": out / "assignments.jsonl",
-        "eval_assignments": out / "eval_assignments.jsonl",
-        "centroids": out / "centroids.npy",
-        "report": out / "report.json",
-    }
-
-
 @_timed("prepare")
 def prepare(cfg: BuildConfig) -> dict[str, Any]:
     """Validate, clean and split the data into data/prepared/{train,eval}.jsonl and stats.json."""
     begin(cfg)
-    from mole.data.prepare import prepare_dataset
 
     train, evals, stats = prepare_dataset(cfg)
     paths = prepared_paths(cfg)
@@ -145,21 +77,10 @@ def prepare(cfg: BuildConfig) -> dict[str, Any]:
     return {**stats, "paths": {k: str(v) for k, v in paths.items()}}
 
 
-def load_prepared(cfg: BuildConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The prepared (train, eval) rows; a clear error when `mole prepare` has not run."""
-    paths = prepared_paths(cfg)
-    for key in ("train", "eval"):
-        if not paths[key].exists():
-            raise FileNotFoundError(f"{paths[key]} does not exist; run `mole prepare` first")
-    return read_jsonl(paths["train"]), read_jsonl(paths["eval"])
-
-
 @_timed("cluster")
 def cluster(cfg: BuildConfig) -> dict[str, Any]:
     """Embed and cluster the training rows; write assignments, centroids, the clusterer and report.json."""
     begin(cfg)
-    from mole.cluster import fit_clusters, row_text
-    from mole.embed import make_embedder
 
     train, evals = load_prepared(cfg)
     c = cfg.cluster
@@ -219,23 +140,10 @@ def _assignments(rows: list[dict[str, Any]], labels: Any) -> list[dict[str, Any]
     return out
 
 
-def experts_paths(cfg: BuildConfig) -> dict[str, Path]:
-    """Where ``train-experts`` writes its outputs."""
-    out = cfg.path(cfg.experts.out_dir)
-    return {"dir": out, "index": out / "experts.json", "baseline": cfg.path(cfg.experts.baseline_dir)}
-
-
-def mole_paths(cfg: BuildConfig) -> dict[str, Path]:
-    """Where ``train-router`` writes the MoLE model."""
-    out = cfg.path(cfg.router.out_dir)
-    return {"dir": out, "config": out / "mole_config.json", "metrics": out / "train_metrics.json"}
-
-
 @_timed("train-experts")
 def train_experts(cfg: BuildConfig, progress: Any = None) -> dict[str, Any]:
     """Train one LoRA expert per cluster (and the multitask baseline) into artifacts/experts/."""
     begin(cfg)
-    from mole.experts import run_train_experts
 
     return run_train_experts(cfg, progress=progress)
 
@@ -249,10 +157,6 @@ def base_ref(cfg: BuildConfig) -> dict[str, Any]:
 def train_router(cfg: BuildConfig, progress: Any = None) -> dict[str, Any]:
     """Build the MoLE model from the experts, warm-start and jointly train the routers, save artifacts/mole/."""
     begin(cfg)
-    from mole.base import load_base
-    from mole.experts import SHARED_APPLIED, built_adapters, current_index
-    from mole.model import MoLEModel
-    from mole.train import joint_train, routing_agreement, row_routing, warm_start_gates
 
     train, evals = load_prepared(cfg)
     full_index = current_index(cfg)  # the experts of the current clusters and settings, intact
@@ -262,15 +166,7 @@ def train_router(cfg: BuildConfig, progress: Any = None) -> dict[str, Any]:
     clusters = {a["id"]: a["cluster"] for a in read_jsonl(cpaths["assignments"])}
     eval_clusters = {a["id"]: a["cluster"] for a in read_jsonl(cpaths["eval_assignments"])}
     expert_of = {e["cluster"]: i for i, e in enumerate(index)}
-    bm = cfg.base_model
-    base, tok = load_base(
-        bm.name,
-        revision=bm.revision,
-        trust_remote_code=bm.trust_remote_code,
-        dtype=bm.dtype,
-        device=bm.device,
-        seed=cfg.seed,
-    )
+    base, tok = load_configured_base(cfg)
     model = MoLEModel.from_experts(
         base=base,
         tokenizer=tok,
@@ -327,42 +223,13 @@ def train_router(cfg: BuildConfig, progress: Any = None) -> dict[str, Any]:
     return {**summary, "experts": len(index), "paths": {k: str(v) for k, v in paths.items()}}
 
 
-def check_model_current(cfg: BuildConfig) -> None:
-    """artifacts/mole must be built from the adapters experts.json holds now (themselves current and intact).
-
-    Raises:
-        FileNotFoundError: no MoLE model (run ``mole train-router``).
-        ValueError: the experts are stale (re-run ``mole train-experts``), or the model was built from other
-            experts than those (re-run ``mole train-router``).
-    """
-    import json
-
-    from mole.experts import built_adapters, current_index
-
-    paths = mole_paths(cfg)
-    if not paths["config"].exists():
-        raise FileNotFoundError(f"{paths['dir']} holds no MoLE model; run `mole train-router` first")
-    now = built_adapters(current_index(cfg, baseline=cfg.experts.multitask_baseline))
-    try:
-        built = json.loads(paths["metrics"].read_text(encoding="utf-8")).get("built_from")
-    except (OSError, ValueError):
-        built = None
-    if built != now:
-        raise ValueError(
-            f"{paths['dir']}: built from other experts than {experts_paths(cfg)['index']} holds now (or by an older "
-            "mole that did not record them); re-run `mole train-router`"
-        )
-
-
 @_timed("evaluate")
 def evaluate(cfg: BuildConfig) -> dict[str, Any]:
     """Evaluate every variant on the eval split: reports/eval.json, eval.md and the PNGs."""
     begin(cfg)
-    from mole.evaluate import run_evaluate
 
     report = run_evaluate(cfg)
-    out = cfg.path(cfg.evaluate.out_dir)
-    return {**report, "paths": {"eval": str(out / "eval.json"), "markdown": str(out / "eval.md")}}
+    return {**report, "paths": {k: str(v) for k, v in eval_paths(cfg).items() if k != "dir"}}
 
 
 @_timed("merge-prune")
@@ -372,23 +239,18 @@ def merge_prune(cfg: BuildConfig) -> dict[str, Any]:
     When the change is accepted, the merged model is evaluated and added to reports/eval.json as ``mole_merged``.
     """
     begin(cfg)
-    from mole.merge import run_merge_prune
 
     summary = run_merge_prune(cfg)
-    report = cfg.path(cfg.evaluate.out_dir) / "eval.json"
+    report = eval_paths(cfg)["eval"]
     if summary.get("accepted") and report.exists():
-        from mole.evaluate import _eval_inputs, _variant_kwargs, add_variant, evaluate_variant, write_card
-        from mole.metrics import ModelScorer, mole_generator
-        from mole.model import MoLEModel
-
-        rows, clusters, _, _ = _eval_inputs(cfg)
+        rows, clusters, _, _ = eval_inputs(cfg)
         bm = cfg.base_model
         model = MoLEModel.from_pretrained(
             mole_paths(cfg)["dir"], device=bm.device, trust_remote_code=bm.trust_remote_code
         )
         gen = mole_generator(model, max_new_tokens=cfg.evaluate.max_new_tokens)
         metrics = evaluate_variant(
-            "mole_merged", ModelScorer(model, model.tokenizer), rows, clusters, **_variant_kwargs(cfg), generate=gen
+            "mole_merged", ModelScorer(model, model.tokenizer), rows, clusters, **variant_kwargs(cfg), generate=gen
         )
         training = _merged_training(report, model)
         write_card(cfg, add_variant(report, "mole_merged", metrics, training=training))  # the card of the merged model

@@ -14,6 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
+from mole.base import load_base
 from mole.trust import remote_code
 
 logger = logging.getLogger(__name__)
@@ -126,8 +127,6 @@ class BaseModelEmbedder:
 
     def encode(self, texts: list[str]) -> np.ndarray:
         import torch
-
-        from mole.base import load_base
 
         if self._loaded is None:
             self._loaded = load_base(self.base_spec, **self.load_kwargs)

@@ -31,13 +31,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from mole.adapters import WEIGHTS, adapter_keys, stable_config
-from mole.checkpoint import checkpoint_dir, remove_stale_temps, resume, save_checkpoint
 from mole.config import BuildConfig, ExpertsConfig, LoraSection
 from mole.data.tokenize import IGNORE, collate, pad_id, train_batches
-from mole.experts import METRICS, _Job, _metrics, is_finished, lr_factor, seal_adapter  # same metrics, fingerprints
 from mole.io import atomic_dir, write_json
-from mole.packed_bank import PackedBank, peft_init
+from mole.nn.adapters import WEIGHTS, adapter_keys, read_adapter, stable_config
+from mole.nn.packed_bank import PackedBank, peft_init
+from mole.training.checkpoint import checkpoint_dir, remove_stale_temps, resume, save_checkpoint
+from mole.training.lora import METRICS, Job, is_finished, lr_factor, run_metrics, seal_adapter
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -126,7 +126,6 @@ def train_packed(
 
 def _module_tensors(directory: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """A peft adapter dir's weights as {module name: (A, B)}."""
-    from mole.adapters import read_adapter
 
     _, flat = read_adapter(directory)
     names = {k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for k in flat}
@@ -257,7 +256,7 @@ def _finish(run: _Run, *, lora: LoraSection, cfg: ExpertsConfig) -> dict[str, An
     peft_config = copy.deepcopy(state.pop("peft_config"))
     peft_config.inference_mode = True  # as PeftModel.save_pretrained writes it
     metrics = {
-        **_metrics(state, rows=e.rows, lora=lora, cfg=cfg, seed=e.seed, resumed_from=run.start),
+        **run_metrics(state, rows=e.rows, lora=lora, cfg=cfg, seed=e.seed, resumed_from=run.start),
         "mode": "packed",
     }
     tensors = {}
@@ -277,7 +276,7 @@ def _finish(run: _Run, *, lora: LoraSection, cfg: ExpertsConfig) -> dict[str, An
 
 
 def run_packed(
-    cfg: BuildConfig, jobs: list[_Job], get_base: Callable[[], tuple], progress: Progress | None = None
+    cfg: BuildConfig, jobs: list[Job], get_base: Callable[[], tuple], progress: Progress | None = None
 ) -> list[dict[str, Any]]:
     """Train (or reuse) the experts of ``jobs`` in one packed run over one base; return their experts.json entries.
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mole.router import RouterOutput
+from mole.nn.router import RouterOutput
 
 PathChoice = Literal["auto", "dense", "sparse"]
 _PATHS = ("auto", "dense", "sparse")

@@ -1,7 +1,7 @@
 """MoLEModel: a frozen base causal LM with an expert bank in its target linears and one router per block.
 
-Surgery: every target ``nn.Linear`` of block b becomes a :class:`~mole.layer.MoLELinear` that reads the routing
-of block b from a shared :class:`~mole.layer.RoutingState`; a forward pre-hook on the block computes that
+Surgery: every target ``nn.Linear`` of block b becomes a :class:`~mole.nn.layer.MoLELinear` that reads the routing
+of block b from a shared :class:`~mole.nn.layer.RoutingState`; a forward pre-hook on the block computes that
 routing from the block's input hidden states (one pass, no second forward). Routing is per token, so
 generation with a KV cache routes each new token from its own hidden state.
 """
@@ -21,11 +21,13 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from mole.adapters import adapter_keys, read_adapter, write_adapter
-from mole.base import loadable_base
+from mole.base import load_base, loadable_base
+from mole.cluster.clustering import Clusterer
+from mole.data.tokenize import completion_sep
 from mole.io import atomic_dir, load_safetensors
-from mole.layer import MoLELinear, RoutingState
-from mole.router import RouterOutput, TokenTopKRouter, forced_routing
+from mole.nn.adapters import adapter_keys, read_adapter, write_adapter
+from mole.nn.layer import MoLELinear, RoutingState
+from mole.nn.router import RouterOutput, TokenTopKRouter, forced_routing
 from mole.trust import remote_code
 
 logger = logging.getLogger(__name__)
@@ -116,7 +118,7 @@ class MoLEModel(nn.Module):
         self._forced: torch.Tensor | None = None  # (B,) expert per sequence, when routing is forced
         self._mask: torch.Tensor | None = None  # (B, T) attention mask of the current full forward
         self._outputs: list[RouterOutput] = []
-        self.clusterer: Any = None  # a mole.cluster.Clusterer, for cluster-distance routing
+        self.clusterer: Any = None  # a mole.cluster.clustering.Clusterer, for cluster-distance routing
         for b, block in enumerate(blocks):
             self._inject(block, self.states[b], prefix=_module_name(base, block))
             block.register_forward_pre_hook(self._make_hook(b), with_kwargs=True)
@@ -242,7 +244,6 @@ class MoLEModel(nn.Module):
         ``routing="cluster"`` each prompt is routed whole to the expert of its nearest cluster centroid;
         otherwise the token routers route every token.
         """
-        from mole.data.tokenize import completion_sep
 
         routing = routing or self.spec.routing
         prompts = prompts if raw else [self.spec.templated(p) for p in prompts]
@@ -382,8 +383,6 @@ class MoLEModel(nn.Module):
         except RuntimeError as exc:  # missing keys or shapes that do not fit the spec
             raise ValueError(f"{directory / ROUTER_FILE}: does not fit {directory / SPEC_FILE}: {exc}") from None
         if (directory / "clusterer" / "centroids.npy").exists():
-            from mole.cluster import Clusterer
-
             model.clusterer = Clusterer.load(directory / "clusterer", trust_remote_code=trust_remote_code)
         return model.eval()
 
@@ -461,7 +460,6 @@ def load_spec_base(
 
     The spec's ``trust_remote_code`` takes effect only where ``trust_remote_code`` allows it (``remote_code``).
     """
-    from mole.base import load_base
 
     return load_base(
         ref["name"],

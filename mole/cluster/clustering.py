@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from mole.embed import Embedder, load_embedder
+from mole.cluster.embed import Embedder, load_embedder
 
 logger = logging.getLogger(__name__)
 

@@ -32,13 +32,14 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from mole.adapters import WEIGHTS, adapter_keys, stable_config
-from mole.checkpoint import checkpoint_dir, remove_stale_temps, resume, save_checkpoint
 from mole.config import BuildConfig, ExpertsConfig, LoraSection
 from mole.data.tokenize import IGNORE, train_batches
 from mole.io import atomic_dir, write_json
-from mole.packed import token_losses
-from mole.packed_bank import PackedBank, peft_init
+from mole.nn.adapters import WEIGHTS, adapter_keys, stable_config
+from mole.nn.packed_bank import PackedBank, peft_init
+from mole.training.checkpoint import checkpoint_dir, remove_stale_temps, resume, save_checkpoint
+from mole.training.lora import METRICS, SHARED_ID, is_finished, lr_factor, run_metrics, seal_adapter
+from mole.training.packed import token_losses
 
 logger = logging.getLogger(__name__)
 Progress = Callable[[str, int, int, float], None]
@@ -78,7 +79,6 @@ def _slot(bank: PackedBank, i: int, r: int) -> dict[str, tuple[torch.Tensor, tor
 def write_adapter(out_dir: Path, tensors: dict[str, tuple[torch.Tensor, torch.Tensor]], peft_config: Any,
                   metrics: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
     """Write a standard peft adapter dir atomically (train_metrics.json last, with the files' digests)."""
-    from mole.experts import METRICS, seal_adapter
 
     flat = {}
     for module, (a, b) in tensors.items():
@@ -199,7 +199,6 @@ def _loop(
     device: torch.device, progress: Progress | None,
 ) -> None:  # fmt: skip
     """The co-training steps from ``state["step"]`` on; checkpoints as it goes and once at the end."""
-    from mole.experts import lr_factor
 
     steps, warmup = state["total_steps"], min(cfg.warmup_steps, state["total_steps"])
     for batch in batches:
@@ -229,10 +228,10 @@ def run_cotrained(
 ) -> list[dict[str, Any]]:
     """Train (or reuse) the shared adapter and the experts of ``jobs`` in one co-training run; their index entries.
 
-    ``jobs`` are train-experts' jobs of the shared adapter and of every cluster's expert (``mole.experts._jobs``).
+    ``jobs`` are train-experts' jobs of the shared adapter and of every cluster's expert
+    (``mole.training.experts._jobs``).
     They are reused when every one is finished with the same inputs; otherwise the run trains them all.
     """
-    from mole.experts import METRICS, SHARED_ID, is_finished
 
     fps = {j.name: j.fingerprint(cfg) for j in jobs}
     shared = next(j for j in jobs if j.name == SHARED_ID)
@@ -259,7 +258,6 @@ def _train_and_write(
     get_base: Callable[[], tuple], progress: Progress | None,
 ) -> dict[str, dict[str, Any]]:  # fmt: skip
     """One co-training run, then every adapter dir written (the experts first, the shared one last)."""
-    from mole.experts import SHARED_ID, _metrics
 
     index = {j.cluster: i for i, j in enumerate(experts)}
     rows, ids = [], []
@@ -281,7 +279,7 @@ def _train_and_write(
         i = len(experts) if j is shared else index[j.cluster]
         own = state if j is shared else {**state, "losses": state["expert_losses"][str(i)]}
         own = {**own, "fingerprint": fps[j.name], "tokens": _tokens(state, j, rows)}
-        m = {**_metrics(own, rows=j.rows, lora=e.lora, cfg=e, seed=cfg.seed + (0 if j is shared else 1 + i),
+        m = {**run_metrics(own, rows=j.rows, lora=e.lora, cfg=e, seed=cfg.seed + (0 if j is shared else 1 + i),
                         resumed_from=0), "mode": "cotrained", "run_steps": shared.steps}  # fmt: skip
         metrics[j.name] = write_adapter(out[j.name], slots[i], peft_config, m)
     shutil.rmtree(ckpt, ignore_errors=True)

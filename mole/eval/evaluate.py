@@ -19,10 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from mole.base import load_configured_base
+from mole.cluster.clustering import row_text
 from mole.config import BuildConfig
 from mole.data.tokenize import eval_batches
-from mole.io import atomic_path, read_jsonl, write_json
-from mole.metrics import (
+from mole.eval.card import model_card
+from mole.eval.metrics import (
     Generate,
     ModelScorer,
     Route,
@@ -31,10 +33,19 @@ from mole.metrics import (
     fixed_route,
     hf_generator,
     loss_summary,
+    mole_cost,
     mole_generator,
     render_markdown,
+    routing_stats,
     true_groups,
 )
+from mole.eval.plots import loss_curves, per_cluster_loss, routing_heatmap
+from mole.eval.verdict import verdict
+from mole.io import atomic_path, read_jsonl, write_json
+from mole.nn.model import MoLEModel
+from mole.routing.train import row_routing
+from mole.training.experts import SHARED_APPLIED, check_model_current, rank_per_token
+from mole.workspace import cluster_paths, experts_paths, load_prepared, mole_paths, stage_times
 
 __all__ = ["ModelScorer", "Scorer", "add_variant", "evaluate_variant", "normalize_answer", "run_evaluate"]
 logger = logging.getLogger(__name__)
@@ -116,9 +127,8 @@ def _summary(nll: torch.Tensor, tokens: torch.Tensor, hits: dict[int, bool], idx
 
 
 # --------------------------------------------------------------------------------------------- the stage
-def _eval_inputs(cfg: BuildConfig) -> tuple[Rows, list[int], list[int], dict[str, Any]]:
+def eval_inputs(cfg: BuildConfig) -> tuple[Rows, list[int], list[int], dict[str, Any]]:
     """Eval rows, their eval clusters, their true groups (for the oracle) and the cluster report."""
-    from mole.stages import cluster_paths, load_prepared
 
     _, rows = load_prepared(cfg)
     cp = cluster_paths(cfg)
@@ -134,35 +144,25 @@ def _eval_inputs(cfg: BuildConfig) -> tuple[Rows, list[int], list[int], dict[str
     return rows, clusters, groups, json.loads(cp["report"].read_text(encoding="utf-8"))
 
 
-def _variant_kwargs(cfg: BuildConfig) -> dict[str, Any]:
+def variant_kwargs(cfg: BuildConfig) -> dict[str, Any]:
     ev = cfg.evaluate
     return {"batch_size": ev.batch_size, "max_length": cfg.experts.max_length, "generate_rows": ev.generate_rows}
 
 
-def _load_base(cfg: BuildConfig) -> tuple[nn.Module, Any]:
-    from mole.base import load_base
-
-    bm = cfg.base_model
-    kw = {"revision": bm.revision, "trust_remote_code": bm.trust_remote_code, "dtype": bm.dtype, "device": bm.device}
-    return load_base(bm.name, **kw, seed=cfg.seed)
-
-
 def _evaluate_lm(name: str, model: nn.Module, tok: Any, cfg: BuildConfig, rows: Rows, clusters: list[int]) -> dict:
     gen = hf_generator(model, tok, max_new_tokens=cfg.evaluate.max_new_tokens)
-    return evaluate_variant(name, ModelScorer(model, tok), rows, clusters, **_variant_kwargs(cfg), generate=gen)
+    return evaluate_variant(name, ModelScorer(model, tok), rows, clusters, **variant_kwargs(cfg), generate=gen)
 
 
 def _multitask_lora(cfg: BuildConfig, tok: Any, rows: Rows, clusters: list[int]) -> dict[str, Any] | None:
     """The multitask LoRA baseline on a fresh base; None (with a warning) when it was not trained."""
     from peft import PeftModel
 
-    from mole.stages import experts_paths
-
     adapter = experts_paths(cfg)["baseline"]
     if not (adapter / "adapter_config.json").exists():
         logger.warning("multitask_lora: %s holds no adapter; skipping the baseline variant", adapter)
         return None
-    model = PeftModel.from_pretrained(_load_base(cfg)[0], str(adapter)).eval()
+    model = PeftModel.from_pretrained(load_configured_base(cfg)[0], str(adapter)).eval()
     return _evaluate_lm("multitask_lora", model, tok, cfg, rows, clusters)
 
 
@@ -179,13 +179,12 @@ def run_evaluate(cfg: BuildConfig, *, extra_variants: dict[str, dict[str, Any]] 
     Raises:
         FileNotFoundError: an output of an earlier stage is missing (the message names the stage to run).
     """
-    from mole.stages import check_model_current, mole_paths
 
     t0 = time.perf_counter()
     mole_dir = mole_paths(cfg)["dir"]
     check_model_current(cfg)  # made from the current experts, themselves from the current clusters
-    rows, clusters, groups, creport = _eval_inputs(cfg)
-    base, tok = _load_base(cfg)
+    rows, clusters, groups, creport = eval_inputs(cfg)
+    base, tok = load_configured_base(cfg)
     variants = {"base": _evaluate_lm("base", base, tok, cfg, rows, clusters)}
     if (lora := _multitask_lora(cfg, tok, rows, clusters)) is not None:
         variants["multitask_lora"] = lora
@@ -216,7 +215,6 @@ def build_time(cfg: BuildConfig, evaluate_seconds: float) -> dict[str, Any]:
     ``training_fraction``: the share of the stages' total spent in optimizer steps of MoLE's adapters (shared,
     experts, joint phase), as the adapters' own train_metrics record them.
     """
-    from mole.stages import experts_paths, mole_paths, stage_times
 
     stages = stage_times(cfg) | {"evaluate": round(evaluate_seconds, 3)}
     index_path, metrics_path = experts_paths(cfg)["index"], mole_paths(cfg)["metrics"]
@@ -244,8 +242,6 @@ def training_compute(cfg: BuildConfig, variants: dict[str, Any]) -> dict[str, di
     trains the experts; a router-only phase adds its steps and tokens all the same). The fixed-routing variants use
     the same adapters, so they share those counts, but apply one expert per token.
     """
-    from mole.experts import SHARED_APPLIED, rank_per_token
-    from mole.stages import experts_paths, mole_paths
 
     index_path = experts_paths(cfg)["index"]
     index = json.loads(index_path.read_text(encoding="utf-8")) if index_path.exists() else {}
@@ -290,10 +286,6 @@ def _evaluate_mole(
     cfg: BuildConfig, mole_dir: Path, base: nn.Module, rows: Rows, clusters: list[int], groups: list[int]
 ) -> dict[str, Any]:
     """The MoLE variants, routing statistics and cost (latency against ``base``), from one load of the model."""
-    from mole.cluster import row_text
-    from mole.metrics import mole_cost, routing_stats
-    from mole.model import MoLEModel
-    from mole.train import row_routing
 
     model = MoLEModel.from_pretrained(
         mole_dir, device=cfg.base_model.device, trust_remote_code=cfg.base_model.trust_remote_code
@@ -314,7 +306,7 @@ def _evaluate_mole(
     for name, route in routes.items():
         gen = mole_generator(model, max_new_tokens=ev.max_new_tokens, route=route)
         scorer = ModelScorer(model, model.tokenizer, route)
-        variants[name] = evaluate_variant(name, scorer, rows, clusters, **_variant_kwargs(cfg), generate=gen)
+        variants[name] = evaluate_variant(name, scorer, rows, clusters, **variant_kwargs(cfg), generate=gen)
     weights, logits = row_routing(model, rows, batch_size=ev.batch_size, max_length=cfg.experts.max_length)
     routing = routing_stats(weights, logits, [expert_of[c] for c in clusters])
     routing["top_k"] = {"configured": cfg.router.top_k, "used": model.spec.top_k}  # used < configured: k was small
@@ -329,8 +321,7 @@ CARD_FILE = "model_card.md"
 
 
 def write_card(cfg: BuildConfig, report: dict[str, Any]) -> Path:
-    """Write the model card (``mole.card``) of this evaluation as ``evaluate.out_dir``/model_card.md, atomically."""
-    from mole.card import model_card
+    """Write the model card (:mod:`mole.eval.card`) of this evaluation as ``evaluate.out_dir``/model_card.md."""
 
     path = cfg.path(cfg.evaluate.out_dir) / CARD_FILE
     with atomic_path(path) as tmp:
@@ -340,7 +331,6 @@ def write_card(cfg: BuildConfig, report: dict[str, Any]) -> Path:
 
 def write_report(path: str | Path, report: dict[str, Any]) -> Path:
     """Write ``report`` (its verdict recomputed) as eval.json at ``path`` and eval.md beside it, each atomically."""
-    from mole.verdict import verdict
 
     report["verdict"] = verdict(report)
     path = Path(path)
@@ -364,7 +354,6 @@ def add_variant(
     Returns:
         The updated report.
     """
-    from mole.plots import per_cluster_loss
 
     path = Path(path)
     if not path.exists():
@@ -379,8 +368,6 @@ def add_variant(
 
 
 def _write_plots(cfg: BuildConfig, out_dir: Path, report: dict[str, Any], expert_ids: list[str]) -> None:
-    from mole.plots import loss_curves, per_cluster_loss, routing_heatmap
-    from mole.stages import experts_paths, mole_paths
 
     curves: dict[str, list[float]] = {}
     index_path = experts_paths(cfg)["index"]

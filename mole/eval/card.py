@@ -15,8 +15,10 @@ from typing import Any
 
 import yaml
 
+from mole.base import DEMO_BASE, resolve_base
 from mole.config import BuildConfig
 from mole.io import sha256_file
+from mole.workspace import cluster_paths, experts_paths, mole_paths, prepared_paths
 
 LIBRARY = "peft"  # every expert is a peft LoRA adapter
 TAGS = ["mole", "mixture-of-lora-experts", "lora", "peft"]
@@ -25,7 +27,6 @@ DEMO_HUB_ID, DEMO_LICENSE = "HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0" 
 
 def base_facts(name: str) -> tuple[str, str]:
     """(``base_model`` as the Hub knows it where known, else the spec; its license, else ``"unknown"``)."""
-    from mole.base import DEMO_BASE, resolve_base
 
     if name in (DEMO_BASE, "demo"):
         return DEMO_HUB_ID, DEMO_LICENSE
@@ -66,7 +67,6 @@ def model_card(cfg: BuildConfig, report: dict[str, Any], *, lineage: dict[str, A
         cfg: the build's config. report: eval.json as a dict.
         lineage: extra lineage lines (e.g. the MLflow run and Prefect flow run), name -> value.
     """
-    from mole.stages import cluster_paths, experts_paths, mole_paths, prepared_paths
 
     spec = json.loads(mole_paths(cfg)["config"].read_text(encoding="utf-8"))
     creport = json.loads(cluster_paths(cfg)["report"].read_text(encoding="utf-8"))
@@ -113,7 +113,7 @@ def model_card(cfg: BuildConfig, report: dict[str, Any], *, lineage: dict[str, A
              "eval rows sha256": _digest(prepared["eval"]), "experts.json sha256": _digest(index),
              "router sha256": _digest(mole_paths(cfg)["dir"] / "router.safetensors"), **(lineage or {})}  # fmt: skip
     lines += ["", "## Lineage", ""] + [f"- {k}: `{v}`" for k, v in facts.items() if v is not None]
-    lines += ["", "Load it with `mole.model.MoLEModel.from_pretrained(DIR)`, or from the registry with "
+    lines += ["", "Load it with `mole.nn.model.MoLEModel.from_pretrained(DIR)`, or from the registry with "
               f"`mlflow.pyfunc.load_model('models:/{cfg.tracking.model_name}@champion')`."]  # fmt: skip
     return "\n".join(lines) + "\n"
 

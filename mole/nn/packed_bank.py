@@ -1,6 +1,6 @@
 """The expert bank of packed training: MoLE layers put into a base for the length of a run, and taken out again.
 
-Every target linear becomes a :class:`~mole.layer.MoLELinear` reading one shared, forced routing (each sequence
+Every target linear becomes a :class:`~mole.nn.layer.MoLELinear` reading one shared, forced routing (each sequence
 goes whole to one expert, the same at every block). Expert i's slices of the bank are exposed as views, so that
 each expert gets its own optimizer over exactly its own weights.
 
@@ -18,8 +18,8 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from mole.config import LoraSection
-from mole.layer import MoLELinear, RoutingState
-from mole.router import forced_routing
+from mole.nn.layer import MoLELinear, RoutingState
+from mole.nn.router import forced_routing
 
 PEFT_PREFIX = "base_model.model."
 

@@ -1,6 +1,7 @@
 """Helpers of the evaluate stage: scorers and generators over models, routing statistics, latency, eval.md.
 
-Nothing here writes to the workspace, so each piece is testable alone; :mod:`mole.evaluate` wires them to the workspace.
+Nothing here writes to the workspace, so each piece is testable alone; :mod:`mole.eval.evaluate` wires them
+to the workspace.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import torch
 from torch import nn
 
 from mole.data.tokenize import IGNORE, completion_sep
-from mole.model import MoLEModel
+from mole.nn.model import MoLEModel
+from mole.routing.train import routing_agreement
 
 VARIANT_ORDER = ("base", "multitask_lora", "oracle_experts", "cluster_routing", "mole", "mole_merged")
 Rows = list[dict[str, Any]]
@@ -152,11 +154,10 @@ def routing_stats(weights: np.ndarray, logits: np.ndarray, experts: list[int]) -
     """Utilization, its entropy and the router's top-1 agreement with each row's cluster expert.
 
     Args:
-        weights: (n_rows, L, E) per-row mean routing weights (``mole.train.row_routing``).
+        weights: (n_rows, L, E) per-row mean routing weights (``mole.routing.train.row_routing``).
         logits: (n_rows, L, E) per-row mean gate logits.
         experts: each row's cluster expert, length n_rows.
     """
-    from mole.train import routing_agreement
 
     per_layer = weights.astype(np.float64).mean(0)  # (L, E)
     per_layer = per_layer / per_layer.sum(1, keepdims=True)  # each row's top-k weights sum to 1; undo rounding

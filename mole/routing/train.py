@@ -21,8 +21,8 @@ import torch
 
 from mole.config import RouterConfig
 from mole.data.tokenize import IGNORE, eval_batches, train_batches
-from mole.model import MoLEModel, find_blocks
-from mole.router import TokenTopKRouter
+from mole.nn.model import MoLEModel, find_blocks
+from mole.nn.router import TokenTopKRouter
 
 logger = logging.getLogger(__name__)
 Progress = Callable[[str, int, int, float], None]

@@ -1,0 +1,1 @@
+"""Clustering: embeddings of rows and the choice of k."""

@@ -1,0 +1,1 @@
+"""Evaluation: scoring variants, reports, plots, the verdict and the model card."""

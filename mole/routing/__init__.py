@@ -1,0 +1,1 @@
+"""Routing: the router's warm start, the joint phase and routing diagnostics."""

@@ -1,0 +1,1 @@
+"""Training the adapters: expert jobs, co-training, packed training, checkpoints."""
