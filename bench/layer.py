@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from mole.nn.model import MoLEModel, MoLESpec
+from mole.nn.model import MoLEModel
+from mole.nn.spec import MoLESpec
 
 # SmolLM2-135M-Instruct's architecture (config.json of the demo model).
 DEMO_SHAPES = dict(

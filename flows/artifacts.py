@@ -8,6 +8,9 @@ from typing import Any
 
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
+from mole.config import BuildConfig
+from mole.workspace import eval_paths
+
 
 def _key(config_name: str, what: str) -> str:
     # Artifact keys allow lowercase letters, digits and dashes; keyed artifacts keep their history across runs.
@@ -96,11 +99,7 @@ def shown(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def report_paths(config_workspace: str, out_dir: str) -> dict[str, str]:
+def report_paths(config: BuildConfig) -> dict[str, str]:
     """The report files a user opens after a build."""
-    out = Path(config_workspace) / out_dir
-    return {
-        "eval_json": str(out / "eval.json"),
-        "eval_md": str(out / "eval.md"),
-        "merge": str(out / "merge_prune.json"),
-    }
+    paths = eval_paths(config)
+    return {"eval_json": str(paths["eval"]), "eval_md": str(paths["markdown"]), "merge": str(paths["merge_prune"])}

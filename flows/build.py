@@ -21,7 +21,9 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows import artifacts, tasks
 from flows.cache import outputs_exist
 from mole import workspace
-from mole.config import BuildConfig, FlowConfig
+from mole.config import BuildConfig
+from mole.sections import FlowConfig
+from mole.stages.registry import STAGES
 from mole.training.experts import BASELINE_ID, SHARED_ID, job_names
 
 
@@ -60,8 +62,10 @@ def _adapter_dir(config: BuildConfig, name: str) -> Path:
     return config.path(e.baseline_dir if name == BASELINE_ID else f"{e.out_dir}/{name}")
 
 
-def _fresh(task: Any, outputs: list[Path]) -> Any:
-    """``task``, refreshing its cache entry when its outputs are not on disk (deleted since it was cached)."""
+def _fresh(task: Any, config: BuildConfig, stage: str | None = None) -> Any:
+    """``task`` (of registered stage ``stage``, by default the task's name), refreshing its cache entry when the
+    stage's outputs (``STAGES[stage].done``) are not on disk: deleted since it was cached."""
+    outputs = STAGES[stage or task.name].done(config)
     return task.with_options(refresh_cache=not outputs_exist(outputs))
 
 
@@ -75,7 +79,8 @@ def expert_fanout(config: BuildConfig, clusters: dict[str, Any]) -> list[dict[st
     names = job_names(config)
 
     def submit(n: str, after: list[Any]) -> Any:
-        task = _fresh(tasks.train_expert, [_adapter_dir(config, n) / "adapter_model.safetensors"])
+        done = outputs_exist([_adapter_dir(config, n) / "adapter_model.safetensors"])
+        task = tasks.train_expert.with_options(refresh_cache=not done)
         return task.submit(config, n, clusters, wait_for=after)
 
     with _expert_resources(config.flow):
@@ -104,22 +109,23 @@ def _run_name() -> str:
 def build_mole(config: BuildConfig = BuildConfig()) -> dict[str, Any]:  # noqa: B008 - pydantic default, immutable use
     """Build a MoLE model from domain data and a base causal LM, evaluate it, version it and register it."""
     log, name = get_run_logger(), config.tracking.model_name
-    prepared = _fresh(tasks.prepare, list(workspace.prepared_paths(config).values()))(config)
-    clusters = _fresh(tasks.cluster, [workspace.cluster_paths(config)["report"]])(config, prepared)
+    prepared = _fresh(tasks.prepare, config)(config)
+    clusters = _fresh(tasks.cluster, config)(config, prepared)
     artifacts.clusters_table(clusters, name=name)
     index = workspace.experts_paths(config)["index"]
     if config.experts.mode == "packed" or config.experts.shared == "cotrained":  # one run trains every expert
-        experts = _fresh(tasks.train_experts_packed, [index])(config, clusters)
+        experts = _fresh(tasks.train_experts_packed, config, "train-experts")(config, clusters)
     else:
         t0 = time.perf_counter()  # the fan-out is the train-experts stage of a flow build
         entries = expert_fanout.with_options(task_runner=task_runner(config.flow))(config, clusters)
-        experts = _fresh(tasks.index_experts, [index])(config, entries)
+        experts = _fresh(tasks.index_experts, config, "train-experts")(config, entries)
         workspace.record_stage_time(config, "train-experts", time.perf_counter() - t0)
     artifacts.experts_table(index, name=name)
-    model = _fresh(tasks.train_router, [workspace.mole_paths(config)["config"]])(config, experts)
-    report = _fresh(tasks.evaluate, [config.path(config.evaluate.out_dir) / "eval.json"])(config, model)
-    merged = _fresh(tasks.merge_prune, [config.path(config.evaluate.out_dir) / "merge_prune.json"])(config, report)
-    artifacts.evaluation_table(config.path(config.evaluate.out_dir) / "eval.json", name=name)
+    model = _fresh(tasks.train_router, config)(config, experts)
+    reports = workspace.eval_paths(config)
+    report = _fresh(tasks.evaluate, config)(config, model)
+    merged = _fresh(tasks.merge_prune, config)(config, report)
+    artifacts.evaluation_table(reports["eval"], name=name)
     if config.tracking.enabled:  # reachable before DVC commits and pushes anything for a build it can't register
         tasks.check_tracking(config, merged)
     versions = tasks.with_retries(tasks.record_outputs, config)(config, merged) if config.dvc.enabled else None
@@ -143,7 +149,7 @@ def _summary(config: BuildConfig, clusters: dict, model: dict, report: dict, reg
         "stage_seconds": (report.get("cost", {}).get("build_time") or {}).get("stages"),
         "training_fraction": (report.get("cost", {}).get("build_time") or {}).get("training_fraction"),
         "model_dir": str(workspace.mole_paths(config)["dir"]),
-        **artifacts.report_paths(config.workspace, config.evaluate.out_dir),
+        **artifacts.report_paths(config),
     }
     if registered:
         out |= {k: registered.get(k) for k in ("model_uri", "version", "champion", "tracking_uri", "run_url")}

@@ -15,8 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from mole.config import BuildConfig
+from mole.stages.registry import STAGES
+from mole.training.lora import BASELINE_ID
 
 CHUNK = 1 << 20
+EXPERT_READS = ("seed", "base_model", "experts")  # what one expert's adapter depends on (the baseline reads more)
 
 
 def content_hash(paths: Iterable[str | Path], *, root: str | Path | None = None) -> str:
@@ -63,23 +66,23 @@ def _fingerprint(value: Any) -> Any:
     return value
 
 
-def stage_key(*sections: str, data: bool = False) -> Callable[[Any, dict[str, Any]], str]:
-    """A Prefect ``cache_key_fn`` for a stage task whose first parameter is ``config``.
+def stage_key(stage: str, *, reads: tuple[str, ...] | None = None) -> Callable[[Any, dict[str, Any]], str]:
+    """A Prefect ``cache_key_fn`` for the task of registered stage ``stage`` (first parameter ``config``).
 
-    Args:
-        sections: the BuildConfig sections the stage reads (``seed`` and ``base_model`` are always included).
-        data: also hash the raw data source (the ``prepare`` stage).
+    The key covers the config keys the stage reads (``STAGES[stage].reads``, or ``reads``), the code, the
+    upstream results' content hashes, and for ``prepare`` the raw data source.
     """
+    keys = STAGES[stage].reads if reads is None else reads
 
     def key(context: Any, parameters: dict[str, Any]) -> str:
         cfg: BuildConfig = parameters["config"]
         payload = {
             "task": context.task.name,
             "workspace": str(Path(cfg.workspace).resolve()),
-            "config": cfg.section_hash("seed", "base_model", *sections),
+            "config": cfg.section_hash(*keys),
             "code": code_version(),
             "upstream": {k: _fingerprint(v) for k, v in sorted(parameters.items()) if k != "config"},
-            "data": source_hash(cfg) if data else None,
+            "data": source_hash(cfg) if stage == "prepare" else None,
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -87,12 +90,11 @@ def stage_key(*sections: str, data: bool = False) -> Callable[[Any, dict[str, An
 
 
 def adapter_key(context: Any, parameters: dict[str, Any]) -> str:
-    """Cache key of one ``train-expert`` task: the multitask baseline also reads the router section (its steps
-    include the joint phase's, see ``mole.training.experts.multitask_steps``); an expert reads ``experts`` only."""
-    from mole.training.experts import BASELINE_ID
-
-    sections = ("experts", "router") if parameters.get("name") == BASELINE_ID else ("experts",)
-    return stage_key(*sections)(context, parameters)
+    """Cache key of one ``train-expert`` task: the multitask baseline reads all that train-experts reads (its steps
+    and rank follow the router section, see ``mole.training.experts.multitask_steps``); an expert reads only the
+    seed, the base model and the ``experts`` section."""
+    reads = None if parameters.get("name") == BASELINE_ID else EXPERT_READS
+    return stage_key("train-experts", reads=reads)(context, parameters)
 
 
 def outputs_exist(paths: Iterable[str | Path]) -> bool:

@@ -5,7 +5,6 @@ Pure file reading (and one ``git`` call); flows/registry.py sends it all to MLfl
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -14,6 +13,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from flows import cache
 from mole.config import BuildConfig
 
 logger = logging.getLogger(__name__)
@@ -43,13 +43,8 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def content_hash(path: str | Path) -> str:
-    """md5 of a file, or of a directory's relative paths and file contents in sorted order."""
-    path, digest = Path(path), hashlib.md5()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for f in files:
-        digest.update(f.relative_to(path).as_posix().encode() if f != path else b"")
-        digest.update(hashlib.md5(f.read_bytes()).digest())
-    return digest.hexdigest()
+    """SHA-256 (hex, 32 characters) of a file, or of a directory's relative paths and file contents."""
+    return cache.content_hash([path], root=path)
 
 
 def eval_set_hash(cfg: BuildConfig) -> str:
@@ -144,7 +139,7 @@ def bundle_base(ref: dict[str, Any], dest: Path, *, max_mb: float) -> dict[str, 
     if rb.kind == "hub":
         return {"bundled": False, "kind": rb.kind, "mb": None, "reason": "Hub model: referenced by id and revision"}
     if rb.kind == "tiny":  # rebuilt from config + seed: save what it builds to
-        from mole.nn.model import load_spec_base
+        from mole.nn.spec import load_spec_base
 
         model, tokenizer = load_spec_base(ref, device="cpu")
         mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20

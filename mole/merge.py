@@ -21,17 +21,20 @@ import torch
 from safetensors.torch import save_file
 
 from mole.base import loadable_base
-from mole.config import BuildConfig, MergeConfig
+from mole.config import BuildConfig
 from mole.io import atomic_dir, sha256_file, write_json
 from mole.nn.adapters import write_adapter
-from mole.nn.model import ROUTER_FILE, SPEC_FILE, MoLEModel
-from mole.routing.train import eval_loss, joint_train, row_routing
-from mole.workspace import load_prepared, mole_paths
+from mole.nn.model import MoLEModel
+from mole.nn.spec import ROUTER_FILE, SPEC_FILE
+from mole.routing.diagnostics import row_routing
+from mole.routing.train import joint_train
+from mole.routing.warm_start import eval_loss
+from mole.sections import MergeConfig
+from mole.workspace import eval_paths, load_prepared, mole_paths
 
 logger = logging.getLogger(__name__)
 Decision = dict[str, Any]
 Rows = list[dict[str, Any]]
-REPORT_FILE = "merge_prune.json"
 _CORE_FILES = (SPEC_FILE, ROUTER_FILE, "experts")  # what apply_plan writes itself; other entries are carried
 
 
@@ -258,7 +261,7 @@ def run_merge_prune(cfg: BuildConfig) -> dict[str, Any]:
                 _swap_in(cand_dir, src, cfg.path(cfg.merge.keep_dir), trash=tmp / "old_keep")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    path = write_json(cfg.path(cfg.evaluate.out_dir) / REPORT_FILE, report)
+    path = write_json(eval_paths(cfg)["merge_prune"], report)
     logger.info("merge-prune: accepted=%s, %d decisions: %s", report["accepted"], len(decisions), report["reason"])
     keys = ("accepted", "reason", "experts_before", "experts_after", "loss_before", "loss_after", "relative_change")
     return {k: report.get(k) for k in keys} | {"decisions": len(decisions), "report": str(path)}

@@ -27,7 +27,7 @@ def test_demo_build_end_to_end(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "data/clusters/report.json").read_text())
     assert report["k"] == 6 and report["ari"] >= 0.9
     index = json.loads((tmp_path / "artifacts/experts/experts.json").read_text())
-    assert len(index["experts"]) == 6 and index["baseline"] is not None
+    assert len(index["experts"]) == 6 and index["baseline"]["id"] == "multitask_lora"
     metrics = json.loads((tmp_path / "artifacts/mole/train_metrics.json").read_text())
     loss = metrics["joint"]["loss"]
     print(
@@ -39,7 +39,20 @@ def test_demo_build_end_to_end(tmp_path: Path) -> None:
     assert {"base", "multitask_lora", "oracle_experts", "cluster_routing", "mole"} <= set(ev["variants"])
     assert ev["variants"]["mole"]["loss"] < ev["variants"]["base"]["loss"]
     merge = json.loads((tmp_path / "reports/merge_prune.json").read_text())
-    assert isinstance(merge["decisions"], list) and merge["accepted"] in (True, False) and merge["reason"]
+    assert merge["expert_ids_before"] == [e["id"] for e in index["experts"]] and merge["experts_before"] == 6
+    assert len(merge["utilization"]) == 6 and abs(sum(merge["utilization"]) - 1) < 1e-6
+    for d in merge["decisions"]:  # each decision carries the numbers that justify it
+        assert d["utilization"] < d["floor"] if d["action"] == "prune" else d["similarity"] >= d["ceiling"], d
+    # Accepted: the merged model (fewer experts) replaced artifacts/mole and was evaluated; rejected: it is untouched.
+    mole_dir = tmp_path / "artifacts/mole"
+    served = json.loads((mole_dir / "mole_config.json").read_text())["expert_ids"]
+    assert merge["experts_after"] == 6 - len(merge["decisions"])  # each prune or pairwise merge drops one expert
+    if merge["accepted"]:
+        assert merge["decisions"] and len(served) == merge["experts_after"]
+        assert (mole_dir / "merged_from.json").is_file() and "mole_merged" in ev["variants"]
+    else:
+        assert served == merge["expert_ids_before"]
+        assert not (mole_dir / "merged_from.json").exists() and "mole_merged" not in ev["variants"]
     # The README's predict example, prompted as a user types it: the model dir applies the training template.
     readme = ["predict", "--model", "artifacts/mole", "--prompt", "Unit conversion: 25000 m equals how many km?",
               "--json", "--preset", "demo"]  # fmt: skip

@@ -208,7 +208,7 @@ def test_worker_environment_points_at_the_services(
 
 
 def test_the_code_reads_the_tracking_uri_the_worker_sets() -> None:
-    from mole.config import TrackingConfig
+    from mole.sections import TrackingConfig
 
     assert TrackingConfig().uri is None
     assert "$MLFLOW_TRACKING_URI" in TrackingConfig.model_fields["uri"].description
@@ -289,8 +289,16 @@ def test_compose_runs_the_commands_of_commands_py(
 def test_deployments_use_the_worker_pool_and_one_entrypoint(commands: ModuleType) -> None:
     gpu = yaml.safe_load((INFRA / "k8s" / "deployment.yaml").read_text(encoding="utf-8"))["deployments"][0]
     assert gpu["entrypoint"] == "flows/build.py:build_mole"
-    assert (REPO / "flows" / "build.py").read_text(encoding="utf-8").count("def build_mole(") == 1
-    assert gpu["parameters"]["config"]["base_model"]["device"] == "cuda"
+    # What the worker does with the deployment: load the flow from its entrypoint and validate its parameters.
+    from prefect.flows import Flow, load_flow_from_entrypoint
+
+    from mole.config import BuildConfig
+
+    path, _, func = gpu["entrypoint"].partition(":")
+    flow = load_flow_from_entrypoint(f"{REPO / path}:{func}", use_placeholder_flow=False)
+    assert isinstance(flow, Flow) and flow.name == "build-mole"
+    config = flow.validate_parameters(gpu["parameters"])["config"]
+    assert config.base_model.device == "cuda" and config.base_model.name == BuildConfig().base_model.name
     prefect_yaml = REPO / "prefect.yaml"
     if not prefect_yaml.exists():
         pytest.skip("prefect.yaml is not in the repository yet: its work pool and entrypoint are not compared")

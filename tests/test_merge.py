@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mole.base import load_base
-from mole.config import BuildConfig, MergeConfig
+from mole.config import BuildConfig
 from mole.data.tokenize import eval_batches
 from mole.io import write_jsonl
 from mole.merge import (
@@ -22,7 +22,9 @@ from mole.merge import (
     run_merge_prune,
     utilization,
 )
-from mole.nn.model import MoLEModel, MoLESpec
+from mole.nn.model import MoLEModel
+from mole.nn.spec import MoLESpec
+from mole.sections import MergeConfig
 
 R = 4
 WORDS = ["alpha beta gamma", "one two three four", "red green blue", "cat dog bird fish"]

@@ -96,3 +96,36 @@ def eval_batches(
     for start in range(0, len(rows), batch_size):
         idx = list(range(start, min(start + batch_size, len(rows))))
         yield idx, collate([encode_row(tokenizer, rows[i], max_length=max_length) for i in idx], pad_id=pid)
+
+
+def encode_prompts(tokenizer: Any, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """Prompts tokenized together for generation: left-padded, so every row's next token comes at the end."""
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        return tokenizer(prompts, return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = side
+
+
+def completions(tokenizer: Any, prompts: list[str], generated: torch.Tensor, prompt_len: int) -> list[str]:
+    """The decoded completions of ``generated`` (B, prompt_len + new) without the separator training put
+    between prompt and completion (``completion_sep``)."""
+    texts = tokenizer.batch_decode(generated[:, prompt_len:], skip_special_tokens=True)
+    return [t.removeprefix(completion_sep(p)) for p, t in zip(prompts, texts, strict=True)]
+
+
+def row_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token NLL of each row's labelled tokens and their count, in float32.
+
+    Args:
+        logits: (B, T, V) model outputs.
+        labels: (B, T) target ids, ``IGNORE`` where a token is not scored.
+
+    Returns:
+        (nll, count), each (B,).
+    """
+    target = labels[:, 1:]  # (B, T-1): token t+1 is predicted from position t
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), target.clamp(min=0),
+                                            reduction="none")  # fmt: skip
+    keep = target != IGNORE
+    return (nll * keep).sum(1), keep.sum(1)

@@ -43,9 +43,9 @@ from mole.eval.plots import loss_curves, per_cluster_loss, routing_heatmap
 from mole.eval.verdict import verdict
 from mole.io import atomic_path, read_jsonl, write_json
 from mole.nn.model import MoLEModel
-from mole.routing.train import row_routing
+from mole.routing.diagnostics import row_routing
 from mole.training.experts import SHARED_APPLIED, check_model_current, rank_per_token
-from mole.workspace import cluster_paths, experts_paths, load_prepared, mole_paths, stage_times
+from mole.workspace import cluster_paths, eval_paths, experts_paths, load_prepared, mole_paths, stage_times
 
 __all__ = ["ModelScorer", "Scorer", "add_variant", "evaluate_variant", "normalize_answer", "run_evaluate"]
 logger = logging.getLogger(__name__)
@@ -202,10 +202,10 @@ def run_evaluate(cfg: BuildConfig, *, extra_variants: dict[str, dict[str, Any]] 
         "training": training_compute(cfg, variants),
     }
     out_dir = cfg.path(cfg.evaluate.out_dir)
-    write_report(out_dir / "eval.json", report)
+    write_report(eval_paths(cfg)["eval"], report)
     write_card(cfg, report)
     _write_plots(cfg, out_dir, report, mole["expert_ids"])
-    logger.info("wrote %s, eval.md and plots", out_dir / "eval.json")
+    logger.info("wrote %s, eval.md and plots", eval_paths(cfg)["eval"])
     return report
 
 
@@ -317,13 +317,12 @@ def _evaluate_mole(
 
 
 # --------------------------------------------------------------------------------------------- reports
-CARD_FILE = "model_card.md"
 
 
 def write_card(cfg: BuildConfig, report: dict[str, Any]) -> Path:
     """Write the model card (:mod:`mole.eval.card`) of this evaluation as ``evaluate.out_dir``/model_card.md."""
 
-    path = cfg.path(cfg.evaluate.out_dir) / CARD_FILE
+    path = eval_paths(cfg)["card"]
     with atomic_path(path) as tmp:
         tmp.write_text(model_card(cfg, report), encoding="utf-8")
     return path

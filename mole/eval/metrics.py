@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from mole.data.tokenize import IGNORE, completion_sep
+from mole.data.tokenize import completions, encode_prompts, row_nll
 from mole.nn.model import MoLEModel
-from mole.routing.train import routing_agreement
+from mole.routing.diagnostics import routing_agreement
 
 VARIANT_ORDER = ("base", "multitask_lora", "oracle_experts", "cluster_routing", "mole", "mole_merged")
 Rows = list[dict[str, Any]]
@@ -29,30 +29,10 @@ Generate = Callable[[Rows], list[str]]  # rows -> greedy completions of their pr
 Route = Callable[[Rows], torch.Tensor]  # rows -> (B,) expert index per row
 
 
-def row_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token NLL of each row's labelled tokens and their count, as ``MoLEModel.score`` computes it.
-
-    Args:
-        logits: (B, T, V) model outputs.
-        labels: (B, T) target ids, ``-100`` where a token is not scored.
-
-    Returns:
-        (nll, count), each (B,).
-    """
-    target = labels[:, 1:]  # (B, T-1): token t+1 is predicted from position t
-    nll = nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), target.clamp(min=0), reduction="none")
-    keep = target != IGNORE
-    return (nll * keep).sum(1), keep.sum(1)
-
-
 @torch.no_grad()
 def greedy_completions(model: nn.Module, tokenizer: Any, prompts: list[str], *, max_new_tokens: int) -> list[str]:
     """Greedy completions of prompts by a plain (or peft) causal LM, decoded like ``MoLEModel.generate_text``."""
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    try:
-        enc = tokenizer(prompts, return_tensors="pt", padding=True)
-    finally:
-        tokenizer.padding_side = side
+    enc = encode_prompts(tokenizer, prompts)
     dev = next(model.parameters()).device
     out = model.generate(
         input_ids=enc["input_ids"].to(dev),
@@ -61,9 +41,7 @@ def greedy_completions(model: nn.Module, tokenizer: Any, prompts: list[str], *, 
         do_sample=False,
         pad_token_id=tokenizer.pad_token_id,
     )
-    texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-    # Training joined prompt and completion with completion_sep; strip it back off.
-    return [t.removeprefix(completion_sep(p)) for p, t in zip(prompts, texts, strict=True)]
+    return completions(tokenizer, prompts, out, enc["input_ids"].shape[1])
 
 
 class Scorer(Protocol):
@@ -154,7 +132,7 @@ def routing_stats(weights: np.ndarray, logits: np.ndarray, experts: list[int]) -
     """Utilization, its entropy and the router's top-1 agreement with each row's cluster expert.
 
     Args:
-        weights: (n_rows, L, E) per-row mean routing weights (``mole.routing.train.row_routing``).
+        weights: (n_rows, L, E) per-row mean routing weights (``mole.routing.diagnostics.row_routing``).
         logits: (n_rows, L, E) per-row mean gate logits.
         experts: each row's cluster expert, length n_rows.
     """

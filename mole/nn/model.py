@@ -13,7 +13,7 @@ import json
 import logging
 import shutil
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -21,81 +21,16 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from mole.base import load_base, loadable_base
+from mole.base import loadable_base
 from mole.cluster.clustering import Clusterer
-from mole.data.tokenize import completion_sep
+from mole.data.tokenize import completions, encode_prompts, row_nll
 from mole.io import atomic_dir, load_safetensors
 from mole.nn.adapters import adapter_keys, read_adapter, write_adapter
 from mole.nn.layer import MoLELinear, RoutingState
 from mole.nn.router import RouterOutput, TokenTopKRouter, forced_routing
-from mole.trust import remote_code
+from mole.nn.spec import ROUTER_FILE, SPEC_FILE, MoLEOutput, MoLESpec, find_blocks, load_spec_base, read_spec
 
 logger = logging.getLogger(__name__)
-SPEC_FILE = "mole_config.json"
-ROUTER_FILE = "router.safetensors"
-
-
-@dataclass
-class MoLESpec:
-    """Everything needed to rebuild a MoLE model on its base (written as mole_config.json)."""
-
-    base_model: dict[str, Any]
-    expert_ids: list[str]
-    r: int
-    lora_alpha: float
-    target_modules: list[str]
-    top_k: int = 2
-    routing: str = "token_topk"  # token_topk | cluster
-    path: str = "auto"
-    # The cluster(s) each expert serves, same order as expert_ids: an int, or a list after a merge.
-    clusters: list[int | list[int]] = field(default_factory=list)
-    # The id of the shared expert (a dir under experts/ like the routed ones), applied to every token; None: none.
-    shared: str | None = None
-    # What every training prompt ended with (e.g. "\nAnswer:"): appended to a prompt that lacks it, unless raw.
-    prompt_suffix: str | None = None
-    # How a token router pools gate logits: "token" (its own) or "prefix" (running mean over the sequence so far).
-    pool: str = "token"
-
-    def templated(self, prompt: str) -> str:
-        """``prompt`` as the model was trained on it: ending with ``prompt_suffix`` (added when missing)."""
-        s = self.prompt_suffix
-        if not s or prompt.endswith(s) or prompt.rstrip().endswith(s.strip()):
-            return prompt
-        return prompt.rstrip() + s
-
-    def expert_of_cluster(self) -> dict[int, int]:
-        """Cluster id -> index of the expert that serves it."""
-        out: dict[int, int] = {}
-        for i, c in enumerate(self.clusters):
-            for cid in c if isinstance(c, list) else [c]:
-                out[int(cid)] = i
-        return out
-
-    @property
-    def num_experts(self) -> int:
-        return len(self.expert_ids)
-
-
-@dataclass
-class MoLEOutput:
-    """Forward result: ``loss`` = lm_loss + aux_coef·aux_loss + z_coef·z_loss (when labels are given)."""
-
-    logits: torch.Tensor  # (B, T, V)
-    loss: torch.Tensor | None
-    lm_loss: torch.Tensor | None
-    aux_loss: torch.Tensor
-    z_loss: torch.Tensor
-    routing: list[RouterOutput]  # one per block, in block order
-    past_key_values: Any = None
-
-
-def find_blocks(model: nn.Module) -> nn.ModuleList:
-    """The transformer blocks of a causal LM: the ModuleList with ``config.num_hidden_layers`` entries."""
-    n = model.config.num_hidden_layers
-    for _, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n:
-            return module
-    raise ValueError(f"cannot find the {n} transformer blocks of {type(model).__name__}")
 
 
 class MoLEModel(nn.Module):
@@ -249,11 +184,7 @@ class MoLEModel(nn.Module):
         prompts = prompts if raw else [self.spec.templated(p) for p in prompts]
         if route is None and routing == "cluster":
             route = self.route_by_cluster(prompts)
-        side, self.tokenizer.padding_side = self.tokenizer.padding_side, "left"
-        try:
-            enc = self.tokenizer(prompts, return_tensors="pt", padding=True)
-        finally:
-            self.tokenizer.padding_side = side
+        enc = encode_prompts(self.tokenizer, prompts)
         dev = next(self.base.parameters()).device
         kwargs.setdefault("do_sample", False)
         out = self.generate(
@@ -263,12 +194,7 @@ class MoLEModel(nn.Module):
             max_new_tokens=max_new_tokens,
             **kwargs,
         )
-        texts = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        # Training joined prompt and completion with completion_sep; strip it back off.
-        return [
-            t[len(completion_sep(p)) :] if t.startswith(completion_sep(p)) else t
-            for p, t in zip(prompts, texts, strict=True)
-        ]
+        return completions(self.tokenizer, prompts, out, enc["input_ids"].shape[1])
 
     @torch.no_grad()
     def score(
@@ -280,11 +206,7 @@ class MoLEModel(nn.Module):
         route: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed negative log-likelihood of the labelled tokens of each row and their count, each (B,)."""
-        logits = self(input_ids, attention_mask, route=route).logits[:, :-1].float()  # (B, T-1, V)
-        target = labels[:, 1:]
-        nll = nn.functional.cross_entropy(logits.transpose(1, 2), target.clamp(min=0), reduction="none")  # (B, T-1)
-        keep = target != -100
-        return (nll * keep).sum(1), keep.sum(1)
+        return row_nll(self(input_ids, attention_mask, route=route).logits, labels)
 
     def expert_parameters(self) -> list[nn.Parameter]:
         return [p for layer in self.bank.values() for p in (layer.lora_A, layer.lora_B)]
@@ -436,36 +358,3 @@ def _module_name(root: nn.Module, target: nn.Module) -> str:
         if module is target:
             return name
     raise ValueError("module is not part of the model")
-
-
-def read_spec(directory: str | Path) -> MoLESpec:
-    """The MoLESpec of a model dir's mole_config.json; errors name the file."""
-    path = Path(directory) / SPEC_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{directory}: no {SPEC_FILE}; not a MoLE model directory")
-    try:
-        return MoLESpec(**json.loads(path.read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as exc:
-        raise ValueError(f"{path}: not a valid MoLE model config: {exc}") from None
-
-
-def load_spec_base(
-    ref: dict[str, Any],
-    *,
-    device: str | None = None,
-    trust_remote_code: bool = False,
-    source: str | Path = SPEC_FILE,
-) -> tuple[nn.Module, Any]:
-    """Load the base model a MoLE spec refers to (name, revision, dtype, device, seed).
-
-    The spec's ``trust_remote_code`` takes effect only where ``trust_remote_code`` allows it (``remote_code``).
-    """
-
-    return load_base(
-        ref["name"],
-        revision=ref.get("revision"),
-        trust_remote_code=remote_code(ref.get("trust_remote_code", False), trust_remote_code, source),
-        dtype=ref.get("dtype", "float32"),
-        device=device or ref.get("device", "cpu"),
-        seed=ref.get("seed", 0),
-    )

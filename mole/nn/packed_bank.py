@@ -17,9 +17,9 @@ from peft import get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from mole.config import LoraSection
 from mole.nn.layer import MoLELinear, RoutingState
 from mole.nn.router import forced_routing
+from mole.sections import LoraSection
 
 PEFT_PREFIX = "base_model.model."
 
@@ -79,12 +79,14 @@ class PackedBank:
 
     def __enter__(self) -> PackedBank:
         model = self.model
+        bad = [(n, type(m).__name__) for n in self.modules if not isinstance(m := model.get_submodule(n), nn.Linear)]
+        if bad:  # checked before anything changes, so a refused bank leaves the model as it was
+            name, kind = bad[0]
+            raise TypeError(f"packed training adapts nn.Linear modules only; {name} is {kind}")
         self._saved = ({n: p.requires_grad for n, p in model.named_parameters()}, model.training)
         model.requires_grad_(False)
         for name in self.modules:
             base = model.get_submodule(name)
-            if not isinstance(base, nn.Linear):
-                raise TypeError(f"packed training adapts nn.Linear modules only; {name} is {type(base).__name__}")
             layer = MoLELinear(base_layer=base, num_experts=self.num_experts, r=self.lora.r, scale=self.lora.scale,
                                state=self.state, path="dense", dropout=self.lora.lora_dropout,
                                shared=self.shared)  # fmt: skip

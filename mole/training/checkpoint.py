@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from mole.io import atomic_dir, write_json
+from mole.io import atomic_dir, recover_one, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +51,11 @@ def checkpoint_dir(out_dir: Path) -> Path:
 def remove_stale_temps(out_dir: Path) -> None:
     """Delete temp dirs a killed writer of ``out_dir`` (or of its checkpoint) left behind.
 
-    Only one job trains a given output at a time, so any ``.mole-tmp-<name>.*`` beside it is garbage.
+    Only one job trains a given output at a time, so any ``.mole-tmp-<name>.*`` beside it is garbage, once a
+    previous version a killed swap left aside (``.old``) is put back in place of a missing output or checkpoint.
     """
+    for target in (out_dir, checkpoint_dir(out_dir)):
+        recover_one(target)
     if out_dir.parent.is_dir():
         for tmp in out_dir.parent.glob(f".mole-tmp-{out_dir.name}.*"):
             logger.debug("removing stale temp %s", tmp)

@@ -32,11 +32,12 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from mole.config import BuildConfig, ExpertsConfig, LoraSection
+from mole.config import BuildConfig
 from mole.data.tokenize import IGNORE, train_batches
 from mole.io import atomic_dir, write_json
 from mole.nn.adapters import WEIGHTS, adapter_keys, stable_config
 from mole.nn.packed_bank import PackedBank, peft_init
+from mole.sections import ExpertsConfig, LoraSection
 from mole.training.checkpoint import checkpoint_dir, remove_stale_temps, resume, save_checkpoint
 from mole.training.lora import METRICS, SHARED_ID, is_finished, lr_factor, run_metrics, seal_adapter
 from mole.training.packed import token_losses

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from mole.base import load_configured_base
-from mole.config import BuildConfig, LoraSection
+from mole.config import BuildConfig
 from mole.io import atomic_dir, read_jsonl, seal_broken, write_json
+from mole.sections import LoraSection
 from mole.training.checkpoint import checkpoint_dir
 from mole.training.cotrain import cotrain_steps, run_cotrained, run_fingerprint
 from mole.training.lora import (

@@ -23,10 +23,11 @@ import torch
 from huggingface_hub.utils import is_jinja_available
 from peft import get_peft_model, set_peft_model_state_dict
 
-from mole.config import BuildConfig, ExpertsConfig, LoraSection
+from mole.config import BuildConfig
 from mole.data.tokenize import train_batches
 from mole.io import atomic_dir, seal, seal_broken, write_json
 from mole.nn.adapters import read_adapter, stable_config
+from mole.sections import ExpertsConfig, LoraSection
 from mole.training.checkpoint import checkpoint_dir, remove_stale_temps, resume, save_checkpoint
 
 # huggingface_hub caches package versions in a dict it fills non-atomically ("N/A" first, then the version). Two

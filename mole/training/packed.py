@@ -31,11 +31,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from mole.config import BuildConfig, ExpertsConfig, LoraSection
+from mole.config import BuildConfig
 from mole.data.tokenize import IGNORE, collate, pad_id, train_batches
 from mole.io import atomic_dir, write_json
 from mole.nn.adapters import WEIGHTS, adapter_keys, read_adapter, stable_config
 from mole.nn.packed_bank import PackedBank, peft_init
+from mole.sections import ExpertsConfig, LoraSection
 from mole.training.checkpoint import checkpoint_dir, remove_stale_temps, resume, save_checkpoint
 from mole.training.lora import METRICS, Job, is_finished, lr_factor, run_metrics, seal_adapter
 

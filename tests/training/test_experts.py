@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from mole import stages
 from mole.base import load_base
-from mole.config import ExpertsConfig, LoraSection, load_config
+from mole.config import load_config
+from mole.sections import ExpertsConfig, LoraSection
 from mole.training.checkpoint import checkpoint_dir
 from mole.training.experts import expert_id, is_finished, lr_factor, run_train_experts, train_lora
 

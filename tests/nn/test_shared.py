@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from mole.base import load_base
-from mole.config import ExpertsConfig, LoraSection
 from mole.nn.layer import MoLELinear, RoutingState
-from mole.nn.model import MoLEModel, MoLESpec
+from mole.nn.model import MoLEModel
 from mole.nn.router import TokenTopKRouter
+from mole.nn.spec import MoLESpec
+from mole.sections import ExpertsConfig, LoraSection
 from mole.training.experts import train_lora
 
 E, R = 3, 4

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from mole.base import load_base
-from mole.nn.model import MoLEModel, MoLESpec
+from mole.nn.model import MoLEModel
 from mole.nn.router import TokenTopKRouter, prefix_mean
+from mole.nn.spec import MoLESpec
 
 
 def test_prefix_mean_averages_the_real_tokens_so_far() -> None:

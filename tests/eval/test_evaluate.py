@@ -75,7 +75,7 @@ def test_per_cluster_rows_cover_the_eval_split(built: tuple[BuildConfig, dict[st
 
 def test_routing_statistics(built: tuple[BuildConfig, dict[str, Any]], eval_rows: list) -> None:
     from mole.nn.model import MoLEModel
-    from mole.routing.train import routing_agreement, row_routing
+    from mole.routing.diagnostics import routing_agreement, row_routing
 
     cfg, report = built
     r = report["routing"]

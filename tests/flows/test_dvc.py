@@ -22,7 +22,7 @@ from flows import versioning
 from mole import stages
 from mole.config import BuildConfig, load_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 STAGES = ["prepare", "cluster", "train-experts", "train-router", "evaluate", "merge-prune"]
 OVERRIDES = [

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from mole.base import load_base
-from mole.nn.model import MoLEModel, MoLESpec
+from mole.nn.model import MoLEModel
+from mole.nn.spec import MoLESpec
 
 E, R = 4, 4
 

@@ -22,7 +22,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from flows import lineage, registry
+from flows import lineage, registry, tracking
 from flows.promotion import decide, relative_improvement
 from flows.registry import register_build
 from flows.versioning import record_outputs
@@ -30,10 +30,12 @@ from mole import stages, workspace
 from mole.config import BuildConfig, load_config
 from mole.nn.model import MoLEModel
 
-mlflow = pytest.importorskip("mlflow")
-from mlflow import MlflowClient  # noqa: E402
+# isort: split
+# After flows: importing it turns MLflow's telemetry off (see flows/__init__.py) before mlflow is first imported.
+import mlflow
+from mlflow import MlflowClient
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 NAME = "mole-test"
 OVERRIDES = [
@@ -311,7 +313,7 @@ def test_champion_loads_in_a_fresh_process(
 def test_bundled_base_is_what_the_model_loads(
     first: dict, server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prompts: list, expected: list
 ) -> None:
-    with registry._tracking(server.uri):
+    with tracking.tracking_to(server.uri):
         local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}@champion", dst_path=str(tmp_path)))
     info = json.loads((local / "artifacts" / "base" / "base.json").read_text())
     assert info["kind"] == "tiny" and info["source"]["seed"] == 0

@@ -7,8 +7,9 @@ from pathlib import Path
 import torch
 
 from mole.base import load_base
-from mole.config import ExpertsConfig, LoraSection
-from mole.nn.model import MoLEModel, MoLESpec
+from mole.nn.model import MoLEModel
+from mole.nn.spec import MoLESpec
+from mole.sections import ExpertsConfig, LoraSection
 from mole.training.cotrain import train_cotrained, write_adapter
 
 E, R = 3, 4

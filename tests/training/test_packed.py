@@ -15,8 +15,9 @@ from safetensors.torch import load_file
 
 from mole import stages
 from mole.base import load_base
-from mole.config import ExpertsConfig, LoraSection, load_config
+from mole.config import load_config
 from mole.nn.layer import MoLELinear
+from mole.sections import ExpertsConfig, LoraSection
 from mole.training.checkpoint import checkpoint_dir
 from mole.training.experts import is_finished, run_train_experts, train_lora
 from mole.training.packed import PackedExpert, train_packed

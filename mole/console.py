@@ -1,0 +1,111 @@
+"""The command line's console: logging, errors as one line, stage runs under spinners or progress bars, tables.
+
+Part of the app layer with :mod:`mole.cli`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+from mole.config import BuildConfig
+
+console = Console(stderr=True)
+out = Console()
+
+
+def setup_logging(verbose: bool) -> None:
+    """Log through rich to stderr (debug with ``verbose``), quieting the chattiest libraries."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)],
+        force=True,
+    )
+    for noisy in ("httpx", "urllib3", "sentence_transformers", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def error(label: str, message: object) -> None:
+    """Print ``label`` in red, then ``message`` verbatim: no rich markup, so ``file.json[item 3]`` stays whole."""
+    console.print(Text.assemble((label, "bold red"), " ", str(message)), highlight=False, soft_wrap=True)
+
+
+def one_line(exc: BaseException) -> str:
+    """An error as one line: an OSError names its path(s) and the OS's reason, not its errno tuple."""
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
+        return f"{paths}: {exc.strerror}"
+    return str(exc)
+
+
+def run_stage(name: str, fn: Callable[[BuildConfig], dict[str, Any]], cfg: BuildConfig) -> dict[str, Any]:
+    """Run one stage under a spinner; its error becomes one red line and exit status 1."""
+    start = time.perf_counter()
+    with console.status(f"[bold]{name}[/] …"):
+        try:
+            result = fn(cfg)
+        except (ValueError, OSError, RuntimeError) as exc:
+            error(f"{name} failed:", one_line(exc))
+            raise typer.Exit(1) from None
+    console.print(f"[green]✓[/] {name} ({time.perf_counter() - start:.1f}s)")
+    return result
+
+
+def summary(title: str, rows: dict[str, Any]) -> None:
+    """A two-column table of a stage's results, on stdout."""
+    table = Table(title=title, show_header=False, title_justify="left")
+    for key, value in rows.items():
+        table.add_row(key, Text(value if isinstance(value, str) else json.dumps(value)))
+    out.print(table)
+
+
+class Bars:
+    """A rich progress bar per training run, fed by the library's ``progress(name, step, total, loss)`` calls."""
+
+    def __init__(self) -> None:
+        self.progress = Progress(
+            TextColumn("{task.description:<16}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}"),
+            TimeRemainingColumn(),
+            console=console,
+        )
+        self.tasks: dict[str, Any] = {}
+
+    def __call__(self, name: str, step: int, total: int, loss: float) -> None:
+        if name not in self.tasks:
+            self.tasks[name] = self.progress.add_task(name, total=total, loss=float("nan"))
+        self.progress.update(self.tasks[name], completed=step, loss=loss)
+
+    def __enter__(self) -> Bars:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+
+def run_with_bars(name: str, fn: Callable[..., dict[str, Any]], cfg: BuildConfig) -> dict[str, Any]:
+    """``run_stage`` for a training stage: a progress bar per adapter or phase instead of a spinner."""
+    start = time.perf_counter()
+    with Bars() as bars:
+        try:
+            result = fn(cfg, progress=bars)
+        except (ValueError, OSError, RuntimeError) as exc:
+            bars.progress.stop()
+            error(f"{name} failed:", one_line(exc))
+            raise typer.Exit(1) from None
+    console.print(f"[green]✓[/] {name} ({time.perf_counter() - start:.1f}s)")
+    return result

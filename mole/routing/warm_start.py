@@ -1,0 +1,296 @@
+"""The router warm start (``router.warm_start_method``), before any joint training.
+
+``logistic`` fits every block's gate as a logistic regression of a token's cluster on its block input; ``means``
+sets each cluster's gate row from the mean input hidden state of its tokens (nearest-mean routing). Either way the
+states are collected with each row routed to its own cluster's expert, so the untrained router routes like the
+clusterer; ``auto`` keeps the logistic gates only when they lower held-out loss by ``AUTO_MARGIN``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+
+from mole.data.tokenize import eval_batches
+from mole.nn.model import MoLEModel
+from mole.nn.router import TokenTopKRouter
+from mole.nn.spec import find_blocks
+from mole.routing.diagnostics import row_routing, token_mask
+
+logger = logging.getLogger(__name__)
+AUTO_MARGIN = 0.01  # relative held-out loss gain the logistic warm start needs to replace the nearest-mean rule
+
+
+@torch.no_grad()
+def cluster_hidden_means(
+    model: MoLEModel,
+    rows: list[dict[str, Any]],
+    experts: list[int],
+    *,
+    batch_size: int,
+    max_length: int,
+    forced: bool = True,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per block: mean input hidden state of each expert's rows' tokens (E, D), and the overall mean (D,).
+
+    With ``forced`` every row is routed to its own expert (``experts[i]``) while the statistics are collected;
+    otherwise the model's routers route it.
+    """
+    blocks = find_blocks(model.base)
+    e, d = model.spec.num_experts, model.base.config.hidden_size
+    sums = [torch.zeros(e, d, dtype=torch.float64) for _ in blocks]
+    counts = torch.zeros(e, dtype=torch.float64)
+    current: dict[str, torch.Tensor] = {}
+
+    def make_hook(b: int):  # noqa: ANN202
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = (args[0] if args else kwargs["hidden_states"]).double().cpu()  # (B, T, D)
+            weighted = hidden * current["mask"][..., None]  # (B, T, D)
+            sums[b].index_add_(0, current["expert"], weighted.sum(1))
+
+        return hook
+
+    handles = [blk.register_forward_pre_hook(make_hook(b), with_kwargs=True) for b, blk in enumerate(blocks)]
+    try:
+        model.eval()
+        for idx, batch in eval_batches(rows, model.tokenizer, batch_size=batch_size, max_length=max_length):
+            current["mask"] = token_mask(batch, prompt_only=False).double()
+            current["expert"] = torch.tensor([experts[i] for i in idx])
+            counts.index_add_(0, current["expert"], current["mask"].sum(1))
+            dev = next(model.base.parameters()).device
+            model(
+                batch["input_ids"].to(dev), batch["attention_mask"].to(dev), route=current["expert"] if forced else None
+            )
+    finally:
+        for h in handles:
+            h.remove()
+    if (counts == 0).any():
+        missing = torch.nonzero(counts == 0).flatten().tolist()
+        raise ValueError(f"warm start: experts {missing} have no rows; every expert needs at least one row")
+    means = [(s / counts[:, None]).float() for s in sums]
+    overall = [((s.sum(0)) / counts.sum()).float() for s in sums]
+    return means, overall
+
+
+@torch.no_grad()
+def block_inputs(
+    model: MoLEModel,
+    rows: list[dict[str, Any]],
+    experts: list[int],
+    *,
+    batch_size: int,
+    max_length: int,
+    max_tokens: int,
+    seed: int = 0,
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Per block, the input hidden states of (at most ``max_tokens``, drawn at random) tokens, and their labels.
+
+    Every row is routed to its own expert (``experts[i]``) while the states are collected, and each of its tokens
+    is labelled with that expert.
+
+    Returns:
+        ([(N, D) float32 array per block], (N,) int64 labels).
+    """
+    blocks = find_blocks(model.base)
+    total = sum(int(b["attention_mask"].sum()) for _, b in eval_batches(rows, model.tokenizer, batch_size=batch_size,
+                                                                        max_length=max_length))  # fmt: skip
+    keep_p = min(1.0, max_tokens / max(total, 1))
+    gen = torch.Generator().manual_seed(seed)
+    states: list[list[torch.Tensor]] = [[] for _ in blocks]
+    labels: list[torch.Tensor] = []
+    current: dict[str, torch.Tensor] = {}
+
+    def make_hook(b: int):  # noqa: ANN202
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]  # (B, T, D)
+            states[b].append(hidden[current["keep"].to(hidden.device)].float().cpu())  # (n, D)
+
+        return hook
+
+    handles = [blk.register_forward_pre_hook(make_hook(b), with_kwargs=True) for b, blk in enumerate(blocks)]
+    try:
+        model.eval()
+        dev = next(model.base.parameters()).device
+        for idx, batch in eval_batches(rows, model.tokenizer, batch_size=batch_size, max_length=max_length):
+            mask = batch["attention_mask"].bool()
+            keep = mask & (torch.rand(mask.shape, generator=gen) < keep_p)
+            current["keep"] = keep
+            expert = torch.tensor([experts[i] for i in idx])
+            labels.append(expert[:, None].expand_as(keep)[keep])
+            model(batch["input_ids"].to(dev), batch["attention_mask"].to(dev), route=expert)
+    finally:
+        for h in handles:
+            h.remove()
+    return [torch.cat(s).numpy() for s in states], torch.cat(labels).numpy()
+
+
+def fit_logistic_gates(
+    model: MoLEModel,
+    rows: list[dict[str, Any]],
+    experts: list[int],
+    *,
+    c: float,
+    batch_size: int = 8,
+    max_length: int = 128,
+    max_tokens: int = 16384,
+    seed: int = 0,
+) -> list[float]:
+    """Initialise every block's gate as a multinomial logistic regression of a token's expert on its block input.
+
+    Each gate is fit (scikit-learn, L2 strength ``1 / c``, on standardised inputs whose scaling is then folded
+    into the gate) to predict, from a token's input hidden state, the cluster of the row it is in. Unlike the
+    nearest-mean rule it weighs the directions that separate the clusters against the spread within them, so it
+    also gets the per-token decisions right, not only the row averages, and its softmax is calibrated per token.
+
+    Returns:
+        Every block's training accuracy (fraction of sampled tokens whose top-1 gate is their row's expert).
+    """
+    e = model.spec.num_experts
+    states, labels = block_inputs(
+        model, rows, experts, batch_size=batch_size, max_length=max_length, max_tokens=max_tokens, seed=seed
+    )
+    missing = sorted(set(range(e)) - set(labels.tolist()))
+    if missing:
+        raise ValueError(f"warm start: experts {missing} have no sampled tokens; every expert needs at least one row")
+    accuracy = [fit_gate(router, x, labels, c=c, seed=seed) for router, x in zip(model.routers, states, strict=True)]
+    logger.info("warm start (logistic, %d tokens): per-block token accuracy %s", len(labels), accuracy)
+    return accuracy
+
+
+def fit_gate(router: TokenTopKRouter, x: np.ndarray, labels: np.ndarray, *, c: float, seed: int = 0) -> float:
+    """Set ``router``'s gate to a multinomial logistic regression of ``labels`` (N,) on ``x`` (N, D).
+
+    The regression is fit on standardised inputs (block inputs carry large shared offsets and a few huge
+    dimensions); the scaling is folded into the gate, whose softmax then equals the regression's probabilities.
+
+    Returns:
+        The fraction of the N rows of ``x`` whose top-1 gate is their label.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(x)
+    z = scaler.transform(x)
+    clf = LogisticRegression(C=c, max_iter=500, random_state=seed).fit(z, labels)
+    coef, intercept = clf.coef_, clf.intercept_
+    if router.num_experts == 2:  # binary: sklearn gives one logit for class 1; the softmax of [0, t] is its sigmoid
+        coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.array([0.0, intercept[0]])
+    weight = coef / scaler.scale_  # (E, D): the gate sees unstandardised inputs
+    bias = intercept - weight @ scaler.mean_
+    with torch.no_grad():
+        router.gate.weight.copy_(torch.from_numpy(weight))
+        if router.gate.bias is not None:
+            router.gate.bias.copy_(torch.from_numpy(bias))
+        else:
+            logger.warning("router gate has no bias: the logistic warm start drops its intercept")
+    return round(float(clf.score(z, labels)), 4)
+
+
+@torch.no_grad()
+def eval_loss(model: MoLEModel, rows: list[dict[str, Any]], *, batch_size: int, max_length: int) -> float:
+    """Token-weighted mean next-token NLL of the rows' labelled tokens under the model's own routing."""
+    model.eval()
+    dev = next(model.base.parameters()).device
+    total, count = 0.0, 0
+    for _, batch in eval_batches(rows, model.tokenizer, batch_size=batch_size, max_length=max_length):
+        nll, n = model.score(*(batch[k].to(dev) for k in ("input_ids", "attention_mask", "labels")))
+        total, count = total + float(nll.sum()), count + int(n.sum())
+    return total / max(count, 1)
+
+
+def warm_start_gates(
+    model: MoLEModel,
+    rows: list[dict[str, Any]],
+    experts: list[int],
+    *,
+    method: str,
+    c: float,
+    batch_size: int,
+    max_length: int,
+    max_tokens: int,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Warm-start every gate by ``method``: ``logistic``, ``means`` or ``auto``.
+
+    ``auto`` fits both rules on three quarters of the rows and keeps the logistic fit when its routed model's LM
+    loss on the remaining quarter is lower than the nearest-mean rule's by more than ``AUTO_MARGIN`` (relative),
+    else the nearest-mean rule (the rows are the warm start's, from the train split). Which rule routes tokens
+    better depends on the base: the logistic fit wins where block inputs carry the cluster per token, the nearest
+    mean where only a row's average does (as in a random tiny model).
+
+    Returns:
+        {"method": the rule used, "heldout_loss": {rule: loss} (auto only), and the rule's fit details}.
+    """
+
+    def fit(rule: str, rs: list[dict[str, Any]], es: list[int]) -> dict[str, Any]:
+        if rule == "logistic":
+            acc = fit_logistic_gates(
+                model, rs, es, c=c, batch_size=batch_size, max_length=max_length, max_tokens=max_tokens, seed=seed
+            )
+            return {"token_accuracy": acc}
+        return {"temperatures": warm_start(model, rs, es, batch_size=batch_size, max_length=max_length)}
+
+    if method != "auto":
+        return {"method": method, **fit(method, rows, experts)}
+    n_val = max(1, len(rows) // 4)
+    fit_rows, fit_experts = rows[n_val:], experts[n_val:]
+    if len(set(fit_experts)) < model.spec.num_experts:
+        logger.warning("warm start: too few rows to hold a quarter out; comparing the rules on their own rows")
+        fit_rows, fit_experts = rows, experts
+    losses, details, states = {}, {}, {}
+    for rule in ("means", "logistic"):
+        details[rule] = fit(rule, fit_rows, fit_experts)
+        losses[rule] = round(eval_loss(model, rows[:n_val], batch_size=batch_size, max_length=max_length), 5)
+        states[rule] = {k: v.clone() for k, v in model.routers.state_dict().items()}
+    # The nearest-mean rule is the design's; the logistic fit replaces it only when the held-out rows show a gain
+    # beyond the noise of a few dozen rows.
+    best = "logistic" if losses["logistic"] < losses["means"] * (1 - AUTO_MARGIN) else "means"
+    model.routers.load_state_dict(states[best])
+    logger.info("warm start: held-out LM loss %s; using %s", losses, best)
+    return {"method": best, "heldout_loss": losses, **details[best]}
+
+
+def warm_start(
+    model: MoLEModel, rows: list[dict[str, Any]], experts: list[int], *, batch_size: int = 8, max_length: int = 128
+) -> list[float]:
+    """Initialise every block's gate from cluster hidden-state means, then calibrate its temperature.
+
+    Means are collected with each row routed to its own expert. A block's input carries the expert deltas
+    of the blocks before it, so some blocks separate the clusters far less cleanly than others; a second
+    pass, under the warm-started routers, fits one temperature per block (temperature scaling: the scalar
+    minimising the cross-entropy of the softmax of a row's mean gate logits against the row's cluster), so
+    each block's logits carry the confidence it has earned when a row's evidence is summed across blocks.
+
+    Returns:
+        The fitted temperature of every block.
+    """
+    means, overall = cluster_hidden_means(model, rows, experts, batch_size=batch_size, max_length=max_length)
+    for router, mu, mu_all in zip(model.routers, means, overall, strict=True):
+        router.warm_start(mu.to(router.gate.weight.device), mu_all.to(router.gate.weight.device))
+    _, logits = row_routing(model, rows, batch_size=batch_size, max_length=max_length)  # (n, L, E)
+    labels = torch.tensor(experts)
+    temps = []
+    with torch.no_grad():
+        for b, router in enumerate(model.routers):
+            t = fit_temperature(torch.from_numpy(logits[:, b]), labels)
+            router.gate.weight.div_(t)
+            if router.gate.bias is not None:
+                router.gate.bias.div_(t)
+            temps.append(round(t, 4))
+    logger.info("warm start: per-block gate temperatures %s", temps)
+    return temps
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The T > 0 minimising cross-entropy(logits / T, labels), by a log-spaced search then a local refinement."""
+
+    def nll(t: float) -> float:
+        return float(torch.nn.functional.cross_entropy(logits.double() / t, labels))
+
+    grid = torch.logspace(-3, 4, 57).tolist()
+    best = min(grid, key=nll)
+    fine = (best * torch.logspace(-0.125, 0.125, 21)).tolist()
+    return float(min(fine, key=nll))

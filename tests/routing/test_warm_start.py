@@ -1,0 +1,32 @@
+"""mole.routing.warm_start.warm_start_gates with ``auto``: which rule it keeps, and that the model carries it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from mole.nn.model import MoLEModel
+from mole.routing import warm_start
+from mole.routing.warm_start import eval_loss, warm_start_gates
+
+ROWS = [{"prompt": f"Add {a} and {b}.\nAnswer:", "completion": str(a + b)} for a in range(4) for b in range(3)]
+EXPERTS = [i % 3 for i in range(len(ROWS))]
+
+
+# AUTO_MARGIN is the relative gain the logistic fit needs over the nearest-mean rule. A margin of 0.99 asks for a
+# held-out loss under 1 % of the other's, which no fit reaches; one of -100 lets a loss 101 times higher win.
+@pytest.mark.parametrize(("margin", "kept", "detail"), [(0.99, "means", "temperatures"),
+                                                        (-100.0, "logistic", "token_accuracy")])  # fmt: skip
+def test_auto_keeps_a_rule_by_its_held_out_loss_and_the_model_carries_it(
+    make_mole: Callable[[], MoLEModel], monkeypatch: pytest.MonkeyPatch, margin: float, kept: str, detail: str
+) -> None:
+    monkeypatch.setattr(warm_start, "AUTO_MARGIN", margin)
+    model = make_mole()
+    out = warm_start_gates(model, ROWS, EXPERTS, method="auto", c=0.01, batch_size=4, max_length=32, max_tokens=4096)
+    assert out["method"] == kept and set(out["heldout_loss"]) == {"means", "logistic"}
+    assert len(out[detail]) == model.base.config.num_hidden_layers  # the kept rule's per-block fit details
+    held_out = eval_loss(model, ROWS[: len(ROWS) // 4], batch_size=4, max_length=32)
+    assert held_out == pytest.approx(out["heldout_loss"][kept], abs=1e-5)  # recorded rounded to 5 decimals
+    other = "logistic" if kept == "means" else "means"
+    assert abs(out["heldout_loss"][other] - out["heldout_loss"][kept]) > 1e-4  # so the check above tells them apart
