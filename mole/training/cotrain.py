@@ -39,7 +39,7 @@ from mole.nn.adapters import WEIGHTS, adapter_keys, stable_config
 from mole.nn.packed_bank import PackedBank, peft_init
 from mole.sections import ExpertsConfig, LoraSection
 from mole.training.checkpoint import checkpoint_dir, remove_stale_temps, resume, save_checkpoint
-from mole.training.lora import METRICS, SHARED_ID, is_finished, lr_factor, run_metrics, seal_adapter
+from mole.training.lora import METRICS, SHARED_ID, finished_metrics, is_finished, lr_factor, run_metrics, seal_adapter
 from mole.training.packed import token_losses
 
 logger = logging.getLogger(__name__)
@@ -241,17 +241,12 @@ def run_cotrained(
     reused = all(is_finished(out[j.name], fps[j.name]) for j in jobs)
     if reused:
         logger.info("cotrained: reusing the shared adapter and %d experts (same inputs)", len(experts))
-        metrics = {j.name: json.loads((out[j.name] / METRICS).read_text(encoding="utf-8")) for j in jobs}
+        metrics = {j.name: finished_metrics(out[j.name]) for j in jobs}
         if progress is not None:
             progress("cotrained", shared.steps, shared.steps, metrics[SHARED_ID]["final_loss"])
     else:
         metrics = _train_and_write(cfg, shared, experts, out, fps, get_base, progress)
-    return [
-        {"id": j.name, "cluster": j.cluster, "rows": len(j.rows), "steps": j.steps, "path": j.rel_dir,
-         "final_loss": metrics[j.name]["final_loss"], "seconds": metrics[j.name]["seconds"], "reused": reused,
-         "fingerprint": fps[j.name], "kind": j.kind, "tokens": metrics[j.name]["tokens"], "r": metrics[j.name]["r"]}
-        for j in jobs
-    ]  # fmt: skip
+    return [j.entry(fps[j.name], metrics[j.name], reused=reused) for j in jobs]
 
 
 def _train_and_write(

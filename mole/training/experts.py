@@ -21,7 +21,6 @@ from mole.base import load_configured_base
 from mole.config import BuildConfig
 from mole.io import atomic_dir, read_jsonl, seal_broken, write_json
 from mole.sections import LoraSection
-from mole.training.checkpoint import checkpoint_dir
 from mole.training.cotrain import cotrain_steps, run_cotrained, run_fingerprint
 from mole.training.lora import (
     BASELINE_ID,
@@ -30,7 +29,7 @@ from mole.training.lora import (
     SHARED_ID,
     Job,
     expert_id,
-    is_finished,
+    reuse,
     train_lora,
 )
 from mole.training.packed import run_packed
@@ -163,14 +162,8 @@ def _run_job(
     """Train one job's adapter, or reuse it when finished with the same inputs; returns its experts.json entry."""
     out_dir = cfg.path(job.rel_dir)
     fingerprint = job.fingerprint(cfg)
-    reused = is_finished(out_dir, fingerprint)
-    if reused:
-        logger.info("%s: reusing %s (same inputs)", job.name, out_dir)
-        shutil.rmtree(checkpoint_dir(out_dir), ignore_errors=True)  # left if killed just after finishing
-        metrics = json.loads((out_dir / METRICS).read_text(encoding="utf-8"))
-        if progress is not None:
-            progress(job.name, job.steps, job.steps, metrics["final_loss"])
-    else:
+    metrics = reuse(out_dir, fingerprint, job.name, job.steps, progress)
+    if metrics is None:
         for dep in (job.init_from, job.under):
             if dep is not None and not (cfg.path(dep) / METRICS).is_file():
                 raise FileNotFoundError(f"{job.name}: the shared adapter {cfg.path(dep)} is not trained yet")
@@ -178,12 +171,10 @@ def _run_job(
         step_cb = None if progress is None else lambda s, t, loss: progress(job.name, s, t, loss)
         e = cfg.experts
         dirs = {k: cfg.path(v) if v else None for k, v in (("init_from", job.init_from), ("under", job.under))}
-        metrics = train_lora(*get_base(), job.rows, lora=job.lora or e.lora, cfg=e, steps=job.steps, out_dir=out_dir,
+        trained = train_lora(*get_base(), job.rows, lora=job.lora or e.lora, cfg=e, steps=job.steps, out_dir=out_dir,
                              seed=job.seed, fingerprint=fingerprint, progress=step_cb, **dirs)  # fmt: skip
-    entry = {"id": job.name, "cluster": job.cluster, "rows": len(job.rows), "steps": job.steps, "path": job.rel_dir}
-    return {**entry, "final_loss": metrics["final_loss"], "seconds": metrics["seconds"], "reused": reused,
-            "fingerprint": fingerprint, "kind": job.kind, "tokens": metrics["tokens"],
-            "r": metrics["r"]}  # fmt: skip
+        return job.entry(fingerprint, trained, reused=False)
+    return job.entry(fingerprint, metrics, reused=True)
 
 
 def job_names(cfg: BuildConfig) -> list[str]:

@@ -257,3 +257,28 @@ class Job:
             extra["lora"] = self.lora.model_dump(mode="json")
         row_ids = [r["id"] for r in self.rows]
         return adapter_fingerprint(cfg, kind=self.kind, seed=self.seed, steps=self.steps, row_ids=row_ids, extra=extra)
+
+    def entry(self, fingerprint: str, metrics: dict[str, Any], *, reused: bool) -> dict[str, Any]:
+        """This adapter's experts.json entry, from the train_metrics.json of its run."""
+        return {"id": self.name, "cluster": self.cluster, "rows": len(self.rows), "steps": self.steps,
+                "path": self.rel_dir, "final_loss": metrics["final_loss"], "seconds": metrics["seconds"],
+                "reused": reused, "fingerprint": fingerprint, "kind": self.kind, "tokens": metrics["tokens"],
+                "r": metrics["r"]}  # fmt: skip
+
+
+def finished_metrics(out_dir: Path) -> dict[str, Any]:
+    """The train_metrics.json of a finished adapter dir."""
+    return json.loads((Path(out_dir) / METRICS).read_text(encoding="utf-8"))
+
+
+def reuse(out_dir: Path, fingerprint: str, name: str, steps: int, progress: Callable | None) -> dict[str, Any] | None:
+    """The metrics of ``out_dir`` when it holds an intact adapter trained with ``fingerprint`` (it is reused, and
+    a checkpoint a kill just after finishing left is removed); None when it must be trained."""
+    if not is_finished(out_dir, fingerprint):
+        return None
+    logger.info("%s: reusing %s (same inputs)", name, out_dir)
+    shutil.rmtree(checkpoint_dir(out_dir), ignore_errors=True)
+    metrics = finished_metrics(out_dir)
+    if progress is not None:
+        progress(name, steps, steps, metrics["final_loss"])
+    return metrics

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import json
 import logging
 import shutil
 import time
@@ -38,7 +37,7 @@ from mole.nn.adapters import WEIGHTS, adapter_keys, read_adapter, stable_config
 from mole.nn.packed_bank import PackedBank, peft_init
 from mole.sections import ExpertsConfig, LoraSection
 from mole.training.checkpoint import checkpoint_dir, remove_stale_temps, resume, save_checkpoint
-from mole.training.lora import METRICS, Job, is_finished, lr_factor, run_metrics, seal_adapter
+from mole.training.lora import METRICS, Job, lr_factor, reuse, run_metrics, seal_adapter
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -285,35 +284,15 @@ def run_packed(
     some expert needs training.
     """
     fingerprints = {j.name: j.fingerprint(cfg) for j in jobs}
-    todo = [j for j in jobs if not is_finished(cfg.path(j.rel_dir), fingerprints[j.name])]
     metrics: dict[str, dict[str, Any]] = {}
     for j in jobs:
-        if j not in todo:
-            logger.info("%s: reusing %s (same inputs)", j.name, cfg.path(j.rel_dir))
-            shutil.rmtree(checkpoint_dir(cfg.path(j.rel_dir)), ignore_errors=True)
-            metrics[j.name] = json.loads((cfg.path(j.rel_dir) / METRICS).read_text(encoding="utf-8"))
-            if progress is not None:
-                progress(j.name, j.steps, j.steps, metrics[j.name]["final_loss"])
+        if (m := reuse(cfg.path(j.rel_dir), fingerprints[j.name], j.name, j.steps, progress)) is not None:
+            metrics[j.name] = m
+    todo = [j for j in jobs if j.name not in metrics]
     if todo:
         logger.info("training %d experts packed: %s", len(todo), ", ".join(j.name for j in todo))
         e, fps = cfg.experts, fingerprints
         experts = [PackedExpert(j.name, j.rows, cfg.path(j.rel_dir), j.seed, j.steps, fps[j.name]) for j in todo]
         on = {k: cfg.path(getattr(todo[0], k)) if getattr(todo[0], k) else None for k in ("init_from", "under")}
         metrics |= train_packed(*get_base(), experts, lora=e.lora, cfg=e, progress=progress, **on)
-    return [
-        {
-            "id": j.name,
-            "cluster": j.cluster,
-            "rows": len(j.rows),
-            "steps": j.steps,
-            "path": j.rel_dir,
-            "final_loss": metrics[j.name]["final_loss"],
-            "seconds": metrics[j.name]["seconds"],
-            "reused": j not in todo,
-            "fingerprint": fingerprints[j.name],
-            "kind": j.kind,
-            "tokens": metrics[j.name]["tokens"],
-            "r": metrics[j.name]["r"],
-        }  # fmt: skip
-        for j in jobs
-    ]
+    return [j.entry(fingerprints[j.name], metrics[j.name], reused=j not in todo) for j in jobs]

@@ -13,7 +13,7 @@ from mole.nn.model import MoLEModel
 from mole.nn.router import TokenTopKRouter
 from mole.nn.spec import MoLESpec
 from mole.sections import ExpertsConfig, LoraSection
-from mole.training.experts import train_lora
+from mole.training.lora import train_lora
 
 E, R = 3, 4
 LORA = LoraSection(r=R, lora_alpha=8.0, target_modules=["q_proj", "v_proj"])

@@ -15,7 +15,8 @@ from mole.base import load_base
 from mole.config import load_config
 from mole.sections import ExpertsConfig, LoraSection
 from mole.training.checkpoint import checkpoint_dir
-from mole.training.experts import expert_id, is_finished, lr_factor, run_train_experts, train_lora
+from mole.training.experts import run_train_experts
+from mole.training.lora import expert_id, is_finished, lr_factor, train_lora
 
 ROWS = [{"prompt": f"Add {a} and {b}.\nAnswer:", "completion": str(a + b)} for a in range(3) for b in range(2)]
 LORA = LoraSection(r=4, lora_alpha=8)
@@ -114,7 +115,7 @@ def test_resume_after_crash_matches_uninterrupted_run(tiny, tmp_path: Path, capl
     assert json.loads((ckpt / "state.json").read_text())["step"] == 2
     assert any(k.startswith("exp_avg_sq/") for k in load_file(str(ckpt / "optimizer.safetensors")))
 
-    with caplog.at_level(logging.INFO, logger="mole.training.experts"):
+    with caplog.at_level(logging.INFO, logger="mole.training.lora"):
         resumed = train_lora(model, tok, ROWS, out_dir=tmp_path / "run", fingerprint="fp", **kw)
     assert resumed["resumed_from"] == 2 and "resuming from its checkpoint at step 2/6" in caplog.text
     assert not ckpt.exists() and len(resumed["loss"]) == 6

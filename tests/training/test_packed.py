@@ -19,7 +19,8 @@ from mole.config import load_config
 from mole.nn.layer import MoLELinear
 from mole.sections import ExpertsConfig, LoraSection
 from mole.training.checkpoint import checkpoint_dir
-from mole.training.experts import is_finished, run_train_experts, train_lora
+from mole.training.experts import run_train_experts
+from mole.training.lora import is_finished, train_lora
 from mole.training.packed import PackedExpert, train_packed
 
 # Two experts with different data, lengths, seeds and label counts (prompt/completion vs text rows), so that a
