@@ -18,7 +18,6 @@ Shapes: E experts, r rank, B batch, T tokens.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -30,16 +29,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from mole.config import BuildConfig
 from mole.data.tokenize import IGNORE, train_batches
-from mole.io import atomic_dir, write_json
-from mole.nn.adapters import WEIGHTS, adapter_keys, stable_config
+from mole.nn.adapters import adapter_keys
 from mole.nn.packed_bank import PackedBank, peft_init
 from mole.sections import ExpertsConfig, LoraSection
 from mole.training.checkpoint import checkpoint_dir, remove_stale_temps, resume, save_checkpoint
-from mole.training.lora import METRICS, SHARED_ID, finished_metrics, is_finished, lr_factor, run_metrics, seal_adapter
+from mole.training.lora import SHARED_ID, finished_metrics, is_finished, lr_factor, run_metrics, write_sealed_adapter
 from mole.training.packed import token_losses
 
 logger = logging.getLogger(__name__)
@@ -79,21 +76,12 @@ def _slot(bank: PackedBank, i: int, r: int) -> dict[str, tuple[torch.Tensor, tor
 
 def write_adapter(out_dir: Path, tensors: dict[str, tuple[torch.Tensor, torch.Tensor]], peft_config: Any,
                   metrics: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
-    """Write a standard peft adapter dir atomically (train_metrics.json last, with the files' digests)."""
-
+    """Write one adapter of the bank (module -> (A, B)) as a sealed peft adapter dir."""
     flat = {}
     for module, (a, b) in tensors.items():
         key_a, key_b = adapter_keys(module)
         flat[key_a], flat[key_b] = a, b
-    config = copy.deepcopy(peft_config)
-    config.inference_mode = True  # as PeftModel.save_pretrained writes it
-    with atomic_dir(out_dir) as tmp:
-        save_file(flat, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        config.save_pretrained(str(tmp))
-        stable_config(tmp)
-        metrics = seal_adapter(tmp, metrics)
-        write_json(tmp / METRICS, metrics)  # last: its presence marks the directory complete
-    return metrics
+    return write_sealed_adapter(out_dir, flat, peft_config, metrics)
 
 
 def train_cotrained(

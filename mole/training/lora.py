@@ -8,6 +8,7 @@ checkpoint and ends with the same adapter as an uninterrupted run.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import itertools
 import json
@@ -22,11 +23,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from huggingface_hub.utils import is_jinja_available
 from peft import get_peft_model, set_peft_model_state_dict
+from safetensors.torch import save_file
 
 from mole.config import BuildConfig
 from mole.data.tokenize import train_batches
 from mole.io import atomic_dir, seal, seal_broken, write_json
-from mole.nn.adapters import read_adapter, stable_config
+from mole.nn.adapters import WEIGHTS, read_adapter, stable_config
 from mole.sections import ExpertsConfig, LoraSection
 from mole.training.checkpoint import checkpoint_dir, remove_stale_temps, resume, save_checkpoint
 
@@ -264,6 +266,21 @@ class Job:
                 "path": self.rel_dir, "final_loss": metrics["final_loss"], "seconds": metrics["seconds"],
                 "reused": reused, "fingerprint": fingerprint, "kind": self.kind, "tokens": metrics["tokens"],
                 "r": metrics["r"]}  # fmt: skip
+
+
+def write_sealed_adapter(out_dir: Path, tensors: dict[str, torch.Tensor], peft_config: Any,
+                         metrics: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """Write a standard peft adapter dir atomically: ``tensors`` (peft's key -> weight) and ``peft_config``, then
+    train_metrics.json last with the files' digests (its presence marks the directory complete)."""
+    config = copy.deepcopy(peft_config)
+    config.inference_mode = True  # as PeftModel.save_pretrained writes it
+    with atomic_dir(out_dir) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        config.save_pretrained(str(tmp))
+        stable_config(tmp)
+        metrics = seal_adapter(tmp, metrics)
+        write_json(tmp / METRICS, metrics)
+    return metrics
 
 
 def finished_metrics(out_dir: Path) -> dict[str, Any]:

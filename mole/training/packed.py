@@ -16,7 +16,6 @@ Shapes: E experts, B batch, T tokens, D hidden, V vocabulary, r rank.
 
 from __future__ import annotations
 
-import copy
 import itertools
 import logging
 import shutil
@@ -28,16 +27,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 from mole.config import BuildConfig
 from mole.data.tokenize import IGNORE, collate, pad_id, train_batches
-from mole.io import atomic_dir, write_json
-from mole.nn.adapters import WEIGHTS, adapter_keys, read_adapter, stable_config
+from mole.nn.adapters import adapter_keys, read_adapter
 from mole.nn.packed_bank import PackedBank, peft_init
 from mole.sections import ExpertsConfig, LoraSection
 from mole.training.checkpoint import checkpoint_dir, remove_stale_temps, resume, save_checkpoint
-from mole.training.lora import METRICS, Job, lr_factor, reuse, run_metrics, seal_adapter
+from mole.training.lora import Job, lr_factor, reuse, run_metrics, write_sealed_adapter
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -253,8 +250,7 @@ def token_losses(model: Any, bank: PackedBank, batch: dict[str, torch.Tensor], e
 def _finish(run: _Run, *, lora: LoraSection, cfg: ExpertsConfig) -> dict[str, Any]:
     """Write the expert's adapter dir atomically (metrics last) and drop its checkpoint."""
     e, state = run.expert, run.state
-    peft_config = copy.deepcopy(state.pop("peft_config"))
-    peft_config.inference_mode = True  # as PeftModel.save_pretrained writes it
+    peft_config = state.pop("peft_config")
     metrics = {
         **run_metrics(state, rows=e.rows, lora=lora, cfg=cfg, seed=e.seed, resumed_from=run.start),
         "mode": "packed",
@@ -264,12 +260,7 @@ def _finish(run: _Run, *, lora: LoraSection, cfg: ExpertsConfig) -> dict[str, An
         module, _, rest = name.removeprefix("base_model.model.").rpartition(".lora_")
         key_a, key_b = adapter_keys(module)
         tensors[key_a if rest.startswith("A") else key_b] = value.detach().cpu().contiguous()
-    with atomic_dir(e.out_dir) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        peft_config.save_pretrained(str(tmp))
-        stable_config(tmp)
-        metrics = seal_adapter(tmp, metrics)
-        write_json(tmp / METRICS, metrics)  # last: its presence marks the directory complete
+    metrics = write_sealed_adapter(e.out_dir, tensors, peft_config, metrics)
     shutil.rmtree(checkpoint_dir(e.out_dir), ignore_errors=True)
     logger.info("%s: %d steps (packed), final loss %.4f", e.name, e.steps, metrics["final_loss"])
     return metrics

@@ -22,7 +22,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from flows import lineage, registry, tracking
+from flows import lineage, tracking
 from flows.promotion import decide, relative_improvement
 from flows.registry import register_build
 from flows.versioning import record_outputs
@@ -475,7 +475,7 @@ def test_server_down_fails_clearly_and_registers_nothing(
     """Runs last: it stops the module's server."""
     before = {str(v.version) for v in client.search_model_versions(f"name = '{NAME}'")}
     stop(server.proc)
-    monkeypatch.setattr(registry, "BACKOFF_S", 0.05)
+    monkeypatch.setattr(tracking, "BACKOFF_S", 0.05)
     down = built.model_copy(update={"seed": 2})
     t0 = time.perf_counter()
     with pytest.raises(RuntimeError, match=f"{server.uri}.*unreachable after 2 attempts"):
