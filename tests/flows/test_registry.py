@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +27,7 @@ from flows.versioning import record_outputs
 from mole import stages, workspace
 from mole.config import BuildConfig, load_config
 from mole.nn.model import MoLEModel
+from tests.servers import free_port, stop, wait_http
 
 # isort: split
 # After flows: importing it turns MLflow's telemetry off (see flows/__init__.py) before mlflow is first imported.
@@ -55,42 +54,10 @@ OVERRIDES = [
 GEN = {"max_new_tokens": 6}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> float:
-    """Seconds until ``url`` answers 200; fails with the process's log if it exits or times out."""
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < timeout:
-        if proc.poll() is not None:
-            raise AssertionError(f"{proc.args[:3]} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return time.perf_counter() - t0
-        except OSError:
-            time.sleep(0.25)
-    raise AssertionError(f"{url} did not answer within {timeout}s:\n{log.read_text()[-3000:]}")
-
-
 def spawn(cmd: list[str], log: Path, **kwargs: Any) -> subprocess.Popen:
     """Start a server in its own session, its output in ``log`` (a pipe nobody reads would fill and block it)."""
     with log.open("w") as fh:
         return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, **kwargs)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """End a process started in its own session, and its children."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(15)
 
 
 @dataclass
@@ -104,7 +71,9 @@ class Server:
     def ready(self) -> Server:
         """Wait for /health once: the server starts while the module's workspace is built."""
         if self.start_s is None:
-            self.start_s = wait_http(f"{self.uri}/health", self.proc, self.log, timeout=180)
+            t0 = time.perf_counter()
+            wait_http(f"{self.uri}/health", proc=self.proc, log=self.log, timeout=180)
+            self.start_s = time.perf_counter() - t0
             print(f"mlflow server answered {self.start_s:.1f}s after the first wait began")
         return self
 
@@ -457,7 +426,9 @@ def test_mlflow_models_serve_answers_invocations(first: dict, server: Server, tm
     log = tmp_path / "serve.log"
     proc = spawn(cmd, log, cwd=tmp_path, env=env)
     try:
-        print(f"mlflow models serve ready in {wait_http(f'http://127.0.0.1:{port}/ping', proc, log, 240):.1f}s")
+        t0 = time.perf_counter()
+        wait_http(f"http://127.0.0.1:{port}/ping", proc=proc, log=log, timeout=240)
+        print(f"mlflow models serve ready in {time.perf_counter() - t0:.1f}s")
         body = json.dumps({"dataframe_records": [{"prompt": p} for p in prompts], "params": GEN}).encode()
         req = urllib.request.Request(
             f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
