@@ -13,13 +13,13 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.markup import escape
 
-from mole.config import BuildConfig, ConfigError, load_config
-from mole.console import console, error, out, run_stage, run_with_bars, setup_logging, summary
+from mole.config import BuildConfig, ConfigError, config_sources, load_config
+from mole.console import console, error, out, run_stage, run_with_bars, setup_logging, show_result, summary
 from mole.io import write_text_atomic
 from mole.stages.registry import STAGES, Stage, dvc_yaml
 
@@ -28,18 +28,35 @@ app = typer.Typer(
     help="Build Mixture-of-LoRA-Experts language models from domain data and one base causal LM.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
 )
 
-ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="params.yaml to read.")]
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", metavar="FILE", help="params.yaml to read.")]
 # The presets shipped in mole/presets/, offered as the choices of --preset.
 Preset = enum.Enum("Preset", {p.stem: p.stem for p in sorted((Path(__file__).parent / "presets").glob("*.yaml"))},
                    type=str)  # fmt: skip
 PresetOpt = Annotated[Preset | None, typer.Option("--preset", "-p", help="Preset applied over the config.")]
 SetOpt = Annotated[
-    list[str] | None, typer.Option("--set", "-s", help="Override one value, e.g. --set cluster.k=4 (repeatable).")
+    list[str] | None,
+    typer.Option("--set", "-s", metavar="KEY=VALUE", help="Override one value, e.g. --set cluster.k=4 (repeatable)."),
 ]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging of mole (not other libraries).")]
+
+# One usage example per command, shown at the end of its --help (a stage's, when not here: on the tiny preset).
+EXAMPLES = {
+    "dvc-yaml": "mole dvc-yaml --check",
+    "build": "mole build --preset tiny --set data.source=data/my.jsonl",
+    "trigger": "mole trigger --wait --timeout 3600",
+    "deploy": 'mole deploy --cron "0 3 * * 1"',
+    "register": "mole register",
+    "predict": 'mole predict -m models:/mole@champion --prompt "Unit conversion: 25000 m equals how many km?"',
+    "bench": "mole bench --cases forward,generate",
+    "show-config": "mole show-config --preset tiny --set cluster.k=3 --sources",
+}
+
+
+def _example(name: str) -> str:
+    return f"Example: {EXAMPLES.get(name, f'mole {name} --preset tiny' if name in STAGES else f'mole {name}')}"
 
 
 def _version(value: bool) -> None:
@@ -68,22 +85,6 @@ def _config(config: Path, preset: Preset | str | None, overrides: list[str] | No
         raise typer.Exit(2) from None
 
 
-def _show(name: str, res: dict[str, Any]) -> None:
-    """What a stage command prints of its result."""
-    if name == "prepare":
-        summary("prepared data", {k: v for k, v in res.items() if k != "paths"})
-    elif name == "cluster":
-        summary("clusters", {k: res[k] for k in ("k", "silhouette", "sizes", "ari", "embedder")})
-    elif name == "train-experts":
-        summary("experts", {k: v for k, v in res.items() if k not in ("paths", "experts")})
-    elif name == "train-router":
-        summary("MoLE model", {k: v for k, v in res.items() if k != "paths"} | {"dir": res["paths"]["dir"]})
-    elif name == "evaluate":
-        out.print(Path(res["paths"]["markdown"]).read_text(encoding="utf-8").split("![")[0], highlight=False)
-    else:
-        summary(name, {k: v for k, v in res.items() if k not in ("paths", "decisions")})
-
-
 def _stage_command(stage: Stage) -> Callable[..., None]:
     """The sub-command of one registered stage: load the config, run the stage (with bars if it trains), show."""
 
@@ -95,20 +96,20 @@ def _stage_command(stage: Stage) -> Callable[..., None]:
     ) -> None:
         setup_logging(verbose)
         cfg = _config(config, preset, set_)
-        _show(stage.name, (run_with_bars if stage.progress else run_stage)(stage.name, stage.run, cfg))
+        show_result(stage.name, (run_with_bars if stage.progress else run_stage)(stage.name, stage.run, cfg))
 
     command.__name__ = stage.name.replace("-", "_")
     return command
 
 
 for _stage in STAGES.values():  # one sub-command per stage, in pipeline order
-    app.command(_stage.name, help=_stage.help)(_stage_command(_stage))
+    app.command(_stage.name, help=_stage.help, epilog=_example(_stage.name))(_stage_command(_stage))
 
 
-@app.command("dvc-yaml")
+@app.command("dvc-yaml", epilog=_example("dvc-yaml"))
 def dvc_yaml_command(
     check: Annotated[bool, typer.Option("--check", help="Exit 1 if dvc.yaml differs from the registry.")] = False,
-    path: Annotated[Path, typer.Option(help="The file to write or check.")] = Path("dvc.yaml"),
+    path: Annotated[Path, typer.Option(metavar="FILE", help="The file to write or check.")] = Path("dvc.yaml"),
 ) -> None:
     """Write dvc.yaml from the stage registry (mole/stages/registry.py), or check it is up to date."""
     text = dvc_yaml()
@@ -122,7 +123,7 @@ def dvc_yaml_command(
     console.print(f"wrote {path} ({len(STAGES)} stages)", markup=False)
 
 
-@app.command("fetch-base")
+@app.command("fetch-base", epilog=_example("fetch-base"))
 def fetch_base(
     config: ConfigOpt = Path("params.yaml"), preset: PresetOpt = None, set_: SetOpt = None, verbose: VerboseOpt = False
 ) -> None:
@@ -148,7 +149,7 @@ def _prefect_env() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
-@app.command()
+@app.command(epilog=_example("build"))
 def build(
     config: ConfigOpt = Path("params.yaml"), preset: PresetOpt = None, set_: SetOpt = None, verbose: VerboseOpt = False
 ) -> None:
@@ -174,7 +175,7 @@ def build(
     summary("build", {**where, **{k: v for k, v in result.items() if v is not None}})
 
 
-@app.command()
+@app.command(epilog=_example("trigger"))
 def trigger(
     config: ConfigOpt = Path("params.yaml"),
     preset: PresetOpt = None,
@@ -220,7 +221,7 @@ def trigger(
     console.print(f"[green]✓[/] flow run {escape(run.name)} completed")
 
 
-@app.command()
+@app.command(epilog=_example("deploy"))
 def deploy(
     config: ConfigOpt = Path("params.yaml"),
     preset: PresetOpt = None,
@@ -256,7 +257,7 @@ def deploy(
     )
 
 
-@app.command()
+@app.command(epilog=_example("register"))
 def register(
     config: ConfigOpt = Path("params.yaml"), preset: PresetOpt = None, set_: SetOpt = None, verbose: VerboseOpt = False
 ) -> None:
@@ -294,10 +295,10 @@ def register(
     )
 
 
-@app.command()
+@app.command(epilog=_example("predict"))
 def predict(
     model: Annotated[str, typer.Option("--model", "-m", help="models:/<name>@champion, an MLflow or MoLE model dir.")],
-    prompt: Annotated[list[str], typer.Option("--prompt", help="A prompt to complete (repeatable).")],
+    prompt: Annotated[list[str], typer.Option("--prompt", metavar="TEXT", help="A prompt to complete (repeatable).")],
     max_new_tokens: Annotated[int | None, typer.Option(help="Default: evaluate.max_new_tokens.")] = None,
     temperature: Annotated[float, typer.Option(help="0 decodes greedily; above 0 samples.")] = 0.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print [{prompt, completion}] as JSON.")] = False,
@@ -343,11 +344,13 @@ def predict(
             typer.echo(completion)
 
 
-@app.command("bench")
+@app.command("bench", epilog=_example("bench"))
 def bench(
     full: Annotated[bool, typer.Option("--full", help="The whole grid with more rounds (default: --quick).")] = False,
     cases: Annotated[str, typer.Option(help="Comma-separated subset of forward,generate,merge,train.")] = "",
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Results directory (default bench/results).")] = None,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", metavar="DIR", help="Results directory (default bench/results).")
+    ] = None,
 ) -> None:
     """Run the benchmark suite (same as `python -m bench`): MoLE vs base and peers, packed vs separate training."""
     root = Path(__file__).resolve().parent.parent
@@ -360,13 +363,28 @@ def bench(
     raise typer.Exit(run_bench([*argv, *(["--out", str(out_dir)] if out_dir else [])]))
 
 
-@app.command("show-config")
-def show_config(config: ConfigOpt = Path("params.yaml"), preset: PresetOpt = None, set_: SetOpt = None) -> None:
-    """Print the resolved configuration (after preset and overrides) as YAML."""
+@app.command("show-config", epilog=_example("show-config"))
+def show_config(
+    config: ConfigOpt = Path("params.yaml"),
+    preset: PresetOpt = None,
+    set_: SetOpt = None,
+    sources: Annotated[
+        bool, typer.Option("--sources", help="A table of each value and the source that set it.")
+    ] = False,
+) -> None:
+    """Print the resolved configuration (after preset and overrides) as YAML; --sources: where each value came from."""
     import yaml
+    from rich.table import Table
 
     cfg = _config(config, preset, set_)
-    out.print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="", highlight=False)
+    if not sources:
+        out.print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="", highlight=False)
+        return
+    name = preset.value if isinstance(preset, Preset) else preset
+    table = Table("key", "value", "source")
+    for key, (value, source) in config_sources(config, preset=name, overrides=set_ or []).items():
+        table.add_row(key, json.dumps(value), source, style=None if source == "default" else "bold")
+    out.print(table)
 
 
 def main() -> None:

@@ -190,23 +190,67 @@ def load_config(
     Raises:
         ConfigError: naming the file, dotted key, value and what was expected.
     """
-    raw: dict[str, Any] = {}
-    origin = []
-    if path is not None:
-        p = Path(path)
-        if p.exists():
-            raw = _read_yaml(p, "config")
-            origin.append(str(p))
-        elif str(path) != "params.yaml":
-            raise ConfigError(f"--config: file {p} does not exist")
-    if preset:
-        raw = _deep_merge(raw, preset_overrides(preset))
-        origin.append(f"preset {preset}")
-    for item in overrides:
-        keys, value = parse_override(item)
-        _apply_override(raw, keys, value, item)
-        origin.append(f"--set {item}")
+    layers = _layers(path, preset, overrides)
+    raw, origin = layers[-1][1], [name for name, _, _ in layers[1:]]
     try:
         return BuildConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, raw, ", ".join(origin) or "defaults")) from None
+
+
+def _layers(
+    path: str | Path | None, preset: str | None, overrides: list[str] | tuple[str, ...]
+) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """Each source in precedence order as (name, the raw config after it, what it set), from ("default", {}, {})."""
+    raw: dict[str, Any] = {}
+    layers: list[tuple[str, dict[str, Any], dict[str, Any]]] = [("default", raw, {})]
+    if path is not None:
+        p = Path(path)
+        if p.exists():
+            raw = _read_yaml(p, "config")
+            layers.append((str(p), raw, raw))
+        elif str(path) != "params.yaml":
+            raise ConfigError(f"--config: file {p} does not exist")
+    if preset:
+        top = preset_overrides(preset)
+        raw = _deep_merge(raw, top)
+        layers.append((f"preset {preset}", raw, top))
+    for item in overrides:
+        keys, value = parse_override(item)
+        raw, top = copy.deepcopy(raw), {}
+        _apply_override(raw, keys, value, item)
+        _apply_override(top, keys, value, item)
+        layers.append((f"--set {item}", raw, top))
+    return layers
+
+
+def _leaves(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if isinstance(value, dict) and value:
+            out |= _leaves(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_sources(
+    path: str | Path | None = "params.yaml",
+    *,
+    preset: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> dict[str, tuple[Any, str]]:
+    """Every setting of the resolved config as ``dotted.key -> (value, source)``: the source that set it last
+    (``default``, the params file, ``preset NAME`` or ``--set a.b=v``), in the precedence order of ``load_config``.
+
+    Raises:
+        ConfigError: as ``load_config``.
+    """
+    cfg = load_config(path, preset=preset, overrides=overrides)
+    out = {key: (value, "default") for key, value in _leaves(cfg.model_dump(mode="json")).items()}
+    for name, _, top in _layers(path, preset, overrides)[1:]:
+        for given in _leaves(top):  # a key set here, or a whole section/list given at once
+            for key, (value, _) in out.items():
+                if key == given or key.startswith(given + "."):
+                    out[key] = (value, name)
+    return out

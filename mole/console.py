@@ -9,6 +9,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -24,16 +25,22 @@ console = Console(stderr=True)
 out = Console()
 
 
+OWN_LOGGERS = ("mole", "flows", "bench")
+
+
 def setup_logging(verbose: bool) -> None:
-    """Log through rich to stderr (debug with ``verbose``), quieting the chattiest libraries."""
+    """Log through rich to stderr, quieting the chattiest libraries; ``verbose`` turns on debug for mole's own
+    loggers (``mole``, ``flows``, ``bench``) only, so other libraries' debug output does not flood the terminal."""
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.INFO,
         format="%(message)s",
         handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)],
         force=True,
     )
     for noisy in ("httpx", "urllib3", "sentence_transformers", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    for ours in OWN_LOGGERS:
+        logging.getLogger(ours).setLevel(logging.DEBUG if verbose else logging.NOTSET)
 
 
 def error(label: str, message: object) -> None:
@@ -109,3 +116,19 @@ def run_with_bars(name: str, fn: Callable[..., dict[str, Any]], cfg: BuildConfig
             raise typer.Exit(1) from None
     console.print(f"[green]✓[/] {name} ({time.perf_counter() - start:.1f}s)")
     return result
+
+
+def show_result(name: str, res: dict[str, Any]) -> None:
+    """What a stage command prints of its result."""
+    if name == "prepare":
+        summary("prepared data", {k: v for k, v in res.items() if k != "paths"})
+    elif name == "cluster":
+        summary("clusters", {k: res[k] for k in ("k", "silhouette", "sizes", "ari", "embedder")})
+    elif name == "train-experts":
+        summary("experts", {k: v for k, v in res.items() if k not in ("paths", "experts")})
+    elif name == "train-router":
+        summary("MoLE model", {k: v for k, v in res.items() if k != "paths"} | {"dir": res["paths"]["dir"]})
+    elif name == "evaluate":
+        out.print(Path(res["paths"]["markdown"]).read_text(encoding="utf-8").split("![")[0], highlight=False)
+    else:
+        summary(name, {k: v for k, v in res.items() if k not in ("paths", "decisions")})
