@@ -40,6 +40,7 @@ from mole.eval.metrics import (
     true_groups,
 )
 from mole.eval.plots import loss_curves, per_cluster_loss, routing_heatmap
+from mole.eval.tables import write_curves, write_tables
 from mole.eval.verdict import verdict
 from mole.io import atomic_path, read_jsonl, write_json
 from mole.nn.model import MoLEModel
@@ -334,6 +335,7 @@ def write_report(path: str | Path, report: dict[str, Any]) -> Path:
     report["verdict"] = verdict(report)
     path = Path(path)
     write_json(path, report)
+    write_tables(report, path.parent)
     with atomic_path(path.with_suffix(".md")) as tmp:
         tmp.write_text(render_markdown(report), encoding="utf-8")
     return path
@@ -379,5 +381,6 @@ def _write_plots(cfg: BuildConfig, out_dir: Path, report: dict[str, Any], expert
     mole_metrics = mole_paths(cfg)["metrics"]
     joint = json.loads(mole_metrics.read_text(encoding="utf-8")).get("joint") if mole_metrics.exists() else None
     loss_curves(curves, joint["loss"] if joint else None, out_dir / "loss_curves.png")
+    write_curves(curves, joint["loss"] if joint else None, out_dir)
     per_cluster_loss(report["variants"], out_dir / "per_cluster_loss.png")
     routing_heatmap(report["routing"]["utilization_per_layer"], expert_ids, out_dir / "routing_heatmap.png")

@@ -29,6 +29,7 @@ class Output:
     path: str
     kind: str = "outs"
     persist: bool = False  # DVC must not delete it before the stage runs (a later stage rewrites it in place)
+    props: tuple[tuple[str, Any], ...] = ()  # DVC plot properties (x, y, template, ...)
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,8 @@ class Stage:
         out: dict[str, Any] = {"cmd": f"mole {self.name}", "deps": [*self.inputs, *code],
                                "params": [*self.reads, *self.dvc_params]}  # fmt: skip
         for o in self.outputs:
-            out.setdefault(o.kind, []).append({o.path: {"persist": True}} if o.persist else o.path)
+            props = {**({"persist": True} if o.persist else {}), **dict(o.props)}
+            out.setdefault(o.kind, []).append({o.path: props} if props else o.path)
         return out
 
 
@@ -111,7 +113,8 @@ STAGES: dict[str, Stage] = {
             inputs=("${data.out_dir}", "${cluster.out_dir}", "${experts.out_dir}", "${experts.baseline_dir}",
                     "${router.out_dir}/train_metrics.json"),
             outputs=(Output("${evaluate.out_dir}/loss_curves.png", "plots"),
-                     Output("${evaluate.out_dir}/routing_heatmap.png", "plots")),
+                     Output("${evaluate.out_dir}/routing_heatmap.png", "plots"),
+                     Output("${evaluate.out_dir}/curves", "plots", props=(("x", "step"), ("y", "loss")))),
             done=lambda cfg: [eval_paths(cfg)["eval"]],
         ),
         Stage(
@@ -125,6 +128,9 @@ STAGES: dict[str, Stage] = {
                   for f in ("mole_config.json", "router.safetensors", "experts")),
                 *(Output(f"${{evaluate.out_dir}}/{f}", persist=True) for f in ("eval.md", "model_card.md")),
                 Output("${evaluate.out_dir}/eval.json", "metrics", persist=True),
+                Output("${evaluate.out_dir}/metrics.json", "metrics", persist=True),
+                Output("${evaluate.out_dir}/variants.csv", "plots", persist=True,
+                       props=(("x", "variant"), ("y", "loss"), ("template", "bar_horizontal"))),
                 Output("${evaluate.out_dir}/merge_prune.json", "metrics"),
                 Output("${evaluate.out_dir}/per_cluster_loss.png", "plots", persist=True),
             ),

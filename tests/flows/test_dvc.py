@@ -8,6 +8,7 @@ commits and pushes it to the default local remote, and a fresh `git clone` pulls
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import subprocess
@@ -229,5 +230,13 @@ def test_dvc_repro_runs_every_stage_and_then_nothing(tmp_path: Path) -> None:
                 "artifacts/mole/mole_config.json", "reports/eval.json", "reports/merge_prune.json"):  # fmt: skip
         assert (ws / rel).exists(), rel
     assert "up to date" in run(ws, sys.executable, "-m", "dvc", "status")
+    # metrics and plots in forms DVC reads: a flat metrics file and CSV plot data
+    flat = run(ws, sys.executable, "-m", "dvc", "metrics", "show", "--json")
+    report = json.loads((ws / "reports/eval.json").read_text())
+    metrics = json.loads((ws / "reports/metrics.json").read_text())
+    assert metrics["mole"]["loss"] == report["variants"]["mole"]["loss"] and metrics["k"] == report["clustering"]["k"]
+    assert "reports/metrics.json" in flat and str(report["variants"]["mole"]["loss"])[:6] in flat
+    plots = run(ws, sys.executable, "-m", "dvc", "plots", "show", "--json")
+    assert "reports/variants.csv" in plots and "reports/curves/joint.csv" in plots
     again = run(ws, sys.executable, "-m", "dvc", "repro")
     assert "Running stage" not in again, "a second repro must not re-run anything (merge-prune rewrites in place)"
