@@ -127,7 +127,7 @@ STAGES: dict[str, Stage] = {
                 *(Output(f"${{router.out_dir}}/{f}", persist=True)
                   for f in ("mole_config.json", "router.safetensors", "experts")),
                 *(Output(f"${{evaluate.out_dir}}/{f}", persist=True) for f in ("eval.md", "model_card.md")),
-                Output("${evaluate.out_dir}/eval.json", "metrics", persist=True),
+                Output("${evaluate.out_dir}/eval.json", persist=True),
                 Output("${evaluate.out_dir}/metrics.json", "metrics", persist=True),
                 Output("${evaluate.out_dir}/variants.csv", "plots", persist=True,
                        props=(("x", "variant"), ("y", "loss"), ("template", "bar_horizontal"))),

@@ -235,6 +235,7 @@ def test_dvc_repro_runs_every_stage_and_then_nothing(tmp_path: Path) -> None:
     report = json.loads((ws / "reports/eval.json").read_text())
     metrics = json.loads((ws / "reports/metrics.json").read_text())
     assert metrics["mole"]["loss"] == report["variants"]["mole"]["loss"] and metrics["k"] == report["clustering"]["k"]
+    assert "reports/eval.json" not in flat, "eval.json is an out: dvc metrics shows the flat metrics.json"
     assert "reports/metrics.json" in flat and str(report["variants"]["mole"]["loss"])[:6] in flat
     plots = run(ws, sys.executable, "-m", "dvc", "plots", "show", "--json")
     assert "reports/variants.csv" in plots and "reports/curves/joint.csv" in plots
