@@ -86,24 +86,6 @@ def registered_variant(report: dict[str, Any]) -> str:
     return "mole_merged" if "mole_merged" in report.get("variants", {}) else "mole"
 
 
-def eval_metrics(report: dict[str, Any]) -> dict[str, float]:
-    """eval.json -> flat MLflow metrics: ``<variant>.<loss|ppl|exact_match>``, per-cluster loss, routing, cost."""
-    out: dict[str, float] = {}
-    for name, v in report.get("variants", {}).items():
-        out |= {f"{name}.{k}": float(v[k]) for k in METRIC_KEYS if v.get(k) is not None}
-        for cid, c in (v.get("per_cluster") or {}).items():
-            if c.get("loss") is not None:
-                out[f"{name}.cluster_{cid}.loss"] = float(c["loss"])
-    for section, keys in {
-        "routing": ("top1_agreement", "entropy", "normalized_entropy"),
-        "clustering": ("k", "silhouette", "ari"),
-        "cost": ("trainable_params", "adapter_mb", "latency_ratio_vs_base"),
-    }.items():
-        values = report.get(section) or {}
-        out |= {f"{section}.{k}": float(values[k]) for k in keys if isinstance(values.get(k), int | float)}
-    return out
-
-
 def expert_records(cfg: BuildConfig) -> list[dict[str, Any]]:
     """One record per trained adapter (the shared one, the experts, the baseline): params, loss per step, tokens/s."""
     from mole.workspace import experts_paths

@@ -18,7 +18,7 @@ from typing import Any
 import mlflow
 from mlflow import MlflowClient
 
-from flows import lineage
+from flows import comparison, lineage
 from flows.packaging import load_pyfunc, log_model
 from flows.promotion import Decision, decide
 from flows.tracking import lineage_tags, log_build_run, run_name, tracking_to, wait_for_server
@@ -39,6 +39,7 @@ def register_build(
     flow_run_id: str | None = None,
     flow_run_url: str | None = None,
     dvc_hashes: dict[str, str] | None = None,
+    dvc_remote: str | None = None,
 ) -> dict[str, Any]:
     """Log the build in ``cfg.workspace`` to MLflow and register its model; promote it if it beats the champion.
 
@@ -50,6 +51,7 @@ def register_build(
         flow_run_id: the Prefect flow run that built it (tag ``mole.flow_run_id``).
         flow_run_url: a link to that flow run in the Prefect UI (tag ``mole.flow_run_url``).
         dvc_hashes: {out path: md5} from flows.versioning.record_outputs, as lineage tags ``mole.dvc.<path>``.
+        dvc_remote: the DVC remote those outs were pushed to (a link in the run's description).
 
     Returns:
         {"run_id", "run_url", "tracking_uri", "model_name", "version", "model_uri", "champion", "reason",
@@ -70,7 +72,8 @@ def register_build(
             logger.info("build %s is already registered as %s version %s", build["key"], name, existing.version)
             return _result(client, uri, existing, build, already=True)
         decision = decide(cfg, _champion(client, name), build, rescore=lambda v: _rescore(cfg, name, v))
-        version = _log_and_register(cfg, client, build, decision, flow_run_id, flow_run_url)
+        links = {"flow_run_id": flow_run_id, "flow_run_url": flow_run_url, "dvc_remote": dvc_remote}
+        version = _log_and_register(cfg, client, build, decision, links)
     logger.info("registered %s version %s in %.1fs: %s", name, version.version, time.perf_counter() - t0,
                 decision.reason)  # fmt: skip
     return _result(client, uri, version, build, already=False, decision=decision)
@@ -121,17 +124,19 @@ def _log_and_register(
     client: MlflowClient,
     build: dict[str, Any],
     decision: Decision,
-    flow_run_id: str | None,
-    flow_run_url: str | None,
+    links: dict[str, str | None],
 ) -> Any:
-    """Parent run + nested expert runs + pyfunc model, then the version, its tags and aliases.
+    """Parent run + nested variant and expert runs + pyfunc model, then the version, its tags and aliases.
 
     A failure marks the run FAILED and deletes a version created on the way, so the registry gains nothing.
     """
     experiment = mlflow.set_experiment(cfg.tracking.experiment)
+    flow_run_id, flow_run_url = links["flow_run_id"], comparison.valid_url(links["flow_run_url"])
     tags = lineage_tags(cfg, build, flow_run_id, flow_run_url)
+    commit = None if tags["mole.git_commit"] == "none" else tags["mole.git_commit"]
+    run_tags = tags | comparison.run_tags(build, commit, flow_run_url, links["dvc_remote"])
     version = None
-    with mlflow.start_run(experiment_id=experiment.experiment_id, run_name=run_name(cfg), tags=tags) as run:
+    with mlflow.start_run(experiment_id=experiment.experiment_id, run_name=run_name(cfg), tags=run_tags) as run:
         try:
             log_build_run(cfg, client, run.info.run_id, experiment.experiment_id, build)
             info = log_model(cfg, build)

@@ -155,8 +155,10 @@ def register(config: BuildConfig, merged: dict[str, Any], versions: dict[str, An
 
     from flows.registry import register_build
 
-    hashes = (versions or {}).get("hashes")
-    res = register_build(config, flow_run_id=flow_run.id, flow_run_url=flow_run.ui_url, dvc_hashes=hashes)
+    hashes, remote = (versions or {}).get("hashes"), (versions or {}).get("remote")
+    res = register_build(
+        config, flow_run_id=flow_run.id, flow_run_url=flow_run.ui_url, dvc_hashes=hashes, dvc_remote=remote
+    )
     get_run_logger().info("registered %s version %s: %s", res["model_name"], res["version"], res["reason"])
     return res
 

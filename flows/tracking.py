@@ -17,7 +17,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
-from flows import lineage
+from flows import comparison, lineage
 from mole.config import BuildConfig
 from mole.workspace import eval_paths, mole_paths
 
@@ -82,18 +82,23 @@ def tracking_to(uri: str) -> Iterator[None]:
 
 
 def log_build_run(cfg: BuildConfig, client: MlflowClient, run_id: str, experiment_id: str, build: dict) -> None:
-    """Params (the flattened config), eval metrics, router loss curve, report files and one nested run per expert."""
+    """Params (the flattened config), the registered variant's metrics, router loss curve, report files, datasets,
+    the eval rows table, one nested run per eval variant (flows.comparison) and one per expert."""
     mlflow.log_params(lineage.flatten(cfg.model_dump(mode="json")))
     router = mole_paths(cfg)["metrics"]
     joint = (json.loads(router.read_text(encoding="utf-8")).get("joint") or {}) if router.exists() else {}
-    scalars = lineage.eval_metrics(build["report"]) | {"registered." + build["metric"]: build["value"]}
-    log_metric_batch(client, run_id, scalars, {"router.loss": joint.get("loss", [])})
+    scalars = comparison.parent_metrics(build["report"], build["variant"])
+    log_metric_batch(client, run_id, scalars | {"registered." + build["metric"]: build["value"]},
+                     {"router.loss": joint.get("loss", [])})  # fmt: skip
+    comparison.log_datasets(cfg)
+    comparison.log_eval_table(cfg, run_id)
+    comparison.log_variant_runs(client, run_id, experiment_id, build)
     reports = eval_paths(cfg)
     for f in sorted([*reports["dir"].glob("*.png"), *(reports[k] for k in ("eval", "markdown", "merge_prune"))]):
         if f.exists():
             client.log_artifact(run_id, str(f), artifact_path="reports")
     for rec in lineage.expert_records(cfg):
-        tags = {"mlflow.parentRunId": run_id, "mole.expert": rec["id"]}
+        tags = {"mlflow.parentRunId": run_id, "mole.expert": rec["id"], comparison.KIND_TAG: "expert"}
         child = client.create_run(experiment_id, run_name=rec["id"], tags=tags)
         client.log_batch(child.info.run_id, params=[Param(k, v) for k, v in rec["params"].items()])
         log_metric_batch(client, child.info.run_id, rec["metrics"], {"loss": rec["loss"]})
@@ -126,7 +131,7 @@ def lineage_tags(
         "mole.git_commit": lineage.git_commit(cfg.workspace, repo) or "none",
         "mole.flow_run_id": flow_run_id or "none",
     }
-    if flow_run_url:
+    if comparison.valid_url(flow_run_url):
         tags["mole.flow_run_url"] = flow_run_url
     tags |= {f"mole.dvc.{path}": md5 for path, md5 in build["dvc"].items()}
     return tags

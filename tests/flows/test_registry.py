@@ -110,10 +110,14 @@ def first(built: BuildConfig, server: Server) -> dict[str, Any]:
     server.ready()
     t0 = time.perf_counter()
     res = register_build(
-        built, flow_run_id="flow-run-1", flow_run_url="http://prefect.test/runs/1", dvc_hashes=versions["hashes"]
+        built,
+        flow_run_id="flow-run-1",
+        flow_run_url="http://prefect.test/runs/1",
+        dvc_hashes=versions["hashes"],
+        dvc_remote=versions["remote"],
     )
     print(f"first registration: {time.perf_counter() - t0:.1f}s")
-    return {**res, "dvc": versions["hashes"]}
+    return {**res, "dvc": versions["hashes"], "dvc_remote": versions["remote"]}
 
 
 @pytest.fixture(scope="module")
@@ -186,9 +190,10 @@ def test_first_build_logs_parent_and_nested_runs(first: dict, built: BuildConfig
     assert run.data.params["experts.lora.r"] == "8" and run.data.params["base_model.name"] == "tiny"
     assert run.data.params["experts.lora.target_modules"] == '["q_proj", "v_proj"]'
     report = json.loads((built.path("reports") / "eval.json").read_text())
-    for variant, v in report["variants"].items():
-        assert run.data.metrics[f"{variant}.loss"] == pytest.approx(v["loss"])
-    assert "multitask_lora.exact_match" in run.data.metrics and "routing.top1_agreement" in run.data.metrics
+    registered = report["variants"][lineage.registered_variant(report)]
+    assert run.data.metrics["loss"] == registered["loss"] and run.data.metrics["ppl"] == registered["ppl"]
+    assert "routing.top1_agreement" in run.data.metrics
+    assert not [k for k in run.data.metrics if k.split(".")[0] in report["variants"]], "variant-prefixed keys"
     tags = run.data.tags
     assert tags["mole.flow_run_id"] == "flow-run-1" and tags["mole.flow_run_url"] == "http://prefect.test/runs/1"
     assert tags["mole.config_hash"] == built.section_hash()
@@ -205,7 +210,9 @@ def test_first_build_logs_parent_and_nested_runs(first: dict, built: BuildConfig
         "routing_heatmap.png",
     }
     assert {f"reports/{n}" for n in expected} <= reports
-    children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{first['run_id']}'")
+    children = client.search_runs(
+        [run.info.experiment_id], f"tags.mlflow.parentRunId = '{first['run_id']}' and tags.`mole.child` = 'expert'"
+    )
     index = json.loads((built.path("artifacts/experts/experts.json")).read_text())
     assert sorted(c.data.tags["mole.expert"] for c in children) == sorted(
         [e["id"] for e in index["experts"]] + [index["baseline"]["id"], index["shared"]["id"]]
@@ -215,6 +222,70 @@ def test_first_build_logs_parent_and_nested_runs(first: dict, built: BuildConfig
         steps = int(child.data.params["steps"])
         assert [m.step for m in history] == list(range(steps)), child.data.tags["mole.expert"]
         assert child.data.metrics["tokens_per_s"] > 0 and child.data.metrics["seconds"] > 0
+
+
+# ------------------------------------------------------------------------- what the MLflow UI shows to compare
+def test_each_eval_variant_is_a_nested_run_with_the_same_metric_keys(
+    first: dict, built: BuildConfig, client: MlflowClient
+) -> None:
+    run = client.get_run(first["run_id"])
+    report = json.loads((built.path("reports") / "eval.json").read_text())
+    children = client.search_runs(
+        [run.info.experiment_id], f"tags.mlflow.parentRunId = '{first['run_id']}' and tags.`mole.child` = 'variant'"
+    )
+    by_name = {c.data.tags["mole.variant_of_eval"]: c for c in children}
+    assert sorted(by_name) == sorted(report["variants"]) and len(by_name) >= 4
+    assert all(c.info.run_name == n and c.info.status == "FINISHED" for n, c in by_name.items())
+    keys = {n: set(c.data.metrics) for n, c in by_name.items()}
+    assert len({frozenset(k) for k in keys.values()}) == 1, keys
+    some = next(iter(keys.values()))
+    clusters = report["variants"]["mole"]["per_cluster"]
+    assert {"loss", "ppl", "exact_match"} | {f"loss/cluster_{c}" for c in clusters} <= some
+    for name, child in by_name.items():
+        v = report["variants"][name]
+        assert child.data.metrics["loss"] == v["loss"]  # full precision, as eval.json has it
+        for cid, c in v["per_cluster"].items():
+            assert child.data.metrics[f"loss/cluster_{cid}"] == c["loss"]
+        assert child.data.tags["mole.registered"] == str(name == lineage.registered_variant(report)).lower()
+    assert by_name["multitask_lora"].data.params["training.steps"]
+
+
+def test_parent_run_has_git_commit_description_datasets_and_eval_table(
+    first: dict, built: BuildConfig, client: MlflowClient, tmp_path: Path
+) -> None:
+    run = client.get_run(first["run_id"])
+    tags = run.data.tags
+    commit = lineage.git_commit(built.workspace, REPO)
+    assert commit, "precondition: the tests run from a git checkout"
+    assert tags["mlflow.source.git.commit"] == commit.removesuffix("-dirty")
+    note = tags["mlflow.note.content"]
+    assert "http://prefect.test/runs/1" in note and first["dvc_remote"] in note and "None" not in note
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    paths = workspace.prepared_paths(built)
+    for split, context in (("train", "training"), ("eval", "evaluation")):
+        digest = lineage.content_hash(paths[split])
+        d = inputs[f"{split}-{digest[:12]}"]
+        assert d.dataset.digest == digest
+        assert {t.key: t.value for t in d.tags}["mlflow.data.context"] == context
+    assert inputs[f"eval-{lineage.content_hash(paths['eval'])[:12]}"].dataset.profile
+    assert "eval/rows.json" in {a.path for a in client.list_artifacts(first["run_id"], "eval")}
+    local = client.download_artifacts(first["run_id"], "eval/rows.json", str(tmp_path))
+    table = json.loads(Path(local).read_text())
+    rows = workspace.load_prepared(built)[1]
+    assert table["columns"][:4] == ["id", "cluster", "prompt", "reference"] and len(table["data"]) == len(rows)
+    assert [r[2] for r in table["data"]] == [r["prompt"] for r in rows]
+
+
+def test_run_description_never_writes_a_none_url() -> None:
+    from flows.comparison import run_tags, valid_url
+
+    build = {"key": "k", "variant": "mole", "metric": "loss", "value": 1.0,
+             "report": {"variants": {"mole": {"loss": 1.0, "exact_match": None}}}}  # fmt: skip
+    tags = run_tags(build, None, "None/runs/1", None)
+    assert "mlflow.source.git.commit" not in tags and "None/" not in tags["mlflow.note.content"]
+    assert "Prefect" not in tags["mlflow.note.content"] and "DVC" not in tags["mlflow.note.content"]
+    assert valid_url("http://x/flow-runs/flow-run/None") is None and valid_url(None) is None
+    assert run_tags(build, "abc-dirty", "http://p/1", "/tmp/r")["mlflow.source.git.commit"] == "abc"
 
 
 def test_first_build_is_champion_with_lineage_tags(first: dict, built: BuildConfig, client: MlflowClient) -> None:
