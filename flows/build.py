@@ -14,9 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import Flow, flow, get_run_logger
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities.annotations import BaseAnnotation, opaque, quote
 
 from flows import artifacts, tasks
 from flows.cache import outputs_exist
@@ -69,19 +70,52 @@ def _fresh(task: Any, config: BuildConfig, stage: str | None = None) -> Any:
     return task.with_options(refresh_cache=not outputs_exist(outputs))
 
 
-@flow(name="train-experts", validate_parameters=False)
-def expert_fanout(config: BuildConfig, clusters: dict[str, Any]) -> list[dict[str, Any]]:
+# Prefect records a task run's inputs by walking its arguments and matching the id() of every object in them
+# against the results (and their members) that earlier tasks of the flow run returned. Config strings that a stage
+# echoes back ('demo', the embedder's name, interned literals) made `config` look like the output of prepare or
+# cluster, and a value of `clusters` equal by identity to one in an expert's returned entry made each expert look
+# like the input of the next (expert_00 → expert_02 → ...), though they are independent. So `config` (and other
+# constants) go in as `quote` (not walked, no input) and upstream results as `opaque` (the result itself is the
+# input, its members are not walked); the task receives the plain values either way, and cache keys see them.
+def _call(task: Any, config: BuildConfig, *upstream: Any) -> Any:
+    """``task(config, *upstream)`` with only ``upstream`` recorded as its inputs."""
+    return task(quote(config), *map(opaque, upstream))
+
+
+def _plain(value: Any) -> Any:
+    return value
+
+
+class _Subflow(Flow):
+    """A flow whose run records its parameters without their ``quote``/``opaque`` wrappers (those only keep the
+    subflow's task run in the parent from recording false inputs)."""
+
+    def serialize_parameters(self, parameters: dict[str, Any]) -> dict[str, Any]:
+        plain = {k: v.unwrap() if isinstance(v, BaseAnnotation) else v for k, v in parameters.items()}
+        return super().serialize_parameters(plain)
+
+    def with_options(self, **options: Any) -> Any:
+        new = super().with_options(**options)
+        new.__class__ = _Subflow
+        return new
+
+
+def _fanout(config: BuildConfig, clusters: dict[str, Any]) -> list[dict[str, Any]]:
     """Train one adapter per cluster (and the multitask baseline) in parallel on the configured task runner.
 
     Raises:
         RuntimeError: naming every adapter whose training failed; the finished ones stay on disk.
     """
     names = job_names(config)
+    # Dask and Ray rebuild the tuples in a task's arguments, Prefect's annotations (NamedTuples) among them, so there
+    # the arguments go plain: the experts run in other processes, and their unpickled results share no objects
+    # with config or clusters.
+    const = quote if config.flow.runner == "threads" else _plain
 
     def submit(n: str, after: list[Any]) -> Any:
         done = outputs_exist([_adapter_dir(config, n) / "adapter_model.safetensors"])
         task = tasks.train_expert.with_options(refresh_cache=not done)
-        return task.submit(config, n, clusters, wait_for=after)
+        return task.submit(const(config), const(n), const(clusters), wait_for=after)
 
     with _expert_resources(config.flow):
         # The shared adapter first: every expert starts from it (seed) or trains on top of it (residual); the
@@ -96,6 +130,9 @@ def expert_fanout(config: BuildConfig, clusters: dict[str, Any]) -> list[dict[st
     return [f.result() for f in futures]
 
 
+expert_fanout = _Subflow(_fanout, name="train-experts", validate_parameters=False)
+
+
 def _run_name() -> str:
     from prefect.runtime import flow_run
 
@@ -105,33 +142,41 @@ def _run_name() -> str:
     return cfg.flow.run_name.format(base=base, date=dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
 
 
+def _fanout_name() -> str:
+    """The expert fan-out's run name: the build run's, suffixed."""
+    from prefect.runtime import flow_run
+
+    return f"{flow_run.name}-experts"
+
+
 @flow(name="build-mole", flow_run_name=_run_name)
 def build_mole(config: BuildConfig = BuildConfig()) -> dict[str, Any]:  # noqa: B008 - pydantic default, immutable use
     """Build a MoLE model from domain data and a base causal LM, evaluate it, version it and register it."""
     log, name = get_run_logger(), config.tracking.model_name
-    prepared = _fresh(tasks.prepare, config)(config)
-    clusters = _fresh(tasks.cluster, config)(config, prepared)
+    prepared = _call(_fresh(tasks.prepare, config), config)
+    clusters = _call(_fresh(tasks.cluster, config), config, prepared)
     artifacts.clusters_table(clusters, name=name)
     index = workspace.experts_paths(config)["index"]
     if config.experts.mode == "packed" or config.experts.shared == "cotrained":  # one run trains every expert
-        experts = _fresh(tasks.train_experts_packed, config, "train-experts")(config, clusters)
+        experts = _call(_fresh(tasks.train_experts_packed, config, "train-experts"), config, clusters)
     else:
         t0 = time.perf_counter()  # the fan-out is the train-experts stage of a flow build
-        entries = expert_fanout.with_options(task_runner=task_runner(config.flow))(config, clusters)
-        experts = _fresh(tasks.index_experts, config, "train-experts")(config, entries)
+        fanout = expert_fanout.with_options(task_runner=task_runner(config.flow), flow_run_name=_fanout_name())
+        entries = fanout(quote(config), opaque(clusters))
+        experts = _call(_fresh(tasks.index_experts, config, "train-experts"), config, entries)
         workspace.record_stage_time(config, "train-experts", time.perf_counter() - t0)
     artifacts.experts_table(index, name=name)
-    model = _fresh(tasks.train_router, config)(config, experts)
+    model = _call(_fresh(tasks.train_router, config), config, experts)
     reports = workspace.eval_paths(config)
-    report = _fresh(tasks.evaluate, config)(config, model)
-    merged = _fresh(tasks.merge_prune, config)(config, report)
+    report = _call(_fresh(tasks.evaluate, config), config, model)
+    merged = _call(_fresh(tasks.merge_prune, config), config, report)
     artifacts.evaluation_table(reports["eval"], name=name)
     if config.tracking.enabled:  # reachable before DVC commits and pushes anything for a build it can't register
-        tasks.check_tracking(config, merged)
-    versions = tasks.with_retries(tasks.record_outputs, config)(config, merged) if config.dvc.enabled else None
+        _call(tasks.check_tracking, config, merged)
+    versions = _call(tasks.with_retries(tasks.record_outputs, config), config, merged) if config.dvc.enabled else None
     registered = None
     if config.tracking.enabled:
-        registered = tasks.with_retries(tasks.register, config)(config, merged, versions)
+        registered = _call(tasks.with_retries(tasks.register, config), config, merged, versions)
         artifacts.tracking_link(registered, name=name)
     summary = _summary(config, clusters, model, report, registered)
     artifacts.summary_markdown(summary, name=name)
