@@ -21,7 +21,7 @@ from mlflow.entities import Metric, Param
 from flows import lineage
 from mole.config import BuildConfig
 from mole.io import read_jsonl
-from mole.workspace import cluster_paths, prepared_paths
+from mole.workspace import cluster_paths, eval_paths, prepared_paths
 
 VARIANT_TAG = "mole.variant_of_eval"  # on each variant's nested run: the eval.json variant it shows
 KIND_TAG = "mole.child"  # "variant" or "expert": which kind of nested run
@@ -95,15 +95,12 @@ def log_datasets(cfg: BuildConfig) -> dict[str, str]:
 
 
 def eval_table(cfg: BuildConfig) -> pd.DataFrame:
-    """One row per eval row: id, cluster, prompt (or text) and reference completion.
-
-    reports/eval.json holds per-variant aggregates only: evaluate keeps no per-row loss or generated completion,
-    so the table cannot show them.
-    """
+    """One row per eval row: id, cluster, prompt (or text), reference completion, and each variant's loss on the
+    row and greedy completion (``<variant>/loss``, ``<variant>/completion``, from reports/eval_rows.jsonl)."""
     rows = read_jsonl(prepared_paths(cfg)["eval"])
     assigned = cluster_paths(cfg)["eval_assignments"]
     cluster = {a["id"]: int(a["cluster"]) for a in read_jsonl(assigned)} if assigned.exists() else {}
-    return pd.DataFrame(
+    table = pd.DataFrame(
         {
             "id": [r.get("id") for r in rows],
             "cluster": [cluster.get(r.get("id"), -1) for r in rows],
@@ -111,6 +108,13 @@ def eval_table(cfg: BuildConfig) -> pd.DataFrame:
             "reference": [r.get("completion", "") for r in rows],
         }
     )
+    per_row = eval_paths(cfg)["rows"]
+    detail = read_jsonl(per_row) if per_row.exists() else []
+    if len(detail) == len(table):
+        for variant in [k for k in detail[0] if k != "id"] if detail else []:
+            table[f"{variant}/loss"] = [d[variant]["loss"] for d in detail]
+            table[f"{variant}/completion"] = [d[variant]["completion"] or "" for d in detail]
+    return table
 
 
 def log_eval_table(cfg: BuildConfig, run_id: str) -> None:

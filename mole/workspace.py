@@ -128,4 +128,4 @@ def eval_paths(cfg: BuildConfig) -> dict[str, Path]:
     """Where ``evaluate`` writes its report (merge-prune adds its variant to the same eval.json)."""
     out = cfg.path(cfg.evaluate.out_dir)
     return {"dir": out, "eval": out / "eval.json", "markdown": out / "eval.md", "card": out / "model_card.md",
-            "merge_prune": out / "merge_prune.json"}  # fmt: skip
+            "merge_prune": out / "merge_prune.json", "rows": out / "eval_rows.jsonl"}  # fmt: skip

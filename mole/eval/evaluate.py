@@ -42,7 +42,7 @@ from mole.eval.metrics import (
 from mole.eval.plots import loss_curves, per_cluster_loss, routing_heatmap
 from mole.eval.tables import write_curves, write_tables
 from mole.eval.verdict import verdict
-from mole.io import atomic_path, read_jsonl, write_json
+from mole.io import atomic_path, read_jsonl, write_json, write_jsonl
 from mole.nn.model import MoLEModel
 from mole.routing.diagnostics import row_routing
 from mole.training.experts import SHARED_APPLIED, check_model_current, rank_per_token
@@ -50,6 +50,9 @@ from mole.workspace import cluster_paths, eval_paths, experts_paths, load_prepar
 
 __all__ = ["ModelScorer", "Scorer", "add_variant", "evaluate_variant", "normalize_answer", "run_evaluate"]
 logger = logging.getLogger(__name__)
+
+
+ROWS_KEY = "per_row"  # a variant's per-row losses and completions, written to eval_rows.jsonl, not eval.json
 
 
 def normalize_answer(text: str) -> str:
@@ -95,8 +98,11 @@ def evaluate_variant(
         nll[idx], tokens[idx] = s.double().cpu(), n.long().cpu()
     if not tokens.sum():
         raise ValueError(f"{name}: the {len(rows)} rows have no labelled tokens to score")
-    hits = _exact_matches(rows[:generate_rows] if generate_rows else rows, generate, batch_size)
+    hits, texts = _exact_matches(rows[:generate_rows] if generate_rows else rows, generate, batch_size)
     out = {**_summary(nll, tokens, hits, range(len(rows))), "tokens": int(tokens.sum())}
+    # per row (popped into eval_rows.jsonl by run_evaluate): mean NLL of its labelled tokens, greedy completion
+    out[ROWS_KEY] = [{"loss": float(nll[i] / tokens[i]) if tokens[i] else None, "completion": texts.get(i)}
+                     for i in range(len(rows))]  # fmt: skip
     del out["rows"]  # only per cluster
     out["per_cluster"] = {
         str(c): _summary(nll, tokens, hits, [i for i, ci in enumerate(clusters) if ci == c])
@@ -109,15 +115,16 @@ def evaluate_variant(
     return out
 
 
-def _exact_matches(rows: Rows, generate: Generate | None, batch_size: int) -> dict[int, bool]:
-    """Row index -> whether the greedy completion matches, for the rows with a completion."""
+def _exact_matches(rows: Rows, generate: Generate | None, batch_size: int) -> tuple[dict[int, bool], dict[int, str]]:
+    """Row index -> whether the greedy completion matches, and the completion, for the rows with a completion."""
     todo = [i for i, r in enumerate(rows) if "completion" in r] if generate is not None else []
     hits: dict[int, bool] = {}
+    texts: dict[int, str] = {}
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]
         for i, text in zip(chunk, generate([rows[i] for i in chunk]), strict=True):
-            hits[i] = normalize_answer(text) == normalize_answer(rows[i]["completion"])
-    return hits
+            hits[i], texts[i] = normalize_answer(text) == normalize_answer(rows[i]["completion"]), text
+    return hits, texts
 
 
 def _summary(nll: torch.Tensor, tokens: torch.Tensor, hits: dict[int, bool], idx: Any) -> dict[str, Any]:
@@ -203,6 +210,9 @@ def run_evaluate(cfg: BuildConfig, *, extra_variants: dict[str, dict[str, Any]] 
         "training": training_compute(cfg, variants),
     }
     out_dir = cfg.path(cfg.evaluate.out_dir)
+    per_row = {name: v.pop(ROWS_KEY) for name, v in variants.items() if ROWS_KEY in v}
+    write_jsonl(eval_paths(cfg)["rows"], [{"id": r.get("id"), **{n: per_row[n][i] for n in per_row}}
+                                          for i, r in enumerate(rows)])  # fmt: skip
     write_report(eval_paths(cfg)["eval"], report)
     write_card(cfg, report)
     _write_plots(cfg, out_dir, report, mole["expert_ids"])
@@ -230,9 +240,9 @@ def build_time(cfg: BuildConfig, evaluate_seconds: float) -> dict[str, Any]:
         "joint": float(joint.get("seconds", 0.0)),
         "multitask_lora": sum(e.get("seconds", 0.0) for e in fresh if e.get("kind") == "multitask_lora"),
     }
-    total = sum(stages.values())
+    total = round(sum(stages.values()), 3)  # the fraction uses the total eval.json shows
     mole_training = training["shared"] + training["experts"] + training["joint"]
-    return {"stages": stages, "training": training, "total": round(total, 3),
+    return {"stages": stages, "training": training, "total": total,
             "training_fraction": mole_training / total if total > 0 else None}  # fmt: skip
 
 
@@ -360,7 +370,7 @@ def add_variant(
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; run `mole evaluate` first")
     report = json.loads(path.read_text(encoding="utf-8"))
-    report["variants"][name] = metrics
+    report["variants"][name] = {k: v for k, v in metrics.items() if k != ROWS_KEY}
     if training is not None:
         report.setdefault("training", {})[name] = training
     write_report(path, report)

@@ -251,5 +251,9 @@ def test_evaluate_variant_matches_a_hand_computation() -> None:
     assert got["per_cluster"]["0"]["loss"] == pytest.approx(nll[0] / count[0], rel=1e-5)
     assert got["per_cluster"]["1"] == {**got["per_cluster"]["1"], "exact_match": 1.0, "rows": 1}
     assert got["exact_match"] == 1.0 and got["per_cluster"]["0"]["exact_match"] is None  # text rows have no answer
+    assert [r["loss"] for r in got["per_row"]] == pytest.approx(
+        [n / c for n, c in zip(nll, count, strict=True)], rel=1e-5
+    )
+    assert [r["completion"] for r in got["per_row"]] == [None, "4.\nx"]  # only rows with an answer are generated
     no_gen = evaluate_variant("hand", ModelScorer(model, tok), rows[:1], [0], batch_size=2, max_length=64)
     assert no_gen["exact_match"] is None

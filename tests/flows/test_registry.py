@@ -274,6 +274,12 @@ def test_parent_run_has_git_commit_description_datasets_and_eval_table(
     rows = workspace.load_prepared(built)[1]
     assert table["columns"][:4] == ["id", "cluster", "prompt", "reference"] and len(table["data"]) == len(rows)
     assert [r[2] for r in table["data"]] == [r["prompt"] for r in rows]
+    cols = table["columns"]
+    assert {"mole/loss", "mole/completion", "multitask_lora/loss", "base/completion"} <= set(cols)
+    per_row = [json.loads(line) for line in workspace.eval_paths(built)["rows"].read_text().splitlines()]
+    assert [r[cols.index("mole/loss")] for r in table["data"]] == pytest.approx([d["mole"]["loss"] for d in per_row])
+    report = json.loads(workspace.eval_paths(built)["eval"].read_text())
+    assert "per_row" not in report["variants"]["mole"]  # per-row data lives in eval_rows.jsonl only
 
 
 def test_run_description_never_writes_a_none_url() -> None:
