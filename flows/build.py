@@ -78,8 +78,22 @@ def _fresh(task: Any, config: BuildConfig, stage: str | None = None) -> Any:
 # constants) go in as `quote` (not walked, no input) and upstream results as `opaque` (the result itself is the
 # input, its members are not walked); the task receives the plain values either way, and cache keys see them.
 def _call(task: Any, config: BuildConfig, *upstream: Any) -> Any:
-    """``task(config, *upstream)`` with only ``upstream`` recorded as its inputs."""
+    """``task(config, *upstream)`` with only ``upstream`` recorded as its inputs; the build's progress bar says
+    which step runs."""
+    _step(task.name)
     return task(quote(config), *map(opaque, upstream))
+
+
+# The steps of a build in order, for its progress bar (``mole build``): the fan-out and the packed run both count
+# as train-experts, and a build without DVC or tracking skips the last three.
+STEPS = ("prepare", "cluster", "train-experts", "train-router", "evaluate", "merge-prune", "check-tracking",
+         "record-outputs", "register")  # fmt: skip
+
+
+def _step(name: str) -> None:
+    name = {"train-experts-packed": "train-experts", "index-experts": "train-experts"}.get(name, name)
+    if name in STEPS:
+        tasks.report_progress("build", STEPS.index(name), len(STEPS), name)
 
 
 def _plain(value: Any) -> Any:
@@ -161,6 +175,7 @@ def build_mole(config: BuildConfig = BuildConfig()) -> dict[str, Any]:  # noqa: 
         experts = _call(_fresh(tasks.train_experts_packed, config, "train-experts"), config, clusters)
     else:
         t0 = time.perf_counter()  # the fan-out is the train-experts stage of a flow build
+        _step("train-experts")
         fanout = expert_fanout.with_options(task_runner=task_runner(config.flow), flow_run_name=_fanout_name())
         entries = fanout(quote(config), opaque(clusters))
         experts = _call(_fresh(tasks.index_experts, config, "train-experts"), config, entries)
@@ -180,7 +195,10 @@ def build_mole(config: BuildConfig = BuildConfig()) -> dict[str, Any]:  # noqa: 
         artifacts.tracking_link(registered, name=name)
     summary = _summary(config, clusters, model, report, registered)
     artifacts.summary_markdown(summary, name=name)
-    log.info("build finished: %s", summary)
+    tasks.report_progress("build", len(STEPS), len(STEPS), "done")
+    log.info(
+        "build finished: mole loss %s, k=%s; the summary is the run's artifact", summary["mole_loss"], summary["k"]
+    )
     return summary
 
 

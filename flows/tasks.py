@@ -6,6 +6,7 @@ build skip what already finished. Only the steps that talk to servers or remotes
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Any
@@ -31,7 +32,6 @@ def torch_threads(cfg: BuildConfig, *, parallel: int = 1) -> int:
 def prepare(config: BuildConfig) -> dict[str, Any]:
     """Validate, clean and split the data."""
     res = stages.prepare(config)
-    get_run_logger().info("prepared %d train and %d eval rows", res["train_rows"], res["eval_rows"])
     return {**res, "hash": content_hash(workspace.prepared_paths(config).values())}
 
 
@@ -40,8 +40,18 @@ def cluster(config: BuildConfig, prepared: dict[str, Any]) -> dict[str, Any]:
     """Embed and cluster the training rows (k chosen automatically unless set)."""
     torch_threads(config)
     res = stages.cluster(config)
-    get_run_logger().info("k=%d sizes=%s silhouette=%.3f", res["k"], res["sizes"], res["silhouette"])
     return {**res, "hash": content_hash([workspace.cluster_paths(config)["dir"]])}
+
+
+# Progress for a terminal that runs the flow in its own process (``mole build``): records that carry
+# ``progress = (name, step, total, note)``, for a handler the CLI attaches; never propagated to other handlers.
+PROGRESS = logging.getLogger("flows.progress")
+PROGRESS.propagate = False
+PROGRESS.setLevel(logging.INFO)  # whatever the root logger says: only a progress handler sees these
+
+
+def report_progress(name: str, step: int, total: int, note: str) -> None:
+    PROGRESS.info("%s %d/%d %s", name, step, total, note, extra={"progress": (name, step, total, note)})
 
 
 class _ProgressArtifact:
@@ -53,6 +63,7 @@ class _ProgressArtifact:
         self.logged, self.updated = -100.0, 0.0  # percent last logged, time of the last artifact update
 
     def __call__(self, name: str, step: int, total: int, loss: float) -> None:
+        report_progress(name, step, total, f"loss {loss:.4f}")
         pct, now = 100.0 * step / max(1, total), time.monotonic()
         if step >= total or now - self.updated >= 2.0:  # the API is not called on every step
             update_progress_artifact(self.id, pct, description=f"{name}: step {step}/{total}, loss {loss:.4f}")
@@ -100,7 +111,6 @@ def train_router(config: BuildConfig, experts: dict[str, Any]) -> dict[str, Any]
     """Warm-start the routers and fine-tune routers and experts jointly."""
     torch_threads(config)
     res = stages.train_router(config, progress=_ProgressArtifact("router"))
-    get_run_logger().info("router agreement with the clusters: %.3f", res["agreement"])
     return {**res, "hash": content_hash([workspace.mole_paths(config)["dir"]])}
 
 

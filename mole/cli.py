@@ -19,7 +19,7 @@ import typer
 from rich.markup import escape
 
 from mole.config import BuildConfig, ConfigError, config_sources, load_config
-from mole.console import console, error, out, run_stage, run_with_bars, setup_logging, show_result, summary
+from mole.console import console, error, log_bars, out, run_stage, run_with_bars, setup_logging, show_result, summary
 from mole.io import write_text_atomic
 from mole.stages.registry import STAGES, Stage, dvc_yaml
 
@@ -162,7 +162,8 @@ def build(
     api = os.environ.get("PREFECT_API_URL")
     console.print(f"Prefect API: {api or 'a temporary local server (set PREFECT_API_URL to watch runs in the UI)'}")
     start = time.perf_counter()
-    state = build_mole(config=cfg, return_state=True)
+    with log_bars("flows.progress"):  # the build's steps and its training runs (those in this process) as bars
+        state = build_mole(config=cfg, return_state=True)
     run_id = state.state_details.flow_run_id
     if not state.is_completed():
         error("build failed", f"(flow run {run_id}): {state.message}")

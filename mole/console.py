@@ -5,10 +5,11 @@ Part of the app layer with :mod:`mole.cli`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +35,27 @@ def setup_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.INFO,
         format="%(message)s",
-        handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)],
+        handlers=[_named(RichHandler(console=console, show_path=False, rich_tracebacks=False))],
         force=True,
     )
     for noisy in ("httpx", "urllib3", "sentence_transformers", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     for ours in OWN_LOGGERS:
         logging.getLogger(ours).setLevel(logging.DEBUG if verbose else logging.NOTSET)
+
+
+class _RunNames(logging.Formatter):
+    """Prefix a Prefect run's log line with the task (or flow) run it comes from, so "Finished in state
+    Completed()" says what finished."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        name = getattr(record, "task_run_name", None) or getattr(record, "flow_run_name", None)
+        return f"{name}: {super().format(record)}" if name else super().format(record)
+
+
+def _named(handler: logging.Handler) -> logging.Handler:
+    handler.setFormatter(_RunNames("%(message)s"))
+    return handler
 
 
 def error(label: str, message: object) -> None:
@@ -73,8 +88,19 @@ def summary(title: str, rows: dict[str, Any]) -> None:
     """A two-column table of a stage's results, on stdout."""
     table = Table(title=title, show_header=False, title_justify="left")
     for key, value in rows.items():
-        table.add_row(key, Text(value if isinstance(value, str) else json.dumps(value)))
+        table.add_row(key, Text(value if isinstance(value, str) else json.dumps(rounded(value))))
     out.print(table)
+
+
+def rounded(value: Any) -> Any:
+    """``value`` with every float shown to meaningful digits (4 decimals, or 4 significant digits below 0.01)."""
+    if isinstance(value, float):
+        return float(f"{value:.4g}") if value and abs(value) < 0.01 else round(value, 4)
+    if isinstance(value, dict):
+        return {k: rounded(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [rounded(v) for v in value]
+    return value
 
 
 class Bars:
@@ -85,16 +111,20 @@ class Bars:
             TextColumn("{task.description:<16}"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}"),
+            TextColumn("{task.fields[note]}"),
             TimeRemainingColumn(),
             console=console,
         )
         self.tasks: dict[str, Any] = {}
 
     def __call__(self, name: str, step: int, total: int, loss: float) -> None:
+        self.update(name, step, total, f"loss {loss:.4f}")
+
+    def update(self, name: str, step: int, total: int, note: str) -> None:
+        """Advance (or add) the bar ``name``: ``step`` of ``total``, with ``note`` beside it."""
         if name not in self.tasks:
-            self.tasks[name] = self.progress.add_task(name, total=total, loss=float("nan"))
-        self.progress.update(self.tasks[name], completed=step, loss=loss)
+            self.tasks[name] = self.progress.add_task(name, total=total, note="")
+        self.progress.update(self.tasks[name], completed=step, total=total, note=note)
 
     def __enter__(self) -> Bars:
         self.progress.start()
@@ -102,6 +132,19 @@ class Bars:
 
     def __exit__(self, *exc: object) -> None:
         self.progress.stop()
+
+
+class ProgressHandler(logging.Handler):
+    """Feeds ``Bars`` from log records that carry ``progress = (name, step, total, note)``: the way a flow run in
+    this process (``mole build``) reports its stages and training steps without knowing about the terminal."""
+
+    def __init__(self, bars: Bars) -> None:
+        super().__init__(logging.DEBUG)
+        self.bars = bars
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if (p := getattr(record, "progress", None)) is not None:
+            self.bars.update(*p)
 
 
 def run_with_bars(name: str, fn: Callable[..., dict[str, Any]], cfg: BuildConfig) -> dict[str, Any]:
@@ -132,3 +175,15 @@ def show_result(name: str, res: dict[str, Any]) -> None:
         out.print(Path(res["paths"]["markdown"]).read_text(encoding="utf-8").split("![")[0], highlight=False)
     else:
         summary(name, {k: v for k, v in res.items() if k not in ("paths", "decisions")})
+
+
+@contextlib.contextmanager
+def log_bars(logger: str) -> Iterator[Bars]:
+    """Bars fed by the ``progress`` records of ``logger`` (see :class:`ProgressHandler`) while the block runs."""
+    handler = ProgressHandler(Bars())
+    with handler.bars as bars:
+        logging.getLogger(logger).addHandler(handler)
+        try:
+            yield bars
+        finally:
+            logging.getLogger(logger).removeHandler(handler)

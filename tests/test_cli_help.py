@@ -85,3 +85,25 @@ def test_verbose_debugs_mole_only() -> None:
 def test_module_entry_point_still_runs() -> None:
     out = subprocess.run([*MOLE, "show-config", "--help"], env=ENV, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "--sources" in out.stdout and sys.executable
+
+
+def test_summary_values_are_rounded_for_people() -> None:
+    from mole.console import rounded
+
+    assert rounded({"loss": 0.73137612345, "tiny": 0.000123456, "n": 3, "xs": [1.234567, "a"]}) == {
+        "loss": 0.7314, "tiny": 0.0001235, "n": 3, "xs": [1.2346, "a"]}  # fmt: skip
+
+
+def test_build_steps_and_training_runs_reach_the_terminal_bars() -> None:
+    from flows import build, tasks
+    from mole.console import log_bars
+
+    with log_bars("flows.progress") as bars:
+        build._step("index-experts")  # the fan-out's index counts as train-experts
+        tasks.report_progress("expert_01", 3, 10, "loss 1.2345")
+        logging.getLogger("flows.progress").info("no progress attached")  # ignored
+    tasks_ = {t.description: t for t in bars.progress.tasks}
+    assert tasks_["build"].completed == build.STEPS.index("train-experts") and tasks_["build"].total == len(build.STEPS)
+    assert tasks_["build"].fields["note"] == "train-experts"
+    assert (tasks_["expert_01"].completed, tasks_["expert_01"].total) == (3, 10)
+    assert not logging.getLogger("flows.progress").handlers  # detached after the block
