@@ -196,9 +196,9 @@ def build_mole(config: BuildConfig = BuildConfig()) -> dict[str, Any]:  # noqa: 
     summary = _summary(config, clusters, model, report, registered)
     artifacts.summary_markdown(summary, name=name)
     tasks.report_progress("build", len(STEPS), len(STEPS), "done")
-    log.info(
-        "build finished: mole loss %s, k=%s; the summary is the run's artifact", summary["mole_loss"], summary["k"]
-    )
+    loss = summary["mole_loss"]
+    log.info("build finished: k=%s, mole loss %s; the summary is the run's artifact", summary["k"],
+             f"{loss:.4f}" if isinstance(loss, float) else loss)  # fmt: skip
     return summary
 
 

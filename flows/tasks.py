@@ -51,7 +51,8 @@ PROGRESS.setLevel(logging.INFO)  # whatever the root logger says: only a progres
 
 
 def report_progress(name: str, step: int, total: int, note: str) -> None:
-    PROGRESS.info("%s %d/%d %s", name, step, total, note, extra={"progress": (name, step, total, note)})
+    if PROGRESS.handlers:  # a terminal listens; a logging config may have turned propagation back on, so no flood
+        PROGRESS.info("%s %d/%d %s", name, step, total, note, extra={"progress": (name, step, total, note)})
 
 
 class _ProgressArtifact:

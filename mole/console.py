@@ -180,10 +180,15 @@ def show_result(name: str, res: dict[str, Any]) -> None:
 @contextlib.contextmanager
 def log_bars(logger: str) -> Iterator[Bars]:
     """Bars fed by the ``progress`` records of ``logger`` (see :class:`ProgressHandler`) while the block runs."""
-    handler = ProgressHandler(Bars())
+    handler, log = ProgressHandler(Bars()), logging.getLogger(logger)
+    saved = (log.propagate, log.level, log.disabled)
     with handler.bars as bars:
-        logging.getLogger(logger).addHandler(handler)
+        log.addHandler(handler)
+        log.propagate, log.disabled = False, False  # a logging config (Prefect's) may have reset them
+        log.setLevel(logging.INFO)
         try:
             yield bars
         finally:
-            logging.getLogger(logger).removeHandler(handler)
+            log.removeHandler(handler)
+            log.propagate, log.disabled = saved[0], saved[2]
+            log.setLevel(saved[1])
