@@ -77,11 +77,11 @@ def _fresh(task: Any, config: BuildConfig, stage: str | None = None) -> Any:
 # like the input of the next (expert_00 → expert_02 → ...), though they are independent. So `config` (and other
 # constants) go in as `quote` (not walked, no input) and upstream results as `opaque` (the result itself is the
 # input, its members are not walked); the task receives the plain values either way, and cache keys see them.
-def _call(task: Any, config: BuildConfig, *upstream: Any) -> Any:
-    """``task(config, *upstream)`` with only ``upstream`` recorded as its inputs; the build's progress bar says
-    which step runs."""
+def _call(task: Any, config: BuildConfig, *upstream: Any, **constants: Any) -> Any:
+    """``task(config, *upstream, **constants)`` with only ``upstream`` recorded as its inputs; the build's progress
+    bar says which step runs."""
     _step(task.name)
-    return task(quote(config), *map(opaque, upstream))
+    return task(quote(config), *map(opaque, upstream), **{k: quote(v) for k, v in constants.items()})
 
 
 # The steps of a build in order, for its progress bar (``mole build``): the fan-out and the packed run both count
@@ -114,8 +114,9 @@ class _Subflow(Flow):
         return new
 
 
-def _fanout(config: BuildConfig, clusters: dict[str, Any]) -> list[dict[str, Any]]:
-    """Train one adapter per cluster (and the multitask baseline) in parallel on the configured task runner.
+def _fanout(config: BuildConfig, clusters: dict[str, Any], live_run: str | None = None) -> list[dict[str, Any]]:
+    """Train one adapter per cluster (and the multitask baseline) in parallel on the configured task runner; their
+    loss curves go to nested runs of MLflow run ``live_run`` as they train.
 
     Raises:
         RuntimeError: naming every adapter whose training failed; the finished ones stay on disk.
@@ -129,7 +130,7 @@ def _fanout(config: BuildConfig, clusters: dict[str, Any]) -> list[dict[str, Any
     def submit(n: str, after: list[Any]) -> Any:
         done = outputs_exist([_adapter_dir(config, n) / "adapter_model.safetensors"])
         task = tasks.train_expert.with_options(refresh_cache=not done)
-        return task.submit(const(config), const(n), const(clusters), wait_for=after)
+        return task.submit(const(config), const(n), const(clusters), const(live_run), wait_for=after)
 
     with _expert_resources(config.flow):
         # The shared adapter first: every expert starts from it (seed) or trains on top of it (residual); the
@@ -165,23 +166,43 @@ def _fanout_name() -> str:
 
 @flow(name="build-mole", flow_run_name=_run_name)
 def build_mole(config: BuildConfig = BuildConfig()) -> dict[str, Any]:  # noqa: B008 - pydantic default, immutable use
-    """Build a MoLE model from domain data and a base causal LM, evaluate it, version it and register it."""
+    """Build a MoLE model from domain data and a base causal LM, evaluate it, version it and register it.
+
+    With tracking on, the build's MLflow run starts with the flow, so training curves show in MLflow as they grow.
+    """
+    live_run = None
+    if config.tracking.enabled:
+        from prefect.runtime import flow_run
+
+        from flows import live
+
+        live_run = live.start_run(config, flow_run_id=flow_run.id)
+    try:
+        return _build(config, live_run)
+    except BaseException:
+        if live_run is not None:
+            live.end_run(config, live_run, "FAILED")
+        raise
+
+
+def _build(config: BuildConfig, live_run: str | None) -> dict[str, Any]:
     log, name = get_run_logger(), config.tracking.model_name
     prepared = _call(_fresh(tasks.prepare, config), config)
     clusters = _call(_fresh(tasks.cluster, config), config, prepared)
     artifacts.clusters_table(clusters, name=name)
     index = workspace.experts_paths(config)["index"]
     if config.experts.mode == "packed" or config.experts.shared == "cotrained":  # one run trains every expert
-        experts = _call(_fresh(tasks.train_experts_packed, config, "train-experts"), config, clusters)
+        packed = _fresh(tasks.train_experts_packed, config, "train-experts")
+        experts = _call(packed, config, clusters, live_run=live_run)
     else:
         t0 = time.perf_counter()  # the fan-out is the train-experts stage of a flow build
         _step("train-experts")
         fanout = expert_fanout.with_options(task_runner=task_runner(config.flow), flow_run_name=_fanout_name())
-        entries = fanout(quote(config), opaque(clusters))
+        entries = fanout(quote(config), opaque(clusters), quote(live_run))
         experts = _call(_fresh(tasks.index_experts, config, "train-experts"), config, entries)
         workspace.record_stage_time(config, "train-experts", time.perf_counter() - t0)
     artifacts.experts_table(index, name=name)
-    model = _call(_fresh(tasks.train_router, config), config, experts)
+    model = _call(_fresh(tasks.train_router, config), config, experts, live_run=live_run)
     reports = workspace.eval_paths(config)
     report = _call(_fresh(tasks.evaluate, config), config, model)
     merged = _call(_fresh(tasks.merge_prune, config), config, report)
@@ -191,7 +212,7 @@ def build_mole(config: BuildConfig = BuildConfig()) -> dict[str, Any]:  # noqa: 
     versions = _call(tasks.with_retries(tasks.record_outputs, config), config, merged) if config.dvc.enabled else None
     registered = None
     if config.tracking.enabled:
-        registered = _call(tasks.with_retries(tasks.register, config), config, merged, versions)
+        registered = _call(tasks.with_retries(tasks.register, config), config, merged, versions, live_run=live_run)
         artifacts.tracking_link(registered, name=name)
     summary = _summary(config, clusters, model, report, registered)
     artifacts.summary_markdown(summary, name=name)

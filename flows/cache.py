@@ -20,6 +20,7 @@ from mole.training.lora import BASELINE_ID
 
 CHUNK = 1 << 20
 EXPERT_READS = ("seed", "base_model", "experts")  # what one expert's adapter depends on (the baseline reads more)
+UNKEYED = ("config", "live_run")  # config enters by the sections a stage reads; the live MLflow run not at all
 
 
 def content_hash(paths: Iterable[str | Path], *, root: str | Path | None = None) -> str:
@@ -81,7 +82,7 @@ def stage_key(stage: str, *, reads: tuple[str, ...] | None = None) -> Callable[[
             "workspace": str(Path(cfg.workspace).resolve()),
             "config": cfg.section_hash(*keys),
             "code": code_version(),
-            "upstream": {k: _fingerprint(v) for k, v in sorted(parameters.items()) if k != "config"},
+            "upstream": {k: _fingerprint(v) for k, v in sorted(parameters.items()) if k not in UNKEYED},
             "data": source_hash(cfg) if stage == "prepare" else None,
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()

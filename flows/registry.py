@@ -18,7 +18,7 @@ from typing import Any
 import mlflow
 from mlflow import MlflowClient
 
-from flows import comparison, lineage
+from flows import comparison, lineage, live
 from flows.packaging import load_pyfunc, log_model
 from flows.promotion import Decision, decide
 from flows.tracking import lineage_tags, log_build_run, run_name, tracking_to, wait_for_server
@@ -40,6 +40,7 @@ def register_build(
     flow_run_url: str | None = None,
     dvc_hashes: dict[str, str] | None = None,
     dvc_remote: str | None = None,
+    run_id: str | None = None,
 ) -> dict[str, Any]:
     """Log the build in ``cfg.workspace`` to MLflow and register its model; promote it if it beats the champion.
 
@@ -52,6 +53,8 @@ def register_build(
         flow_run_url: a link to that flow run in the Prefect UI (tag ``mole.flow_run_url``).
         dvc_hashes: {out path: md5} from flows.versioning.record_outputs, as lineage tags ``mole.dvc.<path>``.
         dvc_remote: the DVC remote those outs were pushed to (a link in the run's description).
+        run_id: the build's parent run made when the flow started (flows.live), which already holds the live
+            training curves: the build is logged into it. None (or a run no longer there) makes a new run.
 
     Returns:
         {"run_id", "run_url", "tracking_uri", "model_name", "version", "model_uri", "champion", "reason",
@@ -70,10 +73,12 @@ def register_build(
         existing = _find_version(client, name, build["key"])
         if existing is not None:
             logger.info("build %s is already registered as %s version %s", build["key"], name, existing.version)
+            if _live(client, run_id):
+                live.discard_run(cfg, run_id)
             return _result(client, uri, existing, build, already=True)
         decision = decide(cfg, _champion(client, name), build, rescore=lambda v: _rescore(cfg, name, v))
         links = {"flow_run_id": flow_run_id, "flow_run_url": flow_run_url, "dvc_remote": dvc_remote}
-        version = _log_and_register(cfg, client, build, decision, links)
+        version = _log_and_register(cfg, client, build, decision, links, run_id if _live(client, run_id) else None)
     logger.info("registered %s version %s in %.1fs: %s", name, version.version, time.perf_counter() - t0,
                 decision.reason)  # fmt: skip
     return _result(client, uri, version, build, already=False, decision=decision)
@@ -105,6 +110,16 @@ def _build_facts(cfg: BuildConfig, dvc_hashes: dict[str, str]) -> dict[str, Any]
     return facts
 
 
+def _live(client: MlflowClient, run_id: str | None) -> bool:
+    """Whether ``run_id`` is a run of this tracking server that was not deleted."""
+    if run_id is None:
+        return False
+    try:
+        return client.get_run(run_id).info.lifecycle_stage == "active"
+    except mlflow.exceptions.MlflowException:
+        return False
+
+
 def _find_version(client: MlflowClient, name: str, key: str) -> Any:
     """The registered version of this build (tag ``mole.build_key``), or None."""
     found = client.search_model_versions(f"name = '{name}' and tags.`mole.build_key` = '{key}'")
@@ -125,8 +140,10 @@ def _log_and_register(
     build: dict[str, Any],
     decision: Decision,
     links: dict[str, str | None],
+    run_id: str | None,
 ) -> Any:
-    """Parent run + nested variant and expert runs + pyfunc model, then the version, its tags and aliases.
+    """Parent run (``run_id``, or a new one) + nested variant and expert runs + pyfunc model, then the version, its
+    tags and aliases.
 
     A failure marks the run FAILED and deletes a version created on the way, so the registry gains nothing.
     """
@@ -136,9 +153,12 @@ def _log_and_register(
     commit = None if tags["mole.git_commit"] == "none" else tags["mole.git_commit"]
     run_tags = tags | comparison.run_tags(build, commit, flow_run_url, links["dvc_remote"])
     version = None
-    with mlflow.start_run(experiment_id=experiment.experiment_id, run_name=run_name(cfg), tags=run_tags) as run:
+    where = {"run_id": run_id} if run_id else {"experiment_id": experiment.experiment_id, "run_name": run_name(cfg)}
+    with mlflow.start_run(**where, tags=run_tags) as run:
         try:
-            log_build_run(cfg, client, run.info.run_id, experiment.experiment_id, build)
+            mlflow.set_tags(run_tags)
+            logged = live.expert_runs(client, run.info.run_id) if run_id else {}
+            log_build_run(cfg, client, run.info.run_id, run.info.experiment_id, build, live_experts=logged)
             info = log_model(cfg, build)
             version_tags = tags | decision.tags() | {"mole.run_id": run.info.run_id}
             version = mlflow.register_model(info.model_uri, cfg.tracking.model_name, tags=version_tags)

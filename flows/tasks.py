@@ -7,6 +7,7 @@ build skip what already finished. Only the steps that talk to servers or remotes
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from typing import Any
@@ -58,39 +59,49 @@ def report_progress(name: str, step: int, total: int, note: str) -> None:
 class _ProgressArtifact:
     """Feeds a Prefect progress artifact (and the run log, every 10 %) from the trainers' progress calls."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, config: BuildConfig, live_run: str | None) -> None:
         self.logger = get_run_logger()
+        self.curves = None
+        if live_run:  # MLflow is imported only by builds that track
+            from flows.live import Curves
+
+            self.curves = Curves(config, live_run)
         self.id = create_progress_artifact(0.0, description=f"training {name}")
         self.logged, self.updated = -100.0, 0.0  # percent last logged, time of the last artifact update
 
     def __call__(self, name: str, step: int, total: int, loss: float) -> None:
-        report_progress(name, step, total, f"loss {loss:.4f}")
+        if self.curves is not None:  # first: a terminal that sees the last step sees its curve in MLflow
+            self.curves(name, step, total, loss)
+        note = f"loss {loss:.4f}" if math.isfinite(loss) else ""  # no loss known yet (the warm start's first fits)
+        report_progress(name, step, total, note)
         pct, now = 100.0 * step / max(1, total), time.monotonic()
         if step >= total or now - self.updated >= 2.0:  # the API is not called on every step
-            update_progress_artifact(self.id, pct, description=f"{name}: step {step}/{total}, loss {loss:.4f}")
+            update_progress_artifact(self.id, pct, description=f"{name}: step {step}/{total} {note}".rstrip())
             self.updated = now
         if step >= total or pct - self.logged >= 10.0:
-            self.logger.info("%s step %d/%d loss %.4f", name, step, total, loss)
+            self.logger.info("%s step %d/%d %s", name, step, total, note)
             self.logged = pct
 
 
 @task(name="train-expert", task_run_name="train-{name}", cache_key_fn=adapter_key, persist_result=True)
-def train_expert(config: BuildConfig, name: str, clusters: dict[str, Any]) -> dict[str, Any]:
+def train_expert(
+    config: BuildConfig, name: str, clusters: dict[str, Any], live_run: str | None = None
+) -> dict[str, Any]:
     """Train (or reuse) one LoRA adapter: a cluster's expert or the multitask baseline."""
     from mole.training.experts import train_job
 
     threads = torch_threads(config, parallel=config.flow.max_workers)
     get_run_logger().info("training %s with %d torch threads", name, threads)
-    entry = train_job(config, name, progress=_ProgressArtifact(name))
+    entry = train_job(config, name, progress=_ProgressArtifact(name, config, live_run))
     # pid: which process trained it (a thread of the flow's, or a Dask/Ray worker).
     return {**entry, "pid": os.getpid(), "hash": content_hash([config.path(entry["path"])])}
 
 
 @task(name="train-experts-packed", cache_key_fn=stage_key("train-experts"), persist_result=True)
-def train_experts_packed(config: BuildConfig, clusters: dict[str, Any]) -> dict[str, Any]:
+def train_experts_packed(config: BuildConfig, clusters: dict[str, Any], live_run: str | None = None) -> dict[str, Any]:
     """Train every expert in one run over one copy of the base (``experts.mode = packed`` or ``shared = cotrained``)."""
     torch_threads(config)
-    res = stages.train_experts(config, progress=_ProgressArtifact("experts (packed)"))
+    res = stages.train_experts(config, progress=_ProgressArtifact("experts (packed)", config, live_run))
     return {**res, "hash": content_hash([workspace.experts_paths(config)["dir"]])}
 
 
@@ -108,10 +119,10 @@ def index_experts(config: BuildConfig, entries: list[dict[str, Any]]) -> dict[st
 
 
 @task(name="train-router", cache_key_fn=stage_key("train-router"), persist_result=True)
-def train_router(config: BuildConfig, experts: dict[str, Any]) -> dict[str, Any]:
+def train_router(config: BuildConfig, experts: dict[str, Any], live_run: str | None = None) -> dict[str, Any]:
     """Warm-start the routers and fine-tune routers and experts jointly."""
     torch_threads(config)
-    res = stages.train_router(config, progress=_ProgressArtifact("router"))
+    res = stages.train_router(config, progress=_ProgressArtifact("router", config, live_run))
     return {**res, "hash": content_hash([workspace.mole_paths(config)["dir"]])}
 
 
@@ -119,7 +130,7 @@ def train_router(config: BuildConfig, experts: dict[str, Any]) -> dict[str, Any]
 def evaluate(config: BuildConfig, model: dict[str, Any]) -> dict[str, Any]:
     """Evaluate every variant on the eval split."""
     torch_threads(config)
-    res = stages.evaluate(config)
+    res = stages.evaluate(config, progress=_ProgressArtifact("evaluation", config, None))
     return {**res, "hash": content_hash([res["paths"]["eval"]])}
 
 
@@ -160,7 +171,9 @@ def record_outputs(config: BuildConfig, merged: dict[str, Any]) -> dict[str, Any
 
 
 @task(name="register")
-def register(config: BuildConfig, merged: dict[str, Any], versions: dict[str, Any] | None) -> dict[str, Any]:
+def register(
+    config: BuildConfig, merged: dict[str, Any], versions: dict[str, Any] | None, live_run: str | None = None
+) -> dict[str, Any]:
     """Log the build to MLflow, register the model as challenger and promote it when it beats the champion."""
     from prefect.runtime import flow_run
 
@@ -168,7 +181,12 @@ def register(config: BuildConfig, merged: dict[str, Any], versions: dict[str, An
 
     hashes, remote = (versions or {}).get("hashes"), (versions or {}).get("remote")
     res = register_build(
-        config, flow_run_id=flow_run.id, flow_run_url=flow_run.ui_url, dvc_hashes=hashes, dvc_remote=remote
+        config,
+        flow_run_id=flow_run.id,
+        flow_run_url=flow_run.ui_url,
+        dvc_hashes=hashes,
+        dvc_remote=remote,
+        run_id=live_run,
     )
     get_run_logger().info("registered %s version %s: %s", res["model_name"], res["version"], res["reason"])
     return res

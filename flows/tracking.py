@@ -81,15 +81,29 @@ def tracking_to(uri: str) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def log_build_run(cfg: BuildConfig, client: MlflowClient, run_id: str, experiment_id: str, build: dict) -> None:
+def log_build_run(
+    cfg: BuildConfig,
+    client: MlflowClient,
+    run_id: str,
+    experiment_id: str,
+    build: dict,
+    *,
+    live_experts: dict[str, str] | None = None,
+) -> None:
     """Params (the flattened config), the registered variant's metrics, router loss curve, report files, datasets,
-    the eval rows table, one nested run per eval variant (flows.comparison) and one per expert."""
+    the eval rows table, one nested run per eval variant (flows.comparison) and one per expert.
+
+    ``live_experts`` ({adapter id: nested run id}) are expert runs whose loss curves were logged as they trained
+    (flows.live): they get the rest of their record, not their curve again; so does a router curve logged live.
+    """
+    live_experts = live_experts or {}
     mlflow.log_params(lineage.flatten(cfg.model_dump(mode="json")))
     router = mole_paths(cfg)["metrics"]
     joint = (json.loads(router.read_text(encoding="utf-8")).get("joint") or {}) if router.exists() else {}
     scalars = comparison.parent_metrics(build["report"], build["variant"])
+    router_live = bool(client.get_metric_history(run_id, "router.loss"))
     log_metric_batch(client, run_id, scalars | {"registered." + build["metric"]: build["value"]},
-                     {"router.loss": joint.get("loss", [])})  # fmt: skip
+                     {} if router_live else {"router.loss": joint.get("loss", [])})  # fmt: skip
     comparison.log_datasets(cfg)
     comparison.log_eval_table(cfg, run_id)
     comparison.log_variant_runs(client, run_id, experiment_id, build)
@@ -98,11 +112,13 @@ def log_build_run(cfg: BuildConfig, client: MlflowClient, run_id: str, experimen
         if f.exists():
             client.log_artifact(run_id, str(f), artifact_path="reports")
     for rec in lineage.expert_records(cfg):
-        tags = {"mlflow.parentRunId": run_id, "mole.expert": rec["id"], comparison.KIND_TAG: "expert"}
-        child = client.create_run(experiment_id, run_name=rec["id"], tags=tags)
-        client.log_batch(child.info.run_id, params=[Param(k, v) for k, v in rec["params"].items()])
-        log_metric_batch(client, child.info.run_id, rec["metrics"], {"loss": rec["loss"]})
-        client.set_terminated(child.info.run_id)
+        child_id = live_experts.get(rec["id"])
+        if child_id is None:
+            tags = {"mlflow.parentRunId": run_id, "mole.expert": rec["id"], comparison.KIND_TAG: "expert"}
+            child_id = client.create_run(experiment_id, run_name=rec["id"], tags=tags).info.run_id
+        client.log_batch(child_id, params=[Param(k, v) for k, v in rec["params"].items()])
+        log_metric_batch(client, child_id, rec["metrics"], {} if rec["id"] in live_experts else {"loss": rec["loss"]})
+        client.set_terminated(child_id)
 
 
 def log_metric_batch(client: MlflowClient, run_id: str, values: dict[str, float], series: dict) -> None:

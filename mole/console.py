@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -103,6 +104,11 @@ def rounded(value: Any) -> Any:
     return value
 
 
+def loss_note(loss: float) -> str:
+    """``loss 1.2346`` beside a progress bar; nothing while no loss is known (NaN)."""
+    return f"loss {loss:.4f}" if math.isfinite(loss) else ""
+
+
 class Bars:
     """A rich progress bar per training run, fed by the library's ``progress(name, step, total, loss)`` calls."""
 
@@ -118,7 +124,7 @@ class Bars:
         self.tasks: dict[str, Any] = {}
 
     def __call__(self, name: str, step: int, total: int, loss: float) -> None:
-        self.update(name, step, total, f"loss {loss:.4f}")
+        self.update(name, step, total, loss_note(loss))
 
     def update(self, name: str, step: int, total: int, note: str) -> None:
         """Advance (or add) the bar ``name``: ``step`` of ``total``, with ``note`` beside it."""

@@ -74,3 +74,18 @@ def prefect_server(home: Path, bin_dir: Path) -> Iterator[str]:
     cmd = [str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     with serve(cmd, health=f"http://127.0.0.1:{port}/api/health", env=env, log=home / "server.log"):
         yield f"http://127.0.0.1:{port}/api"
+
+
+@contextlib.contextmanager
+def mlflow_server(root: Path, bin_dir: Path) -> Iterator[str]:
+    """``mlflow server`` on a free port with a sqlite store and artifacts under ``root``; yields its URI."""
+    port = free_port()
+    root.mkdir(parents=True, exist_ok=True)
+    store = f"sqlite:///{root / 'mlflow.db'}"
+    cmd = [str(bin_dir / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--backend-store-uri", store, "--artifacts-destination", str(root / "art")]  # fmt: skip
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job-runner process for tests
+    env.pop("MLFLOW_TRACKING_URI", None)
+    uri = f"http://127.0.0.1:{port}"
+    with serve(cmd, health=f"{uri}/health", env=env, log=root / "server.log", timeout=180):
+        yield uri

@@ -9,10 +9,14 @@ with :func:`add_variant`. Models are loaded one at a time; the base stays loaded
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import gc
 import json
 import logging
+import math
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +28,7 @@ from mole.cluster.clustering import row_text
 from mole.config import BuildConfig
 from mole.data.tokenize import eval_batches
 from mole.eval.card import model_card
+from mole.eval.compute import build_time, training_compute
 from mole.eval.metrics import (
     Generate,
     ModelScorer,
@@ -45,14 +50,21 @@ from mole.eval.verdict import verdict
 from mole.io import atomic_path, read_jsonl, write_json, write_jsonl
 from mole.nn.model import MoLEModel
 from mole.routing.diagnostics import row_routing
-from mole.training.experts import SHARED_APPLIED, check_model_current, rank_per_token
-from mole.workspace import cluster_paths, eval_paths, experts_paths, load_prepared, mole_paths, stage_times
+from mole.training.experts import check_model_current
+from mole.workspace import cluster_paths, eval_paths, experts_paths, load_prepared, mole_paths
 
-__all__ = ["ModelScorer", "Scorer", "add_variant", "evaluate_variant", "normalize_answer", "run_evaluate"]
+__all__ = ["ModelScorer", "Scorer", "add_variant", "evaluate_variant", "normalize_answer", "reporting", "run_evaluate"]
 logger = logging.getLogger(__name__)
 
 
 ROWS_KEY = "per_row"  # a variant's per-row losses and completions, written to eval_rows.jsonl, not eval.json
+
+# ``progress(name, step, total, loss)`` of the evaluation running in this context (run_evaluate's), told after each
+# scoring and generation batch of every variant as ``eval <variant>``: every variant reports without each helper
+# passing it on.
+_PROGRESS: contextvars.ContextVar[Callable[[str, int, int, float], None] | None] = contextvars.ContextVar(
+    "eval_progress", default=None
+)
 
 
 def normalize_answer(text: str) -> str:
@@ -93,12 +105,20 @@ def evaluate_variant(
         raise ValueError(f"{name}: expected one cluster per row and at least one row, got {len(clusters)}/{len(rows)}")
     t0 = time.perf_counter()
     nll, tokens = torch.zeros(len(rows), dtype=torch.float64), torch.zeros(len(rows), dtype=torch.long)
+    gen_rows = rows[:generate_rows] if generate_rows else rows
+    total = len(rows) + (sum("completion" in r for r in gen_rows) if generate is not None else 0)
+    report, done = _PROGRESS.get(), 0
     for idx, batch in eval_batches(rows, scorer.tokenizer, batch_size=batch_size, max_length=max_length):
         s, n = scorer(batch, [rows[i] for i in idx])
         nll[idx], tokens[idx] = s.double().cpu(), n.long().cpu()
+        if report is not None:
+            done += len(idx)
+            report(f"eval {name}", done, total, float(nll.sum() / tokens.sum()) if tokens.sum() else math.nan)
     if not tokens.sum():
         raise ValueError(f"{name}: the {len(rows)} rows have no labelled tokens to score")
-    hits, texts = _exact_matches(rows[:generate_rows] if generate_rows else rows, generate, batch_size)
+    loss = float(nll.sum() / tokens.sum())
+    tell = None if report is None else (lambda k: report(f"eval {name}", len(rows) + k, total, loss))
+    hits, texts = _exact_matches(gen_rows, generate, batch_size, tell)
     out = {**_summary(nll, tokens, hits, range(len(rows))), "tokens": int(tokens.sum())}
     # per row (popped into eval_rows.jsonl by run_evaluate): mean NLL of its labelled tokens, greedy completion
     out[ROWS_KEY] = [{"loss": float(nll[i] / tokens[i]) if tokens[i] else None, "completion": texts.get(i)}
@@ -115,8 +135,11 @@ def evaluate_variant(
     return out
 
 
-def _exact_matches(rows: Rows, generate: Generate | None, batch_size: int) -> tuple[dict[int, bool], dict[int, str]]:
-    """Row index -> whether the greedy completion matches, and the completion, for the rows with a completion."""
+def _exact_matches(
+    rows: Rows, generate: Generate | None, batch_size: int, tell: Callable[[int], None] | None = None
+) -> tuple[dict[int, bool], dict[int, str]]:
+    """Row index -> whether the greedy completion matches, and the completion, for the rows with a completion;
+    ``tell(n)`` after each batch, ``n`` rows generated so far."""
     todo = [i for i, r in enumerate(rows) if "completion" in r] if generate is not None else []
     hits: dict[int, bool] = {}
     texts: dict[int, str] = {}
@@ -124,6 +147,8 @@ def _exact_matches(rows: Rows, generate: Generate | None, batch_size: int) -> tu
         chunk = todo[start : start + batch_size]
         for i, text in zip(chunk, generate([rows[i] for i in chunk]), strict=True):
             hits[i], texts[i] = normalize_answer(text) == normalize_answer(rows[i]["completion"]), text
+        if tell is not None:
+            tell(len(hits))
     return hits, texts
 
 
@@ -174,12 +199,19 @@ def _multitask_lora(cfg: BuildConfig, tok: Any, rows: Rows, clusters: list[int])
     return _evaluate_lm("multitask_lora", model, tok, cfg, rows, clusters)
 
 
-def run_evaluate(cfg: BuildConfig, *, extra_variants: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+def run_evaluate(
+    cfg: BuildConfig,
+    *,
+    extra_variants: dict[str, dict[str, Any]] | None = None,
+    progress: Callable[[str, int, int, float], None] | None = None,
+) -> dict[str, Any]:
     """Evaluate every variant on the eval split; write eval.json, eval.md and the plots into ``evaluate.out_dir``.
 
     Args:
         cfg: the build configuration.
         extra_variants: name -> metrics (as from :func:`evaluate_variant`) of further variants to report.
+        progress: called as ``progress("eval <variant>", rows done, rows to do, loss so far)`` after every
+            scoring and generation batch.
 
     Returns:
         The eval.json content: {"variants", "routing", "clustering", "cost"}.
@@ -188,6 +220,22 @@ def run_evaluate(cfg: BuildConfig, *, extra_variants: dict[str, dict[str, Any]] 
         FileNotFoundError: an output of an earlier stage is missing (the message names the stage to run).
     """
 
+    with reporting(progress):
+        return _run_evaluate(cfg, extra_variants)
+
+
+@contextlib.contextmanager
+def reporting(progress: Callable[[str, int, int, float], None] | None) -> Iterator[None]:
+    """Every :func:`evaluate_variant` in the block tells ``progress("eval <variant>", done, total, loss so far)``
+    after each batch: rows scored, then rows generated (``total`` counts both)."""
+    token = _PROGRESS.set(progress)
+    try:
+        yield
+    finally:
+        _PROGRESS.reset(token)
+
+
+def _run_evaluate(cfg: BuildConfig, extra_variants: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
     t0 = time.perf_counter()
     mole_dir = mole_paths(cfg)["dir"]
     check_model_current(cfg)  # made from the current experts, themselves from the current clusters
@@ -218,73 +266,6 @@ def run_evaluate(cfg: BuildConfig, *, extra_variants: dict[str, dict[str, Any]] 
     _write_plots(cfg, out_dir, report, mole["expert_ids"])
     logger.info("wrote %s, eval.md and plots", eval_paths(cfg)["eval"])
     return report
-
-
-def build_time(cfg: BuildConfig, evaluate_seconds: float) -> dict[str, Any]:
-    """Wall seconds of each stage's latest run (this evaluation's so far) and of the training steps in them.
-
-    ``training_fraction``: the share of the stages' total spent in optimizer steps of MoLE's adapters (shared,
-    experts, joint phase), as the adapters' own train_metrics record them.
-    """
-
-    stages = stage_times(cfg) | {"evaluate": round(evaluate_seconds, 3)}
-    index_path, metrics_path = experts_paths(cfg)["index"], mole_paths(cfg)["metrics"]
-    index = json.loads(index_path.read_text(encoding="utf-8")) if index_path.exists() else {}
-    joint = (json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.exists() else {}).get("joint") or {}
-    # A reused adapter trained in an earlier run: its seconds are not part of this build's stage times.
-    fresh = [e for e in [index.get("shared"), *index.get("experts", []), index.get("baseline")] if e]
-    fresh = [e for e in fresh if not e.get("reused")]
-    training = {
-        "shared": sum(e.get("seconds", 0.0) for e in fresh if e.get("kind") == "shared"),
-        "experts": sum(e.get("seconds", 0.0) for e in fresh if e.get("kind") == "expert"),
-        "joint": float(joint.get("seconds", 0.0)),
-        "multitask_lora": sum(e.get("seconds", 0.0) for e in fresh if e.get("kind") == "multitask_lora"),
-    }
-    total = round(sum(stages.values()), 3)  # the fraction uses the total eval.json shows
-    mole_training = training["shared"] + training["experts"] + training["joint"]
-    return {"stages": stages, "training": training, "total": total,
-            "training_fraction": mole_training / total if total > 0 else None}  # fmt: skip
-
-
-def training_compute(cfg: BuildConfig, variants: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Optimizer steps, training tokens and adapter rank applied per token of every variant (eval.json "training").
-
-    MoLE's count is every phase that trained its adapters: the shared LoRA, the experts and the joint phase (when it
-    trains the experts; a router-only phase adds its steps and tokens all the same). The fixed-routing variants use
-    the same adapters, so they share those counts, but apply one expert per token.
-    """
-
-    index_path = experts_paths(cfg)["index"]
-    index = json.loads(index_path.read_text(encoding="utf-8")) if index_path.exists() else {}
-    r, shared = cfg.experts.lora.r, index.get("shared")
-    residual = index.get("shared_mode") in SHARED_APPLIED
-
-    def trained(entry: dict[str, Any] | None) -> tuple[int, int]:
-        if not entry:
-            return 0, 0
-        m = cfg.path(entry["path"]) / "train_metrics.json"
-        tokens = json.loads(m.read_text(encoding="utf-8")).get("tokens", 0) if m.exists() else entry.get("tokens", 0)
-        return int(entry["steps"]), int(tokens)
-
-    each = [trained(e) for e in index.get("experts", [])]
-    if index.get("shared_mode") == "cotrained":  # one run trained them all: the shared entry holds its counts
-        parts = {"cotrained": trained(shared)}
-    else:
-        parts = {"shared": trained(shared), "experts": (sum(s for s, _ in each), sum(t for _, t in each))}
-    metrics = mole_paths(cfg)["metrics"]
-    joint = (json.loads(metrics.read_text(encoding="utf-8")).get("joint") or {}) if metrics.exists() else {}
-    parts["joint"] = (int(joint.get("steps", 0)), int(joint.get("tokens", 0)))
-    steps, tokens = sum(p[0] for p in parts.values()), sum(p[1] for p in parts.values())
-    k = len(index.get("experts", [])) or 1
-    mole = {"steps": steps, "tokens": tokens, "phases": {n: {"steps": s, "tokens": t} for n, (s, t) in parts.items()}}
-    out = {"base": {"steps": 0, "tokens": 0, "rank": 0}}
-    out["mole"] = {**mole, "rank": rank_per_token(cfg, k)}  # the same rule the baseline's rank is matched to
-    for name in ("oracle_experts", "cluster_routing"):
-        out[name] = {**mole, "rank": r * (1 + residual)}
-    if index.get("baseline"):
-        b_steps, b_tokens = trained(index["baseline"])
-        out["multitask_lora"] = {"steps": b_steps, "tokens": b_tokens, "rank": int(index["baseline"].get("r", r))}
-    return {n: v for n, v in out.items() if n in variants or n == "mole"}
 
 
 def _collect() -> None:

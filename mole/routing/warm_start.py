@@ -9,6 +9,8 @@ clusterer; ``auto`` keeps the logistic gates only when they lower held-out loss 
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -21,6 +23,7 @@ from mole.nn.spec import find_blocks
 from mole.routing.diagnostics import row_routing, token_mask
 
 logger = logging.getLogger(__name__)
+WARM = "warm-start"  # its name in progress calls
 AUTO_MARGIN = 0.01  # relative held-out loss gain the logistic warm start needs to replace the nearest-mean rule
 
 
@@ -212,6 +215,7 @@ def warm_start_gates(
     max_length: int,
     max_tokens: int,
     seed: int = 0,
+    progress: Callable[[str, int, int, float], None] | None = None,
 ) -> dict[str, Any]:
     """Warm-start every gate by ``method``: ``logistic``, ``means`` or ``auto``.
 
@@ -221,9 +225,13 @@ def warm_start_gates(
     better depends on the base: the logistic fit wins where block inputs carry the cluster per token, the nearest
     mean where only a row's average does (as in a random tiny model).
 
+    ``progress("warm-start", step, steps, held-out loss or NaN)`` is told after each fit and each scoring (two
+    steps per rule fitted, one for a fixed rule).
+
     Returns:
         {"method": the rule used, "heldout_loss": {rule: loss} (auto only), and the rule's fit details}.
     """
+    tell = progress or (lambda *_: None)
 
     def fit(rule: str, rs: list[dict[str, Any]], es: list[int]) -> dict[str, Any]:
         if rule == "logistic":
@@ -234,16 +242,22 @@ def warm_start_gates(
         return {"temperatures": warm_start(model, rs, es, batch_size=batch_size, max_length=max_length)}
 
     if method != "auto":
-        return {"method": method, **fit(method, rows, experts)}
+        tell(WARM, 0, 1, math.nan)
+        out = {"method": method, **fit(method, rows, experts)}
+        tell(WARM, 1, 1, math.nan)
+        return out
     n_val = max(1, len(rows) // 4)
     fit_rows, fit_experts = rows[n_val:], experts[n_val:]
     if len(set(fit_experts)) < model.spec.num_experts:
         logger.warning("warm start: too few rows to hold a quarter out; comparing the rules on their own rows")
         fit_rows, fit_experts = rows, experts
     losses, details, states = {}, {}, {}
-    for rule in ("means", "logistic"):
+    tell(WARM, 0, 4, math.nan)
+    for i, rule in enumerate(("means", "logistic")):
         details[rule] = fit(rule, fit_rows, fit_experts)
+        tell(WARM, 2 * i + 1, 4, math.nan)
         losses[rule] = round(eval_loss(model, rows[:n_val], batch_size=batch_size, max_length=max_length), 5)
+        tell(WARM, 2 * i + 2, 4, losses[rule])
         states[rule] = {k: v.clone() for k, v in model.routers.state_dict().items()}
     # The nearest-mean rule is the design's; the logistic fit replaces it only when the held-out rows show a gain
     # beyond the noise of a few dozen rows.

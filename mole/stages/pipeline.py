@@ -200,7 +200,7 @@ def train_router(cfg: BuildConfig, progress: Any = None) -> dict[str, Any]:
         metrics["warm_start"] = warm_start_gates(
             model, train[: r.warm_start_rows], train_experts_idx[: r.warm_start_rows], method=r.warm_start_method,
             c=r.warm_start_c, batch_size=r.batch_size, max_length=max_len, max_tokens=r.warm_start_tokens,
-            seed=cfg.seed,
+            seed=cfg.seed, progress=progress,
         )  # fmt: skip
     metrics["agreement_before_training"] = routing_agreement(
         row_routing(model, evals, batch_size=r.batch_size, max_length=max_len)[1], eval_experts_idx
@@ -227,11 +227,11 @@ def train_router(cfg: BuildConfig, progress: Any = None) -> dict[str, Any]:
 
 
 @_timed("evaluate")
-def evaluate(cfg: BuildConfig) -> dict[str, Any]:
+def evaluate(cfg: BuildConfig, progress: Any = None) -> dict[str, Any]:
     """Evaluate every variant on the eval split: reports/eval.json, eval.md and the PNGs."""
     begin(cfg)
 
-    report = run_evaluate(cfg)
+    report = run_evaluate(cfg, progress=progress)
     return {**report, "paths": {k: str(eval_paths(cfg)[k]) for k in ("eval", "markdown")}}
 
 

@@ -46,7 +46,7 @@ class Stage:
     done: Callable[[BuildConfig], list[Path]] = field(default=lambda cfg: [])  # files that mark it finished
     # Params DVC alone needs: a change there must re-run this stage (see train-router's note). Not a cache key.
     dvc_params: tuple[str, ...] = ()
-    progress: bool = False  # it takes a ``progress(name, step, total, loss)`` callback (training stages)
+    progress: bool = False  # it takes a ``progress(name, step, total, loss)`` callback (training and evaluation)
 
     @property
     def run(self) -> Callable[..., dict[str, Any]]:
@@ -116,7 +116,7 @@ STAGES: dict[str, Stage] = {
                      Output("${evaluate.out_dir}/routing_heatmap.png", "plots"),
                      Output("${evaluate.out_dir}/eval_rows.jsonl"),
                      Output("${evaluate.out_dir}/curves", "plots", props=(("x", "step"), ("y", "loss")))),
-            done=lambda cfg: [eval_paths(cfg)["eval"]],
+            done=lambda cfg: [eval_paths(cfg)["eval"]], progress=True,
         ),
         Stage(
             "merge-prune", "merge_prune",

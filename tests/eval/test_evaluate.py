@@ -14,7 +14,14 @@ import torch
 
 from mole import stages, workspace
 from mole.config import BuildConfig, load_config
-from mole.eval.evaluate import ModelScorer, add_variant, evaluate_variant, normalize_answer, run_evaluate
+from mole.eval.evaluate import (
+    ModelScorer,
+    add_variant,
+    evaluate_variant,
+    normalize_answer,
+    reporting,
+    run_evaluate,
+)
 from mole.io import read_jsonl
 
 VARIANTS = ("base", "multitask_lora", "oracle_experts", "cluster_routing", "mole")
@@ -257,3 +264,12 @@ def test_evaluate_variant_matches_a_hand_computation() -> None:
     assert [r["completion"] for r in got["per_row"]] == [None, "4.\nx"]  # only rows with an answer are generated
     no_gen = evaluate_variant("hand", ModelScorer(model, tok), rows[:1], [0], batch_size=2, max_length=64)
     assert no_gen["exact_match"] is None
+
+    # progress: after each scoring batch (rows done, running loss), then after each generation batch
+    calls: list[tuple] = []
+    with reporting(lambda *a: calls.append(a)):
+        evaluate_variant("hand", ModelScorer(model, tok), rows, [0, 1], batch_size=1, max_length=64,
+                         generate=lambda rs: ["4"])  # fmt: skip
+    evaluate_variant("hand", ModelScorer(model, tok), rows, [0, 1], batch_size=1, max_length=64)  # outside: no calls
+    assert [c[:3] for c in calls] == [("eval hand", 1, 3), ("eval hand", 2, 3), ("eval hand", 3, 3)]
+    assert [c[3] for c in calls] == pytest.approx([nll[0] / count[0], *[sum(nll) / sum(count)] * 2], rel=1e-5)

@@ -23,7 +23,11 @@ def test_auto_keeps_a_rule_by_its_held_out_loss_and_the_model_carries_it(
 ) -> None:
     monkeypatch.setattr(warm_start, "AUTO_MARGIN", margin)
     model = make_mole()
-    out = warm_start_gates(model, ROWS, EXPERTS, method="auto", c=0.01, batch_size=4, max_length=32, max_tokens=4096)
+    calls: list[tuple] = []
+    out = warm_start_gates(model, ROWS, EXPERTS, method="auto", c=0.01, batch_size=4, max_length=32, max_tokens=4096,
+                           progress=lambda *a: calls.append(a))  # fmt: skip
+    assert [c[:3] for c in calls] == [("warm-start", i, 4) for i in range(5)]  # a step per fit and per scoring
+    assert [c[3] for c in calls[2::2]] == [out["heldout_loss"]["means"], out["heldout_loss"]["logistic"]]
     assert out["method"] == kept and set(out["heldout_loss"]) == {"means", "logistic"}
     assert len(out[detail]) == model.base.config.num_hidden_layers  # the kept rule's per-block fit details
     held_out = eval_loss(model, ROWS[: len(ROWS) // 4], batch_size=4, max_length=32)
