@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 
 from flows import comparison, lineage
-from flows.tracking import run_name, wait_for_server
+from flows.tracking import experiment_id, run_name, wait_for_server
 from mole.config import BuildConfig
 from mole.routing.warm_start import WARM
 from mole.training.lora import SHARED_ID
@@ -42,8 +42,7 @@ def start_run(cfg: BuildConfig, *, flow_run_id: str | None = None) -> str | None
     try:
         wait_for_server(uri, attempts=1)
         client = MlflowClient(uri)
-        experiment = client.get_experiment_by_name(cfg.tracking.experiment)
-        exp_id = experiment.experiment_id if experiment else client.create_experiment(cfg.tracking.experiment)
+        exp_id = experiment_id(client, cfg.tracking.experiment)
         tags = {LIVE_TAG: "true", "mole.flow_run_id": flow_run_id or "none"}
         return client.create_run(exp_id, run_name=run_name(cfg), tags=tags).info.run_id
     except Exception as exc:  # noqa: BLE001 - the build goes on without live curves

@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 from flows import comparison, lineage, live
 from flows.packaging import load_pyfunc, log_model
 from flows.promotion import Decision, decide
-from flows.tracking import lineage_tags, log_build_run, run_name, tracking_to, wait_for_server
+from flows.tracking import experiment_id, lineage_tags, log_build_run, run_name, tracking_to, wait_for_server
 from mole.config import BuildConfig
 from mole.eval.card import model_card
 from mole.eval.evaluate import eval_inputs, evaluate_variant, variant_kwargs
@@ -147,7 +147,7 @@ def _log_and_register(
 
     A failure marks the run FAILED and deletes a version created on the way, so the registry gains nothing.
     """
-    experiment = mlflow.set_experiment(cfg.tracking.experiment)
+    experiment = mlflow.set_experiment(experiment_id=experiment_id(client, cfg.tracking.experiment))
     flow_run_id, flow_run_url = links["flow_run_id"], comparison.valid_url(links["flow_run_url"])
     tags = lineage_tags(cfg, build, flow_run_id, flow_run_url)
     commit = None if tags["mole.git_commit"] == "none" else tags["mole.git_commit"]

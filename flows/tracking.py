@@ -81,6 +81,19 @@ def tracking_to(uri: str) -> Iterator[None]:
                 os.environ[key] = value
 
 
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"  # the UI opens on training runs, not GenAI
+
+
+def experiment_id(client: MlflowClient, name: str) -> str:
+    """The id of experiment ``name``, made when missing; tagged as model training so the MLflow UI opens it on its
+    training runs (an experiment's kind the user set is left as it is)."""
+    experiment = client.get_experiment_by_name(name)
+    exp_id = experiment.experiment_id if experiment else client.create_experiment(name)
+    if experiment is None or KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(exp_id, KIND_TAG, KIND)
+    return exp_id
+
+
 def log_build_run(
     cfg: BuildConfig,
     client: MlflowClient,

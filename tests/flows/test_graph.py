@@ -103,7 +103,8 @@ def _mlflow_view(uri: str) -> dict[str, Any]:
     history = {k.data.tags["mole.expert"]: [m.step for m in client.get_metric_history(k.info.run_id, "loss")]
                for k in experts}  # fmt: skip
     runs = client.search_runs([run.info.experiment_id])  # active (not deleted) runs
-    return {"run": run, "experts": experts, "history": history, "all_runs": runs,
+    kind = client.get_experiment(run.info.experiment_id).tags.get("mlflow.experimentKind")
+    return {"run": run, "kind": kind, "experts": experts, "history": history, "all_runs": runs,
             "router": [m.step for m in client.get_metric_history(run.info.run_id, "router.loss")]}  # fmt: skip
 
 
@@ -160,6 +161,7 @@ def test_the_registered_run_is_the_live_one_and_no_curve_is_logged_twice(graph: 
     run = view["run"]
     assert run.data.tags.get("mole.live") == "true" and run.info.status == "FINISHED", run.info
     assert run.data.tags.get("mole.flow_run_id") == str(graph["run"].id)
+    assert view["kind"] == "custom_model_development"  # the UI opens the experiment on its training runs
     names = [k.data.tags["mole.expert"] for k in view["experts"]]
     assert sorted(names) == sorted(n for n in seen if n != "joint"), names  # one nested run per adapter
     for name, steps in view["history"].items():
