@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -62,4 +63,29 @@ def test_demo_build_end_to_end(tmp_path: Path) -> None:
     completion = json.loads(out.stdout)[0]["completion"]
     print(f"README predict example: {completion!r}")
     assert completion.strip()
+    # The same prompt through `mlflow models serve` of the version the build registered (workspace's sqlite store)
+    served_completion = _serve_and_ask(tmp_path, env, "Unit conversion: 25000 m equals how many km?")
+    print(f"mlflow models serve: {served_completion!r}")
+    assert served_completion.strip() and served_completion == completion
     print((tmp_path / "reports/eval.md").read_text())
+
+
+def _serve_and_ask(ws: Path, env: dict[str, str], prompt: str) -> str:
+    """Serve version 1 of the build's registered model with `mlflow models serve` and POST ``prompt`` to it."""
+    from tests.servers import free_port, serve
+
+    port, bin_dir = free_port(), Path(sys.executable).parent
+    uri = f"sqlite:///{ws / 'mlflow.db'}"
+    cmd = [str(bin_dir / "mlflow"), "models", "serve", "-m", "models:/mole/1", "--env-manager", "local",
+           "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    # the scoring server is `uvicorn` from the environment's bin: on PATH, as in an activated venv
+    env = env | {"MLFLOW_TRACKING_URI": uri, "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"}
+    with serve(cmd, health=f"http://127.0.0.1:{port}/ping", env=env, log=ws / "serve.log", timeout=300):
+        from mole.config import load_config
+
+        tokens = load_config(None, preset="demo").evaluate.max_new_tokens  # what `mole predict` uses by default
+        body = json.dumps({"dataframe_records": [{"prompt": prompt}], "params": {"max_new_tokens": tokens}}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(req, timeout=300) as resp:
+            return json.loads(resp.read())["predictions"][0]
