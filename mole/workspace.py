@@ -100,6 +100,7 @@ def cluster_paths(cfg: BuildConfig) -> dict[str, Path]:
         "eval_assignments": out / "eval_assignments.jsonl",
         "centroids": out / "centroids.npy",
         "report": out / "report.json",
+        "map": out / "map_2d.npz",  # the rows and centroids on their first two principal components
     }
 
 

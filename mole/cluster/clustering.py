@@ -256,6 +256,9 @@ class Clusterer:
         return cls(embedder=load_embedder(directory, trust_remote_code=trust_remote_code), centroids=centroids)
 
 
+MAP_KEY = "map_2d"  # fit_clusters' report: the 2-D map of rows and centroids (the stage writes it beside report.json)
+
+
 def fit_clusters(
     rows: list[dict[str, Any]],
     embedder: Embedder,
@@ -277,7 +280,8 @@ def fit_clusters(
     """Embed rows, pick k (or use the fixed one), fit k-means, optionally refine, and describe the result.
 
     Returns:
-        (clusterer, labels of the rows, report dict as written to report.json).
+        (clusterer, labels of the rows, report dict as written to report.json, plus ``MAP_KEY``: the rows and
+        centroids in 2-D, from :func:`project_2d`).
     """
     if k is not None and k > len(rows):
         raise ValueError(f"cluster.k={k} is larger than the number of training rows ({len(rows)})")
@@ -307,7 +311,21 @@ def fit_clusters(
     report = describe(x, labels, k, rows, texts, tried, seed=seed, sample=sample)
     report.update(embedder=embedder.name, balanced=balanced, k_auto=bool(tried), refined_rows=refined)
     report["k_rule"] = k_rule if tried else "fixed"
+    report[MAP_KEY] = project_2d(x, centroids, seed=seed)
     return Clusterer(embedder=embedder, centroids=centroids), labels, report
+
+
+def project_2d(x: np.ndarray, centroids: np.ndarray, *, seed: int) -> dict[str, np.ndarray]:
+    """The rows' embeddings and the centroids on the rows' first two principal components, for a map of the
+    clusters: {"points": (N, 2), "centers": (k, 2)} (zeros where the embeddings vary in fewer dimensions)."""
+    from sklearn.decomposition import PCA
+
+    n = min(2, x.shape[0], x.shape[1])
+    points, centers = np.zeros((len(x), 2), np.float32), np.zeros((len(centroids), 2), np.float32)
+    if n > 0 and len(x) > 1:
+        pca = PCA(n_components=n, random_state=seed).fit(x)
+        points[:, :n], centers[:, :n] = pca.transform(x), pca.transform(centroids)
+    return {"points": points, "centers": centers}
 
 
 def describe(

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -44,7 +45,7 @@ from mole.eval.metrics import (
     routing_stats,
     true_groups,
 )
-from mole.eval.plots import loss_curves, per_cluster_loss, routing_heatmap
+from mole.eval.plots import cluster_map, loss_curves, per_cluster_loss, routing_heatmap, variant_bars
 from mole.eval.tables import write_curves, write_tables
 from mole.eval.verdict import verdict
 from mole.io import atomic_path, read_jsonl, write_json, write_jsonl
@@ -335,7 +336,8 @@ def write_report(path: str | Path, report: dict[str, Any]) -> Path:
 def add_variant(
     path: str | Path, name: str, metrics: dict[str, Any], *, training: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Add (or replace) one variant in an existing eval.json; rewrite it, eval.md and per_cluster_loss.png.
+    """Add (or replace) one variant in an existing eval.json; rewrite it, eval.md, per_cluster_loss.png and
+    variants.png.
 
     Args:
         path: the eval.json written by :func:`run_evaluate`.
@@ -356,6 +358,7 @@ def add_variant(
         report.setdefault("training", {})[name] = training
     write_report(path, report)
     per_cluster_loss(report["variants"], path.parent / "per_cluster_loss.png")
+    variant_bars(report["variants"], path.parent / "variants.png")
     return report
 
 
@@ -374,4 +377,19 @@ def _write_plots(cfg: BuildConfig, out_dir: Path, report: dict[str, Any], expert
     loss_curves(curves, joint["loss"] if joint else None, out_dir / "loss_curves.png")
     write_curves(curves, joint["loss"] if joint else None, out_dir)
     per_cluster_loss(report["variants"], out_dir / "per_cluster_loss.png")
+    variant_bars(report["variants"], out_dir / "variants.png")
+    _cluster_map(cfg, out_dir / "cluster_map.png")
     routing_heatmap(report["routing"]["utilization_per_layer"], expert_ids, out_dir / "routing_heatmap.png")
+
+
+def _cluster_map(cfg: BuildConfig, path: Path) -> None:
+    """The 2-D map of the training rows by cluster (and domain), from the cluster stage's projection."""
+    paths = cluster_paths(cfg)
+    if not paths["map"].exists():  # clusters made before the map was written: no map
+        logger.info("no %s: the cluster map is drawn after the next cluster run", paths["map"])
+        return
+    assigned = read_jsonl(paths["assignments"])
+    with np.load(paths["map"]) as m:
+        points, centers = m["points"], m["centers"]
+    domains = [a["domain"] for a in assigned] if all("domain" in a for a in assigned) else None
+    cluster_map(points, [int(a["cluster"]) for a in assigned], path, domains=domains, centers=centers)

@@ -231,7 +231,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         cells = [_fmt(variants[n]["per_cluster"].get(c, {}).get("loss")) for n in names]
         lines.append(f"| {c} | {rows} | " + " | ".join(cells) + " |")
     lines += [""] + _summary_lines(report)
-    lines += ["", "![loss curves](loss_curves.png)", "![per-cluster loss](per_cluster_loss.png)"]
+    lines += ["", "![variants](variants.png)", "![loss curves](loss_curves.png)",
+              "![per-cluster loss](per_cluster_loss.png)", "![clusters](cluster_map.png)"]  # fmt: skip
     lines.append("![routing heatmap](routing_heatmap.png)")
     return "\n".join(lines) + "\n"
 

@@ -120,3 +120,95 @@ def routing_heatmap(util_per_layer: list[list[float]], expert_ids: list[str], pa
         for (b, e), u in np.ndenumerate(util):
             ax.text(e, b, f"{u:.2f}", ha="center", va="center", fontsize=7, color="black" if u > mid else "white")
     return _save(fig, path)
+
+
+def cluster_map(
+    points: Any, clusters: list[int], path: str | Path, *, domains: list[str] | None = None, centers: Any = None
+) -> Path:
+    """The training rows' embeddings in 2-D (their first two principal components), coloured by cluster, and in a
+    second panel by the data's ``domain`` when the rows have one (so a user sees whether clusters are domains).
+
+    Args:
+        points: (N, 2) coordinates of the rows.
+        clusters: each row's cluster.
+        path: where to write the PNG.
+        domains: each row's domain, or None.
+        centers: (k, 2) coordinates of the cluster centroids, marked and labelled; or None.
+
+    Returns:
+        ``path``.
+    """
+    import numpy as np
+
+    xy = np.asarray(points, dtype=float)
+    if xy.ndim != 2 or xy.shape != (len(clusters), 2):
+        raise ValueError(f"cluster_map: expected ({len(clusters)}, 2) points, got shape {xy.shape}")
+    panels = [("cluster", [f"cluster {c}" for c in clusters])] + ([("domain", domains)] if domains else [])
+    fig = _figure(5.5 * len(panels), 4.8)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (title, labels) in zip(axes, panels, strict=True):
+        names = sorted(set(labels), key=lambda s: (len(s), s))
+        cmap = _colours(len(names))
+        for i, name in enumerate(names):
+            mask = np.array([label == name for label in labels])
+            ax.scatter(xy[mask, 0], xy[mask, 1], s=9, alpha=0.7, color=cmap[i], label=f"{name} ({int(mask.sum())})")
+        if centers is not None and title == "cluster":
+            c = np.asarray(centers, dtype=float)
+            ax.scatter(c[:, 0], c[:, 1], marker="X", s=90, color="black", label="centroid")
+            for j, (cx, cy) in enumerate(c):
+                ax.annotate(str(j), (cx, cy), textcoords="offset points", xytext=(5, 5), fontsize="small")
+        ax.set(title=f"Training rows by {title}", xlabel="PC 1", ylabel="PC 2")
+        ax.legend(fontsize="x-small", markerscale=1.5, loc="best")
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def variant_bars(variants: dict[str, dict[str, Any]], path: str | Path, *, baseline: str = "multitask_lora") -> Path:
+    """Every variant's eval loss and exact match side by side (two panels; one when no variant has exact match),
+    the baseline's value as a dashed line.
+
+    Args:
+        variants: name -> metrics with ``loss`` and ``exact_match`` (None when not generated), as in eval.json.
+        path: where to write the PNG.
+        baseline: the variant drawn as the reference line.
+
+    Returns:
+        ``path``.
+    """
+    names = list(variants)
+    panels = [("loss", "eval loss (lower is better)")]
+    if any(v.get("exact_match") is not None for v in variants.values()):  # text-only data has no answers to match
+        panels.append(("exact_match", "exact match"))
+    fig = _figure(max(4.0, 0.65 * len(names) + 1.5) * len(panels), 4.2)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    cmap = _colours(len(names))
+    for ax, (key, label) in zip(axes, panels, strict=True):
+        values = [variants[n].get(key) for n in names]
+        shown = [float("nan") if v is None else float(v) for v in values]
+        bars = ax.bar(range(len(names)), shown, color=cmap)
+        for bar, v in zip(bars, values, strict=True):
+            text = "n/a" if v is None else (f"{v:.4f}" if key == "loss" else f"{v:.3f}")
+            ax.annotate(text, (bar.get_x() + bar.get_width() / 2, 0 if v is None else v), ha="center",
+                        va="bottom", fontsize="small", textcoords="offset points", xytext=(0, 2))  # fmt: skip
+        ref = variants.get(baseline, {}).get(key)
+        if ref is not None:
+            ax.axhline(float(ref), linestyle="--", color="black", linewidth=1, label=f"{baseline} {ref:.4g}")
+            ax.legend(fontsize="small", loc="upper right")
+        known = [v for v in shown if v == v]
+        if key == "loss" and known:  # variants differ by a few percent: zoom, as per_cluster_loss does
+            lo, hi = min(known), max(known)
+            pad = 0.15 * (hi - lo) + 1e-3
+            ax.set_ylim(max(0.0, lo - 2 * pad), hi + 3 * pad)  # room for the values and the legend
+        elif key == "exact_match":
+            ax.set_ylim(0, 1.05)
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+        ax.set(title=label, ylabel=key + (" (axis not from 0)" if key == "loss" else ""))
+        ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def _colours(n: int) -> list[Any]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]

@@ -15,8 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from mole.base import load_configured_base
-from mole.cluster.clustering import fit_clusters, row_text
+from mole.cluster.clustering import MAP_KEY, fit_clusters, row_text
 from mole.cluster.embed import make_embedder
 from mole.config import BuildConfig
 from mole.data.prepare import prepare_dataset
@@ -124,8 +126,10 @@ def cluster(cfg: BuildConfig) -> dict[str, Any]:
     eval_labels = clusterer.assign([row_text(r) for r in evals])
     report["eval_sizes"] = [int((eval_labels == i).sum()) for i in range(clusterer.k)]
     paths = cluster_paths(cfg)
+    projection = report.pop(MAP_KEY)
     with atomic_dir(paths["dir"]) as tmp:
         clusterer.save(tmp)
+        np.savez(tmp / paths["map"].name, **projection)
         write_jsonl(tmp / "assignments.jsonl", _assignments(train, labels))
         write_jsonl(tmp / "eval_assignments.jsonl", _assignments(evals, eval_labels))
         write_json(tmp / "report.json", report)

@@ -114,6 +114,7 @@ STAGES: dict[str, Stage] = {
                     "${router.out_dir}/train_metrics.json"),
             outputs=(Output("${evaluate.out_dir}/loss_curves.png", "plots"),
                      Output("${evaluate.out_dir}/routing_heatmap.png", "plots"),
+                     Output("${evaluate.out_dir}/cluster_map.png", "plots"),
                      Output("${evaluate.out_dir}/eval_rows.jsonl"),
                      Output("${evaluate.out_dir}/curves", "plots", props=(("x", "step"), ("y", "loss")))),
             done=lambda cfg: [eval_paths(cfg)["eval"]], progress=True,
@@ -133,7 +134,8 @@ STAGES: dict[str, Stage] = {
                 Output("${evaluate.out_dir}/variants.csv", "plots", persist=True,
                        props=(("x", "variant"), ("y", "loss"), ("template", "bar_horizontal"))),
                 Output("${evaluate.out_dir}/merge_prune.json", "metrics"),
-                Output("${evaluate.out_dir}/per_cluster_loss.png", "plots", persist=True),
+                *(Output(f"${{evaluate.out_dir}}/{f}", "plots", persist=True)
+                  for f in ("per_cluster_loss.png", "variants.png")),
             ),
             done=lambda cfg: [eval_paths(cfg)["merge_prune"]],
         ),

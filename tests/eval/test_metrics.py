@@ -182,7 +182,8 @@ def test_render_markdown_tables_and_rounding() -> None:
         "- build time (latest run of each stage): prepare 1.3 s, train-experts 30.0 s (total 31.3 s; 82% of it in "
         "training steps of the mixture's adapters; experts 25.6 s)"
     ) in lines
-    assert lines[-3:] == ["![loss curves](loss_curves.png)", "![per-cluster loss](per_cluster_loss.png)",
+    assert lines[-5:] == ["![variants](variants.png)", "![loss curves](loss_curves.png)",
+                          "![per-cluster loss](per_cluster_loss.png)", "![clusters](cluster_map.png)",
                           "![routing heatmap](routing_heatmap.png)"]  # fmt: skip
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mole.eval.plots import loss_curves, per_cluster_loss, routing_heatmap
+from mole.cluster.clustering import project_2d
+from mole.eval.plots import cluster_map, loss_curves, per_cluster_loss, routing_heatmap, variant_bars
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 DPI = 110
@@ -76,3 +77,35 @@ def test_routing_heatmap_refuses_a_shape_that_does_not_match_the_experts(tmp_pat
     with pytest.raises(ValueError, match=r"expected \(L, 2\) utilization, got shape \(2, 3\)"):
         routing_heatmap([[0.5, 0.25, 0.25]] * 2, ["a", "b"], tmp_path / "h.png")
     assert not any(tmp_path.iterdir())
+
+
+def test_cluster_map_has_a_domain_panel_only_when_rows_have_domains(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(c, 0.1, size=(20, 5)) for c in (0.0, 3.0)])  # two blobs in 5-D
+    centroids = np.stack([x[:20].mean(0), x[20:].mean(0)])
+    proj = project_2d(x, centroids, seed=0)
+    assert proj["points"].shape == (40, 2) and proj["centers"].shape == (2, 2)
+    # the blobs lie apart along PC 1, and each centroid lands on its blob's mean there
+    assert abs(proj["points"][:20, 0].mean() - proj["points"][20:, 0].mean()) > 4
+    assert proj["centers"][:, 0] == pytest.approx([proj["points"][:20, 0].mean(), proj["points"][20:, 0].mean()])
+    labels = [0] * 20 + [1] * 20
+    one = cluster_map(proj["points"], labels, tmp_path / "one.png", centers=proj["centers"])
+    assert _png_size(one) == (round(5.5 * DPI), round(4.8 * DPI))
+    two = cluster_map(proj["points"], labels, tmp_path / "two.png", domains=["bible"] * 25 + ["man"] * 15)
+    assert _png_size(two) == (11 * DPI, round(4.8 * DPI))  # a second panel: by domain
+    assert _pixels(two).std() > 0.05
+    with pytest.raises(ValueError, match=r"expected \(3, 2\) points"):
+        cluster_map(proj["points"], [0, 1, 0], tmp_path / "bad.png")
+    assert project_2d(x[:1], centroids[:1], seed=0)["points"].tolist() == [[0.0, 0.0]]  # one row: no spread
+
+
+def test_variant_bars(tmp_path: Path) -> None:
+    variants = {"base": {"loss": 3.0, "exact_match": 0.1}, "multitask_lora": {"loss": 2.4, "exact_match": 0.5},
+                "mole": {"loss": 2.3, "exact_match": None}}  # fmt: skip
+    out = variant_bars(variants, tmp_path / "variants.png")
+    # per panel max(4, 0.65 * variants + 1.5) inches wide, height 4.2
+    assert _png_size(out) == (8 * DPI, round(4.2 * DPI))
+    assert _pixels(out).std() > 0.05
+    _only(tmp_path, "variants.png")
+    text_only = {n: {**v, "exact_match": None} for n, v in variants.items()}  # no answers anywhere: loss panel only
+    assert _png_size(variant_bars(text_only, tmp_path / "t.png")) == (4 * DPI, round(4.2 * DPI))
