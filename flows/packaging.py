@@ -64,6 +64,7 @@ def signature(cfg: BuildConfig) -> ModelSignature:
         ParamSpec("max_new_tokens", "long", cfg.evaluate.max_new_tokens),
         ParamSpec("temperature", "double", 0.0),
         ParamSpec("raw", "boolean", False),
+        ParamSpec("return_routing", "boolean", False),  # each row: completion + per-token routing (mole explain)
     ])  # fmt: skip
     return ModelSignature(Schema([ColSpec("string", "prompt")]), Schema([ColSpec("string")]), params=params)
 
@@ -120,10 +121,28 @@ def predict(
         raw: send the prompts as they are, without the training prompts' ending.
     """
     params = {"max_new_tokens": max_new_tokens, "temperature": temperature, "raw": raw}
-    if "://" in model or model.startswith(("models:/", "runs:/")) or (Path(model) / "MLmodel").exists():
+    if _is_mlflow_model(model):
         with tracking_to(uri or mlflow.get_tracking_uri()):
             loaded = load_pyfunc(model, trust_remote_code=trust_remote_code)
             return list(loaded.predict(pd.DataFrame({"prompt": prompts}), params=params))
+    _check_dir(model)
+    return load_mole(model, trust_remote_code=trust_remote_code).generate_text(prompts, **generation_kwargs(params))
+
+
+def load_model(model: str, *, uri: str | None = None, trust_remote_code: bool = False) -> Any:
+    """The ``MoLEModel`` behind ``model``, resolved as :func:`predict` resolves it (a registered model is loaded
+    through its pyfunc, on the base bundled with it)."""
+    if _is_mlflow_model(model):
+        with tracking_to(uri or mlflow.get_tracking_uri()):
+            return load_pyfunc(model, trust_remote_code=trust_remote_code).unwrap_python_model().model
+    _check_dir(model)
+    return load_mole(model, trust_remote_code=trust_remote_code)
+
+
+def _is_mlflow_model(model: str) -> bool:
+    return "://" in model or model.startswith(("models:/", "runs:/")) or (Path(model) / "MLmodel").exists()
+
+
+def _check_dir(model: str) -> None:
     if not Path(model).is_dir():
         raise FileNotFoundError(f"--model {model!r}: expected models:/<name>@<alias>, or a model directory")
-    return load_mole(model, trust_remote_code=trust_remote_code).generate_text(prompts, **generation_kwargs(params))

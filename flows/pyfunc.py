@@ -99,7 +99,9 @@ def generation_kwargs(params: dict[str, Any] | None) -> dict[str, Any]:
 class MoLEPyfunc(PythonModel):
     """pyfunc wrapper: ``predict(DataFrame[prompt], params={max_new_tokens, temperature, raw}) -> list[str]``.
 
-    Prompts get the training prompts' ending (e.g. "\nAnswer:") unless ``raw`` is true.
+    Prompts get the training prompts' ending (e.g. "\nAnswer:") unless ``raw`` is true. With ``return_routing``
+    true, each row's answer is instead a dict: its completion and the routing of every token of prompt and
+    completion (``mole.routing.explain.Explanation.to_dict``: tokens, experts, per-token weights per expert).
     """
 
     def load_context(self, context: Any) -> None:
@@ -112,9 +114,15 @@ class MoLEPyfunc(PythonModel):
         allow = bool((getattr(context, "model_config", None) or {}).get("trust_remote_code", False))
         self.model = load_mole(artifacts[MOLE_ARTIFACT], artifacts.get(BASE_ARTIFACT), trust_remote_code=allow)
 
-    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[str]:
-        """One completion per prompt, in order."""
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> list[str] | list[dict[str, Any]]:
+        """One completion per prompt, in order (with ``return_routing``: one dict per prompt, see the class)."""
         prompts, kwargs = prompts_of(model_input), generation_kwargs(params)
+        if bool((params or {}).get("return_routing", False)):
+            from mole.routing.explain import explain  # the bundled mole, importable once the model has loaded
+
+            return [e.to_dict() for e in explain(self.model, prompts, **kwargs)]
         out: list[str] = []
         for start in range(0, len(prompts), PREDICT_BATCH):
             out += self.model.generate_text(prompts[start : start + PREDICT_BATCH], **kwargs)

@@ -6,7 +6,6 @@ configuration is validated before any work starts.
 
 from __future__ import annotations
 
-import enum
 import json
 import os
 import sys
@@ -18,8 +17,28 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from mole.config import BuildConfig, ConfigError, config_sources, load_config
-from mole.console import console, error, log_bars, out, run_stage, run_with_bars, setup_logging, show_result, summary
+from mole.audit import explain
+from mole.config import config_sources
+from mole.console import (
+    ConfigOpt,
+    ModelOpt,
+    Preset,
+    PresetOpt,
+    RawOpt,
+    SetOpt,
+    TrustOpt,
+    VerboseOpt,
+    config_or_exit,
+    console,
+    error,
+    log_bars,
+    out,
+    run_stage,
+    run_with_bars,
+    setup_logging,
+    show_result,
+    summary,
+)
 from mole.io import write_text_atomic
 from mole.stages.registry import STAGES, Stage, dvc_yaml
 
@@ -31,17 +50,6 @@ app = typer.Typer(
     add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
 )
 
-ConfigOpt = Annotated[Path, typer.Option("--config", "-c", metavar="FILE", help="params.yaml to read.")]
-# The presets shipped in mole/presets/, offered as the choices of --preset.
-Preset = enum.Enum("Preset", {p.stem: p.stem for p in sorted((Path(__file__).parent / "presets").glob("*.yaml"))},
-                   type=str)  # fmt: skip
-PresetOpt = Annotated[Preset | None, typer.Option("--preset", "-p", help="Preset applied over the config.")]
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option("--set", "-s", metavar="KEY=VALUE", help="Override one value, e.g. --set cluster.k=4 (repeatable)."),
-]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging of mole (not other libraries).")]
-
 # One usage example per command, shown at the end of its --help (a stage's, when not here: on the tiny preset).
 EXAMPLES = {
     "dvc-yaml": "mole dvc-yaml --check",
@@ -50,6 +58,7 @@ EXAMPLES = {
     "deploy": 'mole deploy --cron "0 3 * * 1"',
     "register": "mole register",
     "predict": 'mole predict -m models:/mole@champion --prompt "Unit conversion: 25000 m equals how many km?"',
+    "explain": 'mole explain -m artifacts/mole --prompt "Reverse the word: drawer" --out routing.html',
     "bench": "mole bench --cases forward,generate",
     "show-config": "mole show-config --preset tiny --set cluster.k=3 --sources",
 }
@@ -76,15 +85,6 @@ def _main(
     """Build Mixture-of-LoRA-Experts language models from domain data and one base causal LM."""
 
 
-def _config(config: Path, preset: Preset | str | None, overrides: list[str] | None) -> BuildConfig:
-    try:
-        name = preset.value if isinstance(preset, Preset) else preset
-        return load_config(config, preset=name, overrides=overrides or [])
-    except ConfigError as exc:
-        error("config error:", exc)
-        raise typer.Exit(2) from None
-
-
 def _stage_command(stage: Stage) -> Callable[..., None]:
     """The sub-command of one registered stage: load the config, run the stage (with bars if it trains), show."""
 
@@ -95,7 +95,7 @@ def _stage_command(stage: Stage) -> Callable[..., None]:
         verbose: VerboseOpt = False,
     ) -> None:
         setup_logging(verbose)
-        cfg = _config(config, preset, set_)
+        cfg = config_or_exit(config, preset, set_)
         show_result(stage.name, (run_with_bars if stage.progress else run_stage)(stage.name, stage.run, cfg))
 
     command.__name__ = stage.name.replace("-", "_")
@@ -131,7 +131,7 @@ def fetch_base(
     from mole.base import describe_base, load_base
 
     setup_logging(verbose)
-    cfg = _config(config, preset, set_)
+    cfg = config_or_exit(config, preset, set_)
     bm = cfg.base_model
     run_stage(
         "fetch base model",
@@ -155,7 +155,7 @@ def build(
 ) -> None:
     """Run the whole build as the Prefect flow `build-mole` (on a temporary server unless PREFECT_API_URL is set)."""
     setup_logging(verbose)
-    cfg = _config(config, preset, set_)
+    cfg = config_or_exit(config, preset, set_)
     _prefect_env()
     from flows.build import build_mole
 
@@ -188,7 +188,7 @@ def trigger(
 ) -> None:
     """Start a run of a registered deployment now, with this config, on its work pool (needs PREFECT_API_URL)."""
     setup_logging(verbose)
-    cfg = _config(config, preset, set_)
+    cfg = config_or_exit(config, preset, set_)
     if not os.environ.get("PREFECT_API_URL"):
         console.print("[bold red]error:[/] PREFECT_API_URL is not set: a deployment lives on a Prefect server")
         raise typer.Exit(2)
@@ -234,7 +234,7 @@ def deploy(
 ) -> None:
     """Deploy the scheduled retraining with this config: served from this process, or registered on a work pool."""
     setup_logging(verbose)
-    cfg = _config(config, preset, set_)
+    cfg = config_or_exit(config, preset, set_)
     _prefect_env()
     from flows.build import build_mole
 
@@ -264,7 +264,7 @@ def register(
 ) -> None:
     """Record the workspace's outputs with DVC, then log the build to MLflow and register its model."""
     setup_logging(verbose)
-    cfg = _config(config, preset, set_)
+    cfg = config_or_exit(config, preset, set_)
     hashes = None
     if cfg.tracking.enabled:  # reachable first: DVC must not commit and push a build that cannot be registered
         from flows.lineage import tracking_uri
@@ -298,17 +298,13 @@ def register(
 
 @app.command(epilog=_example("predict"))
 def predict(
-    model: Annotated[str, typer.Option("--model", "-m", help="models:/<name>@champion, an MLflow or MoLE model dir.")],
+    model: ModelOpt,
     prompt: Annotated[list[str], typer.Option("--prompt", metavar="TEXT", help="A prompt to complete (repeatable).")],
     max_new_tokens: Annotated[int | None, typer.Option(help="Default: evaluate.max_new_tokens.")] = None,
     temperature: Annotated[float, typer.Option(help="0 decodes greedily; above 0 samples.")] = 0.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print [{prompt, completion}] as JSON.")] = False,
-    trust_remote_code: Annotated[
-        bool, typer.Option("--trust-remote-code", help="Allow the base model's own Python code (off by default).")
-    ] = False,
-    raw: Annotated[
-        bool, typer.Option("--raw", help="Send prompts as given, without the training prompts' ending (e.g. Answer:).")
-    ] = False,
+    trust_remote_code: TrustOpt = False,
+    raw: RawOpt = False,
     config: ConfigOpt = Path("params.yaml"),
     preset: PresetOpt = None,
     set_: SetOpt = None,
@@ -319,7 +315,7 @@ def predict(
     from flows.packaging import predict as run_predict
 
     setup_logging(verbose)
-    cfg = _config(config, preset, set_)
+    cfg = config_or_exit(config, preset, set_)
     # Checked before any model loads: a bad value costs nothing.
     problems = [f"--max-new-tokens: {max_new_tokens} is not a positive number of tokens"] if (
         max_new_tokens is not None and max_new_tokens < 1) else []  # fmt: skip
@@ -343,6 +339,9 @@ def predict(
     else:
         for completion in res["out"]:
             typer.echo(completion)
+
+
+app.command(epilog=_example("explain"))(explain)
 
 
 @app.command("bench", epilog=_example("bench"))
@@ -377,7 +376,7 @@ def show_config(
     import yaml
     from rich.table import Table
 
-    cfg = _config(config, preset, set_)
+    cfg = config_or_exit(config, preset, set_)
     if not sources:
         out.print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="", highlight=False)
         return

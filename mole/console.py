@@ -1,4 +1,5 @@
-"""The command line's console: logging, errors as one line, stage runs under spinners or progress bars, tables.
+"""The command line's console: the options commands share, logging, errors as one line, stage runs under spinners
+or progress bars, tables.
 
 Part of the app layer with :mod:`mole.cli`.
 """
@@ -6,13 +7,14 @@ Part of the app layer with :mod:`mole.cli`.
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
 import logging
 import math
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -21,10 +23,30 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from mole.config import BuildConfig
+from mole.config import BuildConfig, ConfigError, load_config
 
 console = Console(stderr=True)
 out = Console()
+
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", metavar="FILE", help="params.yaml to read.")]
+# The presets shipped in mole/presets/, offered as the choices of --preset.
+Preset = enum.Enum("Preset", {p.stem: p.stem for p in sorted((Path(__file__).parent / "presets").glob("*.yaml"))},
+                   type=str)  # fmt: skip
+PresetOpt = Annotated[Preset | None, typer.Option("--preset", "-p", help="Preset applied over the config.")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", metavar="KEY=VALUE", help="Override one value, e.g. --set cluster.k=4 (repeatable)."),
+]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging of mole (not other libraries).")]
+# The options of the commands that load a model (predict, explain).
+ModelOpt = Annotated[str, typer.Option("--model", "-m", metavar="URI_OR_DIR",
+                                       help="models:/<name>@champion, an MLflow or MoLE model dir.")]  # fmt: skip
+TrustOpt = Annotated[
+    bool, typer.Option("--trust-remote-code", help="Allow the base model's own Python code (off by default).")
+]
+RawOpt = Annotated[
+    bool, typer.Option("--raw", help="Send prompts as given, without the training prompts' ending (e.g. Answer:).")
+]
 
 
 OWN_LOGGERS = ("mole", "flows", "bench")
@@ -62,6 +84,16 @@ def _named(handler: logging.Handler) -> logging.Handler:
 def error(label: str, message: object) -> None:
     """Print ``label`` in red, then ``message`` verbatim: no rich markup, so ``file.json[item 3]`` stays whole."""
     console.print(Text.assemble((label, "bold red"), " ", str(message)), highlight=False, soft_wrap=True)
+
+
+def config_or_exit(config: Path, preset: Preset | str | None, overrides: list[str] | None) -> BuildConfig:
+    """A command's config (params.yaml < preset < each --set); a config error is one red line and exit status 2."""
+    try:
+        name = preset.value if isinstance(preset, Preset) else preset
+        return load_config(config, preset=name, overrides=overrides or [])
+    except ConfigError as exc:
+        error("config error:", exc)
+        raise typer.Exit(2) from None
 
 
 def one_line(exc: BaseException) -> str:

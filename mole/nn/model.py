@@ -160,6 +160,16 @@ class MoLEModel(nn.Module):
         expert_of = self.spec.expert_of_cluster()
         return torch.tensor([expert_of[int(c)] for c in self.clusterer.assign(texts)])
 
+    def routed_prompts(
+        self, prompts: list[str], *, routing: str | None = None, route: torch.Tensor | None = None, raw: bool = False
+    ) -> tuple[list[str], torch.Tensor | None]:
+        """The prompts as the model reads them (templated unless ``raw``) and the expert each is forced to, (B,):
+        ``route`` when given, the nearest centroid's with ``routing="cluster"`` (default: the spec's), else None."""
+        prompts = prompts if raw else [self.spec.templated(p) for p in prompts]
+        if route is None and (routing or self.spec.routing) == "cluster":
+            route = self.route_by_cluster(prompts)
+        return prompts, route
+
     @torch.no_grad()
     def generate_text(
         self,
@@ -180,10 +190,7 @@ class MoLEModel(nn.Module):
         otherwise the token routers route every token.
         """
 
-        routing = routing or self.spec.routing
-        prompts = prompts if raw else [self.spec.templated(p) for p in prompts]
-        if route is None and routing == "cluster":
-            route = self.route_by_cluster(prompts)
+        prompts, route = self.routed_prompts(prompts, routing=routing, route=route, raw=raw)
         enc = encode_prompts(self.tokenizer, prompts)
         dev = next(self.base.parameters()).device
         kwargs.setdefault("do_sample", False)
