@@ -35,7 +35,8 @@ from mole.console import (
     run_stage,
     setup_logging,
 )
-from mole.io import atomic_path, write_text_atomic
+from mole.eval.plots import token_routing
+from mole.io import write_text_atomic
 
 if TYPE_CHECKING:  # the audit loads torch; the CLI imports this module at start, so types only
     from mole.routing.explain import Explanation
@@ -194,7 +195,7 @@ def write(explanations: list[Explanation], path: str | Path, *, per_block: bool 
     if path.suffix.lower() not in SUFFIXES:
         raise ValueError(f"--out {path}: expected a file ending in {', '.join(SUFFIXES)}")
     if path.suffix.lower() == ".png":
-        return write_png(explanations, path, per_block=per_block)
+        return token_routing(explanations, path, per_block=per_block)
     write_text_atomic(path, page(explanations, per_block=per_block))
     return path
 
@@ -262,27 +263,3 @@ def _html_block_table(exp: Explanation) -> str:
                    for t, token in enumerate(exp.tokens))  # fmt: skip
     head = "".join(f"<th colspan='2'>block {b}</th>" for b in blocks)
     return f"<h3>Top expert per block</h3><table><tr><th>#</th><th>token</th>{head}</tr>{rows}</table>"
-
-
-def write_png(explanations: list[Explanation], path: Path, *, per_block: bool = False) -> Path:
-    """A heatmap per prompt (experts × tokens, the mean over blocks; ``per_block``: one more per block)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    panels = [(i, exp, b) for i, exp in enumerate(explanations) for b in [None, *(range(len(exp.per_block))
-              if per_block else [])]]  # fmt: skip
-    width = max(6.0, 0.28 * max(len(exp.tokens) for exp in explanations) + 2)
-    fig = Figure(figsize=(width, sum(0.35 * len(exp.experts) + 1.2 for _, exp, _ in panels)), dpi=110,
-                 layout="constrained")  # fmt: skip
-    FigureCanvasAgg(fig)
-    for ax, (i, exp, b) in zip(fig.subplots(len(panels), 1, squeeze=False)[:, 0], panels, strict=True):
-        w = exp.weights if b is None else exp.per_block[b]  # (T, E)
-        im = ax.imshow(w.T, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
-        ax.set_yticks(range(len(exp.experts)), exp.experts, fontsize=8)
-        ax.set_xticks(range(len(exp.tokens)), [shown(t)[1:-1] for t in exp.tokens], fontsize=7, rotation=90)
-        ax.axvline(exp.n_prompt - 0.5, color="white", linewidth=1.5)  # where the completion starts
-        ax.set_title(f"prompt {i + 1}: " + ("mean over blocks" if b is None else f"block {b}"), fontsize=9)
-        fig.colorbar(im, ax=ax, label="weight")
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    return path

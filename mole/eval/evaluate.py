@@ -20,7 +20,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -30,6 +29,7 @@ from mole.config import BuildConfig
 from mole.data.tokenize import eval_batches
 from mole.eval.card import model_card
 from mole.eval.compute import build_time, training_compute
+from mole.eval.figures import write_plots
 from mole.eval.metrics import (
     Generate,
     ModelScorer,
@@ -45,12 +45,13 @@ from mole.eval.metrics import (
     routing_stats,
     true_groups,
 )
-from mole.eval.plots import cluster_map, loss_curves, per_cluster_loss, routing_heatmap, variant_bars
-from mole.eval.tables import write_curves, write_tables
+from mole.eval.plots import per_cluster_loss, variant_bars
+from mole.eval.tables import write_tables
 from mole.eval.verdict import verdict
 from mole.io import atomic_path, read_jsonl, write_json, write_jsonl
 from mole.nn.model import MoLEModel
 from mole.routing.diagnostics import row_routing
+from mole.routing.explain import explain
 from mole.training.experts import check_model_current
 from mole.workspace import cluster_paths, eval_paths, experts_paths, load_prepared, mole_paths
 
@@ -264,7 +265,7 @@ def _run_evaluate(cfg: BuildConfig, extra_variants: dict[str, dict[str, Any]] | 
                                           for i, r in enumerate(rows)])  # fmt: skip
     write_report(eval_paths(cfg)["eval"], report)
     write_card(cfg, report)
-    _write_plots(cfg, out_dir, report, mole["expert_ids"])
+    write_plots(cfg, out_dir, report, mole["expert_ids"], mole["examples"])
     logger.info("wrote %s, eval.md and plots", eval_paths(cfg)["eval"])
     return report
 
@@ -306,7 +307,24 @@ def _evaluate_mole(
     _, batch = next(eval_batches(rows, model.tokenizer, batch_size=ev.batch_size, max_length=cfg.experts.max_length))
     cost = mole_cost(model, base, batch, mole_dir, reps=ev.latency_reps)
     logger.info("top-1 agreement %.3f; forward x%.3f of base", routing["top1_agreement"], cost["latency_ratio_vs_base"])
-    return {"variants": variants, "routing": routing, "cost": cost, "expert_ids": list(model.spec.expert_ids)}
+    examples = _routing_examples(model, rows, groups, max_new_tokens=ev.max_new_tokens)
+    return {"variants": variants, "routing": routing, "cost": cost, "expert_ids": list(model.spec.expert_ids),
+            "examples": examples}  # fmt: skip
+
+
+EXAMPLES = 3  # eval rows whose per-token routing reports/token_routing.png shows
+EXAMPLE_WORDS = 16  # a text row (no prompt) is shown from its first words on
+
+
+def _routing_examples(model: MoLEModel, rows: Rows, groups: list[int], *, max_new_tokens: int) -> list[Any]:
+    """The per-token routing (prompt and greedy completion) of a few eval rows, each of another true group where
+    there are enough: a row's prompt as trained, or a text row's first words."""
+    picked: dict[int, dict[str, Any]] = {}
+    for row, group in zip(rows, groups, strict=True):
+        picked.setdefault(group, row)
+    chosen = list(picked.values())[:EXAMPLES] or rows[:EXAMPLES]
+    prompts = [r["prompt"] if "prompt" in r else " ".join(row_text(r).split()[:EXAMPLE_WORDS]) for r in chosen]
+    return explain(model, prompts, max_new_tokens=max_new_tokens, raw=True)
 
 
 # --------------------------------------------------------------------------------------------- reports
@@ -360,36 +378,3 @@ def add_variant(
     per_cluster_loss(report["variants"], path.parent / "per_cluster_loss.png")
     variant_bars(report["variants"], path.parent / "variants.png")
     return report
-
-
-def _write_plots(cfg: BuildConfig, out_dir: Path, report: dict[str, Any], expert_ids: list[str]) -> None:
-
-    curves: dict[str, list[float]] = {}
-    index_path = experts_paths(cfg)["index"]
-    index = json.loads(index_path.read_text(encoding="utf-8")) if index_path.exists() else {}
-    entries = [*index.get("experts", []), *([index["baseline"]] if index.get("baseline") else [])]
-    for e in entries:
-        metrics = cfg.path(e["path"]) / "train_metrics.json"
-        if metrics.exists():
-            curves[e["id"]] = json.loads(metrics.read_text(encoding="utf-8"))["loss"]
-    mole_metrics = mole_paths(cfg)["metrics"]
-    joint = json.loads(mole_metrics.read_text(encoding="utf-8")).get("joint") if mole_metrics.exists() else None
-    loss_curves(curves, joint["loss"] if joint else None, out_dir / "loss_curves.png")
-    write_curves(curves, joint["loss"] if joint else None, out_dir)
-    per_cluster_loss(report["variants"], out_dir / "per_cluster_loss.png")
-    variant_bars(report["variants"], out_dir / "variants.png")
-    _cluster_map(cfg, out_dir / "cluster_map.png")
-    routing_heatmap(report["routing"]["utilization_per_layer"], expert_ids, out_dir / "routing_heatmap.png")
-
-
-def _cluster_map(cfg: BuildConfig, path: Path) -> None:
-    """The 2-D map of the training rows by cluster (and domain), from the cluster stage's projection."""
-    paths = cluster_paths(cfg)
-    if not paths["map"].exists():  # clusters made before the map was written: no map
-        logger.info("no %s: the cluster map is drawn after the next cluster run", paths["map"])
-        return
-    assigned = read_jsonl(paths["assignments"])
-    with np.load(paths["map"]) as m:
-        points, centers = m["points"], m["centers"]
-    domains = [a["domain"] for a in assigned] if all("domain" in a for a in assigned) else None
-    cluster_map(points, [int(a["cluster"]) for a in assigned], path, domains=domains, centers=centers)

@@ -233,7 +233,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += [""] + _summary_lines(report)
     lines += ["", "![variants](variants.png)", "![loss curves](loss_curves.png)",
               "![per-cluster loss](per_cluster_loss.png)", "![clusters](cluster_map.png)"]  # fmt: skip
-    lines.append("![routing heatmap](routing_heatmap.png)")
+    lines += ["![routing heatmap](routing_heatmap.png)", "![per-token routing of a few eval rows](token_routing.png)"]
     return "\n".join(lines) + "\n"
 
 

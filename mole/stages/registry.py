@@ -115,6 +115,7 @@ STAGES: dict[str, Stage] = {
             outputs=(Output("${evaluate.out_dir}/loss_curves.png", "plots"),
                      Output("${evaluate.out_dir}/routing_heatmap.png", "plots"),
                      Output("${evaluate.out_dir}/cluster_map.png", "plots"),
+                     Output("${evaluate.out_dir}/token_routing.png", "plots"),
                      Output("${evaluate.out_dir}/eval_rows.jsonl"),
                      Output("${evaluate.out_dir}/curves", "plots", props=(("x", "step"), ("y", "loss")))),
             done=lambda cfg: [eval_paths(cfg)["eval"]], progress=True,

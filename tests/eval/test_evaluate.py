@@ -149,7 +149,14 @@ def test_markdown_and_plots(built: tuple[BuildConfig, dict[str, Any]]) -> None:
     for name in VARIANTS:
         assert f"| {name} |" in md
     assert "top-1 agreement" in md and "trainable parameters" in md
-    for png in ("loss_curves.png", "per_cluster_loss.png", "routing_heatmap.png", "variants.png", "cluster_map.png"):
+    for png in (
+        "loss_curves.png",
+        "per_cluster_loss.png",
+        "routing_heatmap.png",
+        "variants.png",
+        "cluster_map.png",
+        "token_routing.png",
+    ):
         assert (out / png).read_bytes()[:8] == PNG_MAGIC, png
     assert not list(out.glob(".mole-tmp-*"))
 

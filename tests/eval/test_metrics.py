@@ -182,9 +182,10 @@ def test_render_markdown_tables_and_rounding() -> None:
         "- build time (latest run of each stage): prepare 1.3 s, train-experts 30.0 s (total 31.3 s; 82% of it in "
         "training steps of the mixture's adapters; experts 25.6 s)"
     ) in lines
-    assert lines[-5:] == ["![variants](variants.png)", "![loss curves](loss_curves.png)",
+    assert lines[-6:] == ["![variants](variants.png)", "![loss curves](loss_curves.png)",
                           "![per-cluster loss](per_cluster_loss.png)", "![clusters](cluster_map.png)",
-                          "![routing heatmap](routing_heatmap.png)"]  # fmt: skip
+                          "![routing heatmap](routing_heatmap.png)",
+                          "![per-token routing of a few eval rows](token_routing.png)"]  # fmt: skip
 
 
 def test_render_markdown_says_when_k_is_one_and_omits_what_is_not_there() -> None:
