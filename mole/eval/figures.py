@@ -17,6 +17,7 @@ from mole.io import read_jsonl
 from mole.workspace import cluster_paths, experts_paths, mole_paths
 
 logger = logging.getLogger(__name__)
+EXAMPLE_TOKENS = 48  # tokens of each example row the per-token routing figure shows: the prompt's end, the completion
 
 
 def write_plots(
@@ -40,7 +41,7 @@ def write_plots(
     _cluster_map(cfg, out_dir / "cluster_map.png")
     routing_heatmap(report["routing"]["utilization_per_layer"], expert_ids, out_dir / "routing_heatmap.png")
     if examples:
-        token_routing(examples, out_dir / "token_routing.png")
+        token_routing(examples, out_dir / "token_routing.png", max_tokens=EXAMPLE_TOKENS)
 
 
 def _cluster_map(cfg: BuildConfig, path: Path) -> None:

@@ -207,7 +207,9 @@ def variant_bars(variants: dict[str, dict[str, Any]], path: str | Path, *, basel
     return _save(fig, path)
 
 
-def token_routing(explanations: list[Any], path: str | Path, *, per_block: bool = False) -> Path:
+def token_routing(
+    explanations: list[Any], path: str | Path, *, per_block: bool = False, max_tokens: int | None = None
+) -> Path:
     """Per-token routing as heatmaps (experts × tokens, the mean over blocks; ``per_block``: one more per block),
     one per prompt, a white line where the completion starts.
 
@@ -215,6 +217,7 @@ def token_routing(explanations: list[Any], path: str | Path, *, per_block: bool 
         explanations: :class:`mole.routing.explain.Explanation` of each prompt.
         path: where to write the PNG.
         per_block: add a panel per block.
+        max_tokens: show at most this many tokens of each prompt: its last ones, where the completion starts.
 
     Returns:
         ``path``.
@@ -223,16 +226,19 @@ def token_routing(explanations: list[Any], path: str | Path, *, per_block: bool 
 
     panels = [(i, exp, b) for i, exp in enumerate(explanations)
               for b in [None, *(range(len(exp.per_block)) if per_block else [])]]  # fmt: skip
-    width = max(6.0, 0.28 * max(len(exp.tokens) for exp in explanations) + 2)
+    start = {i: max(0, len(exp.tokens) - max_tokens) if max_tokens else 0 for i, exp in enumerate(explanations)}
+    width = max(6.0, 0.28 * max(len(exp.tokens) - start[i] for i, exp in enumerate(explanations)) + 2)
     fig = _figure(width, sum(0.35 * len(exp.experts) + 1.2 for _, exp, _ in panels))
     for ax, (i, exp, b) in zip(fig.subplots(len(panels), 1, squeeze=False)[:, 0], panels, strict=True):
-        w = exp.weights if b is None else exp.per_block[b]  # (T, E)
+        first = start[i]
+        w = (exp.weights if b is None else exp.per_block[b])[first:]  # (T, E)
         im = ax.imshow(w.T, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
         ax.set_yticks(range(len(exp.experts)), exp.experts, fontsize=8)
-        labels = [json.dumps(t, ensure_ascii=False)[1:-1] for t in exp.tokens]  # newlines shown as \n
-        ax.set_xticks(range(len(exp.tokens)), labels, fontsize=7, rotation=90)
-        ax.axvline(exp.n_prompt - 0.5, color="white", linewidth=1.5)  # where the completion starts
-        ax.set_title(f"prompt {i + 1}: " + ("mean over blocks" if b is None else f"block {b}"), fontsize=9)
+        labels = [json.dumps(t, ensure_ascii=False)[1:-1] for t in exp.tokens[first:]]  # newlines shown as \n
+        ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=90)
+        ax.axvline(exp.n_prompt - first - 0.5, color="white", linewidth=1.5)  # where the completion starts
+        cut = f" (its last {len(labels)} tokens)" if first else ""
+        ax.set_title(f"prompt {i + 1}{cut}: " + ("mean over blocks" if b is None else f"block {b}"), fontsize=9)
         fig.colorbar(im, ax=ax, label="weight")
     return _save(fig, path)
 

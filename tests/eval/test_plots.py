@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mole.cluster.clustering import project_2d
-from mole.eval.plots import cluster_map, loss_curves, per_cluster_loss, routing_heatmap, variant_bars
+from mole.eval.plots import cluster_map, loss_curves, per_cluster_loss, routing_heatmap, token_routing, variant_bars
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 DPI = 110
@@ -109,3 +109,18 @@ def test_variant_bars(tmp_path: Path) -> None:
     _only(tmp_path, "variants.png")
     text_only = {n: {**v, "exact_match": None} for n, v in variants.items()}  # no answers anywhere: loss panel only
     assert _png_size(variant_bars(text_only, tmp_path / "t.png")) == (4 * DPI, round(4.2 * DPI))
+
+
+def test_token_routing_shows_the_last_tokens_when_asked(tmp_path: Path) -> None:
+    from mole.routing.explain import Explanation
+
+    weights = np.zeros((2, 100, 3), np.float32)  # (L, T, E): token t goes to expert t % 3
+    weights[:, np.arange(100), np.arange(100) % 3] = 1.0
+    exp = Explanation(prompt="p", completion="c", token_ids=list(range(100)), tokens=[f"t{i}" for i in range(100)],
+                      n_prompt=90, experts=["e0", "e1", "e2"], per_block=weights, routing="token_topk")  # fmt: skip
+    whole = token_routing([exp], tmp_path / "whole.png")
+    cut = token_routing([exp], tmp_path / "cut.png", max_tokens=20)
+    # width max(6, 0.28 * tokens shown + 2) inches; height 0.35 * experts + 1.2 per panel
+    assert _png_size(whole) == (round(0.28 * 100 * DPI + 2 * DPI), int(2.25 * DPI))
+    assert _png_size(cut) == (round(7.6 * DPI), int(2.25 * DPI))
+    assert _png_size(token_routing([exp], tmp_path / "b.png", per_block=True))[1] == int(3 * 2.25 * DPI)
