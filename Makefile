@@ -3,6 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.mole-installed
+RAY_STAMP := $(VENV)/.mole-ray-installed
 export HF_HUB_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export TOKENIZERS_PARALLELISM := false
@@ -26,8 +27,9 @@ test-slow: $(STAMP) fetch-base
 test-faults: $(STAMP) fetch-base
 	$(BIN)/python -m pytest -q -m "" tests/test_faults.py
 
-## test-e2e: the scheduled-retrain deployment run by a process worker against real Prefect and MLflow servers
-test-e2e: $(STAMP) fetch-base
+## test-e2e: the scheduled-retrain deployment run by a process worker against real Prefect and MLflow servers, and the
+## expert fan-out on a local Ray head (installs the ray extra)
+test-e2e: $(STAMP) $(RAY_STAMP) fetch-base
 	$(BIN)/python -m pytest -q -m e2e
 
 ## bench: the benchmark suite, quick mode (bench/ is a directory, hence .PHONY)
@@ -56,6 +58,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q torch==$$(sed -n 's/^torch==//p' constraints.txt) $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
+
+# The ray extra (ray, prefect-ray), for flow.runner=ray and its e2e test.
+$(RAY_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,ray]'
+	touch $(RAY_STAMP)
 
 clean:
 	rm -rf data/prepared data/clusters artifacts reports

@@ -7,55 +7,22 @@ Tasks pass configs, paths and small dicts, never models.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from prefect import Flow, flow, get_run_logger
 from prefect.futures import wait
-from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import BaseAnnotation, opaque, quote
 
 from flows import artifacts, tasks
 from flows.cache import outputs_exist
+from flows.runners import expert_resources, task_runner
 from mole import workspace
 from mole.config import BuildConfig
-from mole.sections import FlowConfig
 from mole.stages.registry import STAGES
 from mole.training.experts import BASELINE_ID, SHARED_ID, job_names
-
-
-def task_runner(f: FlowConfig) -> Any:
-    """The expert fan-out's task runner: threads, or a Dask / Ray cluster (local, or the one at ``f.address``)."""
-    if f.runner == "threads":
-        return ThreadPoolTaskRunner(max_workers=f.max_workers)
-    if f.runner == "dask":
-        from prefect_dask import DaskTaskRunner
-
-        if f.address:
-            return DaskTaskRunner(address=f.address)
-        local = {"n_workers": f.max_workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None}
-        return DaskTaskRunner(cluster_kwargs=local)
-    try:
-        from prefect_ray import RayTaskRunner
-    except ImportError:
-        raise RuntimeError("flow.runner = 'ray' needs prefect-ray: pip install 'mole[ray]'") from None
-    return RayTaskRunner(address=f.address, init_kwargs=None if f.address else {"num_cpus": f.max_workers})
-
-
-@contextlib.contextmanager
-def _expert_resources(f: FlowConfig) -> Iterator[None]:
-    """Per-task GPU requests on Ray (prefect-ray's remote options); nothing for other runners."""
-    if f.runner == "ray" and f.gpus_per_expert > 0:
-        from prefect_ray.context import remote_options
-
-        with remote_options(num_gpus=f.gpus_per_expert):
-            yield
-    else:
-        yield
 
 
 def _adapter_dir(config: BuildConfig, name: str) -> Path:
@@ -132,7 +99,7 @@ def _fanout(config: BuildConfig, clusters: dict[str, Any], live_run: str | None 
         task = tasks.train_expert.with_options(refresh_cache=not done)
         return task.submit(const(config), const(n), const(clusters), const(live_run), wait_for=after)
 
-    with _expert_resources(config.flow):
+    with expert_resources(config.flow):
         # The shared adapter first: every expert starts from it (seed) or trains on top of it (residual); the
         # multitask baseline needs nothing and runs beside it.
         shared = [submit(n, []) for n in names if n == SHARED_ID]

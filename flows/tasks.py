@@ -16,15 +16,17 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from flows.cache import adapter_key, content_hash, stage_key
+from flows.runners import ray_resources
 from mole import stages, workspace
 from mole.config import BuildConfig
 
 
-def torch_threads(cfg: BuildConfig, *, parallel: int = 1) -> int:
-    """Set and return torch's thread count for a task that runs beside ``parallel - 1`` others."""
+def torch_threads(cfg: BuildConfig, *, parallel: int = 1, cpus: float | None = None) -> int:
+    """Set and return torch's thread count for a task that runs beside ``parallel - 1`` others, or that Ray reserved
+    ``cpus`` CPUs for."""
     import torch
 
-    n = cfg.flow.torch_threads or max(1, (os.cpu_count() or 1) // parallel)
+    n = cfg.flow.torch_threads or max(1, int(cpus) if cpus else (os.cpu_count() or 1) // parallel)
     torch.set_num_threads(n)
     return n
 
@@ -90,11 +92,13 @@ def train_expert(
     """Train (or reuse) one LoRA adapter: a cluster's expert or the multitask baseline."""
     from mole.training.experts import train_job
 
-    threads = torch_threads(config, parallel=config.flow.max_workers)
-    get_run_logger().info("training %s with %d torch threads", name, threads)
+    reserved = ray_resources()  # what Ray reserved for this task (flow.cpus_per_expert, gpus_per_expert); None off Ray
+    threads = torch_threads(config, parallel=config.flow.max_workers, cpus=(reserved or {}).get("CPU"))
+    on_ray = f" (Ray reserved {reserved})" if reserved else ""
+    get_run_logger().info("training %s with %d torch threads%s", name, threads, on_ray)
     entry = train_job(config, name, progress=_ProgressArtifact(name, config, live_run))
     # pid: which process trained it (a thread of the flow's, or a Dask/Ray worker).
-    return {**entry, "pid": os.getpid(), "hash": content_hash([config.path(entry["path"])])}
+    return {**entry, "pid": os.getpid(), "resources": reserved, "hash": content_hash([config.path(entry["path"])])}
 
 
 @task(name="train-experts-packed", cache_key_fn=stage_key("train-experts"), persist_result=True)
@@ -114,7 +118,7 @@ def index_experts(config: BuildConfig, entries: list[dict[str, Any]]) -> dict[st
     """Write artifacts/experts/experts.json from the fan-out's results."""
     from mole.training.experts import write_index
 
-    res = write_index(config, [{k: v for k, v in e.items() if k not in ("hash", "pid")} for e in entries])
+    res = write_index(config, [{k: v for k, v in e.items() if k not in ("hash", "pid", "resources")} for e in entries])
     return {**res, "hash": content_hash([workspace.experts_paths(config)["index"]])}
 
 

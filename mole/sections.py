@@ -222,6 +222,9 @@ class FlowConfig(Section):
     address: str | None = Field(None, description="dask scheduler / ray address; null = a local cluster")
     max_workers: int = Field(2, ge=1, description="experts trained at once")
     torch_threads: int | None = Field(None, ge=1, description="torch threads per task; null = cores / max_workers")
+    cpus_per_expert: float = Field(
+        1.0, gt=0.0, description="CPUs requested per expert task (ray); also its torch threads unless torch_threads"
+    )
     gpus_per_expert: float = Field(0.0, ge=0.0, description="GPUs requested per expert task (ray)")
     retries: int = Field(2, ge=0, description="retries of I/O and server tasks")
     retry_delay_s: float = Field(5.0, ge=0.0, description="first retry delay; doubles on each retry")

@@ -58,6 +58,7 @@ def test_unknown_key_names_dotted_path_and_known_keys(tmp_path: Path) -> None:
         ("base_model.device=gpu", r"base_model\.device: value 'gpu' is invalid"),
         ("cluster.k_min=6", r"cluster: .*k_min \(6\) must be <= k_max \(5\)"),
         ("seed=abc", r"seed: value 'abc' is invalid"),
+        ("flow.cpus_per_expert=0", r"flow\.cpus_per_expert: value 0 is invalid: .*greater than 0"),
     ],
 )
 def test_bad_values_name_key_value_and_expectation(override: str, pattern: str) -> None:
