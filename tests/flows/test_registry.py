@@ -208,6 +208,9 @@ def test_first_build_logs_parent_and_nested_runs(first: dict, built: BuildConfig
         "loss_curves.png",
         "per_cluster_loss.png",
         "routing_heatmap.png",
+        "variants.png",
+        "cluster_map.png",
+        "token_routing.png",
     }
     assert {f"reports/{n}" for n in expected} <= reports
     children = client.search_runs(
