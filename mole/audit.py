@@ -32,6 +32,7 @@ from mole.console import (
     error,
     one_line,
     out,
+    prompt_problems,
     run_stage,
     setup_logging,
 )
@@ -120,11 +121,9 @@ def explain(
 
 def _problems(prompts: list[str], max_new_tokens: int | None, out_files: list[Path]) -> list[str]:
     """What is wrong with the command's values, one line each."""
-    problems = [f"--prompt #{i + 1}: the prompt is empty" for i, p in enumerate(prompts) if not p.strip()]
-    if max_new_tokens is not None and max_new_tokens < 1:
-        problems.append(f"--max-new-tokens: {max_new_tokens} is not a positive number of tokens")
-    return problems + [f"--out {f}: expected a file ending in {', '.join(SUFFIXES)}" for f in out_files
-                       if f.suffix.lower() not in SUFFIXES]  # fmt: skip
+    bad = [f"--out {f}: expected a file ending in {', '.join(SUFFIXES)}" for f in out_files
+           if f.suffix.lower() not in SUFFIXES]  # fmt: skip
+    return prompt_problems(prompts, max_new_tokens) + bad
 
 
 def _header(exp: Explanation) -> str:

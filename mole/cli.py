@@ -33,6 +33,7 @@ from mole.console import (
     error,
     log_bars,
     out,
+    prompt_problems,
     run_stage,
     run_with_bars,
     setup_logging,
@@ -316,12 +317,9 @@ def predict(
 
     setup_logging(verbose)
     cfg = config_or_exit(config, preset, set_)
-    # Checked before any model loads: a bad value costs nothing.
-    problems = [f"--max-new-tokens: {max_new_tokens} is not a positive number of tokens"] if (
-        max_new_tokens is not None and max_new_tokens < 1) else []  # fmt: skip
+    problems = prompt_problems(prompt, max_new_tokens)
     if temperature < 0:
         problems.append(f"--temperature: {temperature} is negative (0 decodes greedily)")
-    problems += [f"--prompt #{i + 1}: the prompt is empty" for i, p in enumerate(prompt) if not p.strip()]
     if problems:
         error("predict:", "; ".join(problems))
         raise typer.Exit(2)

@@ -96,6 +96,15 @@ def config_or_exit(config: Path, preset: Preset | str | None, overrides: list[st
         raise typer.Exit(2) from None
 
 
+def prompt_problems(prompts: list[str], max_new_tokens: int | None) -> list[str]:
+    """What is wrong with a generating command's ``--prompt``s and ``--max-new-tokens``, one line each (checked
+    before any model loads: a bad value costs nothing)."""
+    problems = [f"--prompt #{i + 1}: the prompt is empty" for i, p in enumerate(prompts) if not p.strip()]
+    if max_new_tokens is not None and max_new_tokens < 1:
+        problems.append(f"--max-new-tokens: {max_new_tokens} is not a positive number of tokens")
+    return problems
+
+
 def one_line(exc: BaseException) -> str:
     """An error as one line: an OSError names its path(s) and the OS's reason, not its errno tuple."""
     if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
