@@ -96,6 +96,7 @@ class MoLELinear(nn.Module):
         self.state = state
         self.path: PathChoice = path
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._unmerged: nn.Parameter | None = None  # the base weight while a merged one stands in for it
         w = base_layer.weight
         # Follow the base layer; a quantised base (integer storage) gets float32 adapters, as peft does.
         dtype = w.dtype if w.is_floating_point() else torch.float32
@@ -130,59 +131,94 @@ class MoLELinear(nn.Module):
         Returns:
             (B, T, d_out) in the base layer's output dtype.
         """
+        if self.merged:  # the routed mixture is folded into the base weight (see ``merge``)
+            return self.base_layer(x)
         routing = self.state.output
         if routing is None:
             raise RuntimeError(
                 "MoLELinear called with no routing: the model must set state.output (its block's router "
                 "output) before the forward pass"
             )
-        lead = x.shape[:-1]
-        weights, indices, topk_weights = routing.weights, routing.indices, routing.topk_weights
-        if weights.shape[:-1] != lead:
-            # Some blocks flatten (B, T) before a projection: same tokens, same order, so reshape the routing.
-            if weights.shape[:-1].numel() != lead.numel():
-                raise RuntimeError(
-                    f"routing covers tokens of shape {tuple(weights.shape[:-1])} but the input has {tuple(lead)}"
-                )
-            weights = weights.reshape(*lead, weights.shape[-1])
+        lead, indices = x.shape[:-1], routing.indices
+        # Some blocks flatten (B, T) before a projection: same tokens in the same order, so only the count must agree.
+        if indices.shape[:-1].numel() != lead.numel():
+            raise RuntimeError(
+                f"routing covers tokens of shape {tuple(indices.shape[:-1])} but the input has {tuple(lead)}"
+            )
         y = self.base_layer(x)
         # peft-style: experts run in their own dtype (e.g. fp32 adapters on a bf16 base), result cast back.
         xa = self.dropout(x.to(self.lora_A.dtype))
         path = self.path
         if path == "auto":
             path = choose_path(self.num_experts, indices.shape[-1], lead.numel())
-        delta = self._sparse(xa, indices, topk_weights) if path == "sparse" else self._dense(xa, weights)
-        return y + delta.to(y.dtype)
+        y2 = y.reshape(-1, self.out_features)  # (N, d_out)
+        if path == "sparse":
+            out = y2 + self._sparse(xa, routing).to(y.dtype)
+        else:
+            h = self._dense_mixed(xa, routing)  # (N, S*r)
+            if h.dtype == y.dtype:
+                out = torch.addmm(y2, h, self.lora_B.t())  # base output + mixed experts in one kernel
+            else:
+                out = y2 + F.linear(h, self.lora_B).to(y.dtype)
+        return out.view(y.shape)
 
-    def _dense(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """All experts as two matmuls over the concatenated bank: (B, T, d_in), (B, T, E) -> (B, T, d_out)."""
-        if self.shared:  # the shared slot's weight is 1 for every token
-            weights = torch.cat([weights, weights.new_ones((*weights.shape[:-1], 1))], dim=-1)  # (B, T, S)
-        h = F.linear(x, self.lora_A)  # (B, T, S*r)
-        h = h.unflatten(-1, (self.slots, self.r))  # (B, T, S, r)
+    def _dense_mixed(self, x: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
+        """``x A_cat^T`` with each slot's r-slice times its weight and the scale: (…, d_in) -> (N, S*r)."""
+        mix = routing.mix(slots=self.slots, scale=self.scale).reshape(-1, self.slots)  # (N, S), shared by the block
+        h = F.linear(x.reshape(-1, self.in_features), self.lora_A)  # (N, S*r)
         # Cast to h's dtype (not x's): under autocast the matmul output is bf16 even for fp32 x.
-        h = h * weights.to(h.dtype)[..., None]  # (B, T, E, r)
-        return F.linear(h.flatten(-2), self.lora_B) * self.scale  # (B, T, d_out)
+        return (h.view(-1, self.slots, self.r) * mix.to(h.dtype)[..., None]).view(-1, self.slots * self.r)
 
-    def _sparse(self, x: torch.Tensor, indices: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        """Only the top-k experts of each token, gathered from the bank: (B, T, d_in) -> (B, T, d_out).
+    def _sparse(self, x: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
+        """Only the top-k slots of each token, gathered from the bank: (…, d_in) -> (N, d_out) scaled delta.
 
-        ``indices`` and ``topk_weights`` are (B, T, K), or any shape with the same B * T tokens in order.
+        No (B, T, E) tensor is formed: the token's K slots (plus the shared one) are gathered from A and B.
         """
-        lead = x.shape[:-1]
-        k = indices.shape[-1]
-        xf = x.reshape(-1, self.in_features)  # (N, d_in)
-        idx = indices.reshape(-1, k)  # (N, K)
-        w = topk_weights.reshape(-1, k)  # (N, K)
+        k = routing.indices.shape[-1]
+        idx, w = routing.indices.reshape(-1, k), routing.topk_weights.reshape(-1, k) * self.scale  # (N, K)
         if self.shared:  # the shared slot joins every token's top-k with weight 1
             idx = torch.cat([idx, idx.new_full((idx.shape[0], 1), self.num_experts)], dim=1)  # (N, K+1)
-            w = torch.cat([w, w.new_ones((w.shape[0], 1))], dim=1)
+            w = torch.cat([w, w.new_full((w.shape[0], 1), self.scale)], dim=1)
         a = self.lora_A.view(self.slots, self.r, self.in_features)[idx]  # (N, K, r, d_in)
         b = self.lora_B.view(self.out_features, self.slots, self.r).permute(1, 0, 2)[idx]  # (N, K, d_out, r)
-        h = torch.einsum("nd,nkrd->nkr", xf, a)  # (N, K, r)
+        h = torch.einsum("nd,nkrd->nkr", x.reshape(-1, self.in_features), a)  # (N, K, r)
         h = h * w.to(h.dtype)[..., None]  # (N, K, r)
-        out = torch.einsum("nkr,nkor->no", h, b) * self.scale  # (N, d_out)
-        return out.reshape(*lead, self.out_features)
+        return torch.einsum("nkr,nkor->no", h, b)  # (N, d_out)
+
+    # ------------------------------------------------------------------------------------------------ merging
+    @torch.no_grad()
+    def merge(self, slot_weights: torch.Tensor) -> None:
+        """Fold ``scale * sum_i w_i B_i A_i`` (and the shared expert) into a new base weight; ``unmerge`` restores.
+
+        The original weight tensor is kept, not recovered by subtraction, so ``unmerge`` gives it back bit for bit.
+        Until then forward is the base linear alone, whatever the routing.
+
+        Args:
+            slot_weights: (E,) the weight of every routed expert (e.g. one-hot for a sequence routed whole).
+        """
+        if self.merged:
+            raise RuntimeError("MoLELinear is already merged: unmerge it first")
+        w = self.base_layer.weight
+        if slot_weights.shape != (self.num_experts,):
+            raise ValueError(f"slot_weights must have shape ({self.num_experts},), got {tuple(slot_weights.shape)}")
+        mix = slot_weights.to(self.lora_B.device, torch.float32) * self.scale
+        if self.shared:
+            mix = torch.cat([mix, mix.new_full((1,), self.scale)])  # (S,)
+        cols = mix.repeat_interleave(self.r).to(self.lora_B.dtype)  # (S*r,)
+        delta = (self.lora_B * cols) @ self.lora_A  # (d_out, d_in)
+        self._unmerged = w
+        self.base_layer.weight = nn.Parameter(w + delta.to(w.dtype), requires_grad=False)
+
+    def unmerge(self) -> None:
+        """Put back the base weight ``merge`` replaced (the very same tensor)."""
+        if self._unmerged is not None:
+            self.base_layer.weight = self._unmerged
+            self._unmerged = None
+
+    @property
+    def merged(self) -> bool:
+        """Whether the routed mixture is folded into the base weight."""
+        return self._unmerged is not None
 
     def _check_index(self, i: int) -> None:
         if not 0 <= i < self.slots:

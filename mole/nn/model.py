@@ -52,7 +52,9 @@ class MoLEModel(nn.Module):
         self.bank: dict[str, MoLELinear] = {}
         self._forced: torch.Tensor | None = None  # (B,) expert per sequence, when routing is forced
         self._mask: torch.Tensor | None = None  # (B, T) attention mask of the current full forward
-        self._outputs: list[RouterOutput] = []
+        self._outputs: list[RouterOutput] | None = None  # the routing of each block, collected during ``forward``
+        self._merged = False  # every bank's routed mixture is folded into its base weight (``merged``)
+        self.merge_forced = True  # generate merges the experts once when one expert routes the whole batch
         self.clusterer: Any = None  # a mole.cluster.clustering.Clusterer, for cluster-distance routing
         for b, block in enumerate(blocks):
             self._inject(block, self.states[b], prefix=_module_name(base, block))
@@ -79,6 +81,8 @@ class MoLEModel(nn.Module):
 
     def _make_hook(self, b: int):  # noqa: ANN202 - a closure over the block index
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if self._merged:  # the experts are in the base weights: nothing to route
+                return
             hidden = args[0] if args else kwargs["hidden_states"]  # (B, T, D)
             if self._forced is not None:
                 out = forced_routing(
@@ -91,7 +95,8 @@ class MoLEModel(nn.Module):
                 out = self.routers[b](hidden, mask, self._carry[b] if continued else None)
                 self._carry[b] = out.carry
             self.states[b].output = out
-            self._outputs.append(out)
+            if self._outputs is not None:
+                self._outputs.append(out)
 
         return hook
 
@@ -120,20 +125,41 @@ class MoLEModel(nn.Module):
         self._outputs, self._mask = [], attention_mask
         with self.forced_route(route if route is not None else self._forced):
             out = self.base(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
-        routing, self._outputs, self._mask = self._outputs, [], None
-        zero = out.logits.new_zeros((), dtype=torch.float32)
-        aux = torch.stack([o.aux_loss for o in routing]).mean() if routing else zero
-        z = torch.stack([o.z_loss for o in routing]).mean() if routing else zero
-        loss = None if out.loss is None else out.loss + aux_loss_coef * aux + z_loss_coef * z
-        return MoLEOutput(
-            logits=out.logits,
-            loss=loss,
-            lm_loss=out.loss,
-            aux_loss=aux,
-            z_loss=z,
-            routing=routing,
-            past_key_values=getattr(out, "past_key_values", None),
-        )
+        routing, self._outputs, self._mask = self._outputs, None, None
+        res = MoLEOutput(logits=out.logits, loss=None, lm_loss=out.loss, routing=routing,
+                         past_key_values=getattr(out, "past_key_values", None))  # fmt: skip
+        if out.loss is not None:  # the router losses only when a loss is asked for: inference never computes them
+            res.loss = out.loss + aux_loss_coef * res.aux_loss + z_loss_coef * res.z_loss
+        return res
+
+    @contextlib.contextmanager
+    def merged(self, expert_weights: torch.Tensor) -> Iterator[None]:
+        """Fold ``W + scale * sum_i w_i B_i A_i`` (plus the shared expert) into every target layer for the block.
+
+        Inside, every token is computed as if routed with these weights, at the base model's speed; on exit each
+        layer gets its original weight tensor back (kept, not recovered by subtraction). Routers do not run inside.
+
+        Args:
+            expert_weights: (E,) one weight per routed expert, e.g. one-hot for a sequence routed whole.
+        """
+        layers = list(self.bank.values())
+        try:
+            for layer in layers:
+                layer.merge(expert_weights)
+            self._merged = True
+            yield
+        finally:
+            self._merged = False
+            for layer in layers:
+                layer.unmerge()
+
+    def _merge_for(self, route: torch.Tensor | None) -> contextlib.AbstractContextManager:
+        """``merged`` when one expert routes every sequence of the batch (and the base weights are float)."""
+        if route is None or not self.merge_forced or route.numel() == 0 or not bool((route == route[0]).all()):
+            return contextlib.nullcontext()
+        if not all(layer.base_layer.weight.is_floating_point() for layer in self.bank.values()):
+            return contextlib.nullcontext()  # a quantised base: keep the unmerged path
+        return self.merged(torch.nn.functional.one_hot(route[0].long().cpu(), self.spec.num_experts).float())
 
     @torch.no_grad()
     def generate(
@@ -144,13 +170,19 @@ class MoLEModel(nn.Module):
         route: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
-        """``base.generate`` with MoLE routing active (KV cache on by default); returns (B, T + new) ids."""
+        """``base.generate`` with MoLE routing active (KV cache on by default); returns (B, T + new) ids.
+
+        Prompts of different lengths go in one batch, left-padded, with their ``attention_mask``. When ``route``
+        sends every sequence to the same expert (cluster routing of one prompt), that expert is merged into the
+        base weights for the request (``merged``; off with ``merge_forced = False``) and decoding runs at base speed.
+        """
         self._mask = attention_mask  # the prompt's padding, for prefix pooling (decode steps add real tokens only)
-        with self.forced_route(route if route is not None else self._forced):
+        route = route if route is not None else self._forced
+        with self.forced_route(route), self._merge_for(route):
             out = self.base.generate(
                 input_ids=input_ids, attention_mask=attention_mask, pad_token_id=self.tokenizer.pad_token_id, **kwargs
             )
-        self._outputs, self._mask = [], None
+        self._mask = None
         return out
 
     def route_by_cluster(self, texts: list[str]) -> torch.Tensor:

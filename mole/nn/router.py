@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +21,12 @@ logger = logging.getLogger(__name__)
 WARM_START_MARGIN = 2.0
 
 
-@dataclass
 class RouterOutput:
     """The routing of one block for one forward pass.
+
+    The dense weights and the two losses are computed on first access only: decoding reads neither, and a sparse
+    (top-k) layer needs no (B, T, E) tensor at all. ``mix`` gives the fused layer its per-slot weights, computed once
+    per block and shared by the block's target modules.
 
     Attributes:
         weights: (B, T, E) float32 dense weights; zero outside the top-k, non-negative, sum to 1 per token.
@@ -37,13 +39,63 @@ class RouterOutput:
             token, for a forward that continues these sequences (decoding with a KV cache); else None.
     """
 
-    weights: torch.Tensor
-    indices: torch.Tensor
-    topk_weights: torch.Tensor
-    logits: torch.Tensor | None
-    aux_loss: torch.Tensor
-    z_loss: torch.Tensor
-    carry: tuple[torch.Tensor, torch.Tensor] | None = None
+    def __init__(
+        self,
+        weights: torch.Tensor | None,
+        indices: torch.Tensor,
+        topk_weights: torch.Tensor,
+        logits: torch.Tensor | None,
+        aux_loss: torch.Tensor | None = None,
+        z_loss: torch.Tensor | None = None,
+        carry: tuple[torch.Tensor, torch.Tensor] | None = None,
+        *,
+        num_experts: int | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> None:
+        if weights is None and num_experts is None:
+            raise ValueError("RouterOutput needs the dense weights or num_experts to build them")
+        if (aux_loss is None or z_loss is None) and logits is None:
+            raise ValueError("RouterOutput needs the losses or the logits to compute them")
+        self.indices, self.topk_weights, self.logits, self.carry = indices, topk_weights, logits, carry
+        self.num_experts = num_experts if num_experts is not None else weights.shape[-1]
+        self._weights, self._aux, self._z, self._mask = weights, aux_loss, z_loss, mask
+        self._mix: dict[tuple, torch.Tensor] = {}
+
+    @property
+    def weights(self) -> torch.Tensor:
+        if self._weights is None:
+            zeros = self.topk_weights.new_zeros((*self.indices.shape[:-1], self.num_experts))
+            self._weights = zeros.scatter(-1, self.indices, self.topk_weights)  # (B, T, E)
+        return self._weights
+
+    @property
+    def aux_loss(self) -> torch.Tensor:
+        if self._aux is None:
+            probs = self.logits.softmax(dim=-1)  # (B, T, E)
+            self._aux = load_balancing_loss(probs, self.indices, self._mask, self.num_experts)
+        return self._aux
+
+    @property
+    def z_loss(self) -> torch.Tensor:
+        if self._z is None:
+            self._z = router_z_loss(self.logits, self._mask)
+        return self._z
+
+    def mix(self, *, slots: int, scale: float) -> torch.Tensor:
+        """Per-slot weights times ``scale``, (B, T, S) float32: the routed experts' weights, then (for S = E + 1) the
+        shared slot's 1; computed once per block and shared by its modules.
+
+        Args:
+            slots: S, E routed slots or E + 1 with a shared expert last.
+            scale: the LoRA scaling ``lora_alpha / r``.
+        """
+        key = (slots, scale)
+        if key not in self._mix:
+            zeros = self.topk_weights.new_zeros((*self.indices.shape[:-1], slots))
+            if slots > self.num_experts:
+                zeros[..., self.num_experts :] = scale  # the shared slot: weight 1 for every token
+            self._mix[key] = zeros.scatter(-1, self.indices, self.topk_weights * scale)  # (B, T, S)
+        return self._mix[key]
 
 
 POOLS = ("token", "prefix")
@@ -194,16 +246,9 @@ class TokenTopKRouter(nn.Module):
             logits, new_carry = prefix_mean(logits, mask, carry)
         top_logits, indices = logits.topk(self.top_k, dim=-1)  # (B, T, K)
         topk_weights = top_logits.softmax(dim=-1)  # (B, T, K)
-        weights = torch.zeros_like(logits).scatter(-1, indices, topk_weights)  # (B, T, E)
-        probs = logits.softmax(dim=-1)  # (B, T, E)
+        # Dense weights and losses on first access (RouterOutput): a decode step needs neither.
         return RouterOutput(
-            weights=weights,
-            indices=indices,
-            topk_weights=topk_weights,
-            logits=logits,
-            aux_loss=load_balancing_loss(probs, indices, mask, self.num_experts),
-            z_loss=router_z_loss(logits, mask),
-            carry=new_carry,
+            None, indices, topk_weights, logits, carry=new_carry, num_experts=self.num_experts, mask=mask
         )
 
     @torch.no_grad()

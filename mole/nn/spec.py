@@ -61,15 +61,27 @@ class MoLESpec:
 
 @dataclass
 class MoLEOutput:
-    """Forward result: ``loss`` = lm_loss + aux_coef·aux_loss + z_coef·z_loss (when labels are given)."""
+    """Forward result: ``loss`` = lm_loss + aux_coef·aux_loss + z_coef·z_loss (when labels are given).
+
+    ``aux_loss`` and ``z_loss`` (means over the blocks) are computed on first access: inference reads neither.
+    """
 
     logits: torch.Tensor  # (B, T, V)
     loss: torch.Tensor | None
     lm_loss: torch.Tensor | None
-    aux_loss: torch.Tensor
-    z_loss: torch.Tensor
     routing: list[RouterOutput]  # one per block, in block order
     past_key_values: Any = None
+
+    @property
+    def aux_loss(self) -> torch.Tensor:
+        return self._mean([o.aux_loss for o in self.routing])
+
+    @property
+    def z_loss(self) -> torch.Tensor:
+        return self._mean([o.z_loss for o in self.routing])
+
+    def _mean(self, losses: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(losses).mean() if losses else self.logits.new_zeros((), dtype=torch.float32)
 
 
 def find_blocks(model: nn.Module) -> nn.ModuleList:
