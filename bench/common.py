@@ -26,21 +26,27 @@ RESULTS = Path(__file__).resolve().parent / "results"
 DEMO = "smollm2-135m-instruct"
 TARGETS = ("q_proj", "v_proj")  # the demo preset's expert modules
 console = Console(width=None if sys.stdout.isatty() else 150)  # piped: wide enough for the tables
+# On a GPU every case runs there in bf16 (timed between torch.cuda.synchronize calls); on CPU in fp32.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
 
 
 def load_model() -> tuple[torch.nn.Module, Any, str]:
     """SmolLM2-135M-Instruct with its real weights when cached, else random weights of its config.
+
+    The model is on ``DEVICE`` in ``DTYPE`` (a GPU when there is one, in bf16).
 
     Returns:
         ``(model in eval mode, tokenizer, what the weights are)``.
     """
     from mole.base import build_tiny, demo_is_cached
 
+    where = f"{str(DTYPE).removeprefix('torch.').replace('float32', 'fp32').replace('bfloat16', 'bf16')}, {DEVICE.type}"
     if demo_is_cached():
         from mole.base import load_base
 
         model, tok = load_base(DEMO)
-        return model.eval(), tok, "SmolLM2-135M-Instruct (real weights, fp32)"
+        return model.to(DEVICE, DTYPE).eval(), tok, f"SmolLM2-135M-Instruct (real weights, {where})"
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from bench.layer import DEMO_SHAPES
@@ -49,7 +55,7 @@ def load_model() -> tuple[torch.nn.Module, Any, str]:
         torch.manual_seed(0)
         model = LlamaForCausalLM(LlamaConfig(**DEMO_SHAPES))
     _, tok = build_tiny()  # byte tokenizer: its ids are valid ids of the 49152-token vocabulary
-    return model.eval(), tok, "SmolLM2-135M architecture, random weights (demo model not cached), fp32"
+    return model.to(DEVICE, DTYPE).eval(), tok, f"SmolLM2-135M architecture, random weights (not cached), {where}"
 
 
 def shared_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -80,14 +86,22 @@ def make_adapters(model: torch.nn.Module, root: Path, *, n: int, r: int, seed: i
     return dirs
 
 
+def sync() -> None:
+    """Wait for the GPU's queued work (a no-op on CPU), so that a wall-clock reading covers it."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def interleaved(fns: dict[str, Callable[[], object]], *, reps: int, warmup: int = 1) -> dict[str, list[float]]:
     """Time each function once per round, ``reps`` rounds after ``warmup`` untimed ones; seconds per call."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     with torch.inference_mode():
         for rnd in range(warmup + reps):
             for name, fn in fns.items():
+                sync()
                 start = time.perf_counter()
                 fn()
+                sync()
                 if rnd >= warmup:
                     times[name].append(time.perf_counter() - start)
     return times
@@ -129,6 +143,8 @@ def environment(weights: str | None = None) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "device": DEVICE.type,
+        "dtype": str(DTYPE).removeprefix("torch."),
         "weights": weights,
     }
 

@@ -112,6 +112,7 @@ def run(model: torch.nn.Module, tok: Any, *, mode: str) -> dict[str, Any]:
     """Measure the grid and the peers; print a table per (N, r) and return every row."""
     batch, seq, reps = SHAPES[mode]
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(model.device)
     d, kv = model.config.hidden_size, model.config.num_key_value_heads * model.config.head_dim
     dims = {"q_proj": (d, d), "v_proj": (d, kv)}
     rows: list[dict[str, Any]] = []

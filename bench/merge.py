@@ -35,6 +35,7 @@ def run(model: torch.nn.Module, tok: Any, *, mode: str) -> dict[str, Any]:
 
     batch, seq, reps = SHAPES[mode]
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(model.device)
     with tempfile.TemporaryDirectory(prefix="mole-bench-") as tmp:
         root = Path(tmp)
         before = mole_model(model, tok, make_adapters(model, root / "adapters", n=N, r=R), K)

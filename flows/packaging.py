@@ -106,6 +106,7 @@ def predict(
     uri: str | None = None,
     trust_remote_code: bool = False,
     raw: bool = False,
+    compile: bool = False,
 ) -> list[str]:
     """Completions of ``prompts`` from a registered model, an MLflow model dir or a MoLE model dir.
 
@@ -119,14 +120,20 @@ def predict(
         uri: tracking URI for model URIs.
         trust_remote_code: allow the base model's own code (a model dir's saved flag alone is refused).
         raw: send the prompts as they are, without the training prompts' ending.
+        compile: ``torch.compile`` the model's blocks first (``MoLEModel.compile_blocks``; same completions).
     """
     params = {"max_new_tokens": max_new_tokens, "temperature": temperature, "raw": raw}
     if _is_mlflow_model(model):
         with tracking_to(uri or mlflow.get_tracking_uri()):
             loaded = load_pyfunc(model, trust_remote_code=trust_remote_code)
+            if compile:
+                loaded.unwrap_python_model().model.compile_blocks()
             return list(loaded.predict(pd.DataFrame({"prompt": prompts}), params=params))
     _check_dir(model)
-    return load_mole(model, trust_remote_code=trust_remote_code).generate_text(prompts, **generation_kwargs(params))
+    mole = load_mole(model, trust_remote_code=trust_remote_code)
+    if compile:
+        mole.compile_blocks()
+    return mole.generate_text(prompts, **generation_kwargs(params))
 
 
 def load_model(model: str, *, uri: str | None = None, trust_remote_code: bool = False) -> Any:

@@ -306,6 +306,10 @@ def predict(
     as_json: Annotated[bool, typer.Option("--json", help="Print [{prompt, completion}] as JSON.")] = False,
     trust_remote_code: TrustOpt = False,
     raw: RawOpt = False,
+    compile_: Annotated[
+        bool,
+        typer.Option("--compile", help="torch.compile the model's blocks first (default: router.compile)."),
+    ] = False,
     config: ConfigOpt = Path("params.yaml"),
     preset: PresetOpt = None,
     set_: SetOpt = None,
@@ -324,7 +328,7 @@ def predict(
         error("predict:", "; ".join(problems))
         raise typer.Exit(2)
     kw = {"max_new_tokens": max_new_tokens if max_new_tokens is not None else cfg.evaluate.max_new_tokens,
-          "temperature": temperature, "raw": raw,
+          "temperature": temperature, "raw": raw, "compile": compile_ or cfg.router.compile,
           "trust_remote_code": trust_remote_code or cfg.base_model.trust_remote_code}  # fmt: skip
     res = run_stage("predict", lambda c: {"out": run_predict(model, prompt, **kw, uri=tracking_uri(c))}, cfg)
     for i, completion in enumerate(res["out"]):

@@ -175,6 +175,11 @@ class RouterConfig(Section):
         "logits over the sequence so far (causal: decoding routes as training did)",
     )
     path: Literal["auto", "dense", "sparse"] = "auto"
+    compile: bool = Field(
+        False,
+        description="torch.compile the model's blocks in mole predict (same outputs; pays off on long generations, "
+        "compiling takes minutes on CPU)",
+    )
     warm_start: bool = True
     warm_start_rows: int = Field(192, ge=1)
     warm_start_method: Literal["auto", "logistic", "means"] = Field(

@@ -13,31 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mole.nn.paths import choose_path, pick, shape_key
 from mole.nn.router import RouterOutput
 
 PathChoice = Literal["auto", "dense", "sparse"]
 _PATHS = ("auto", "dense", "sparse")
-
-# choose_path thresholds, tuned by the benchmark: the sparse path gathers K (r x d) slices per token, which
-# only beats two dense matmuls over all E experts when few experts are used and there are few tokens.
-SPARSE_MIN_EXPERTS_PER_TOPK = 8
-SPARSE_MAX_TOKENS = 64
-
-
-def choose_path(num_experts: int, top_k: int, tokens: int) -> Literal["dense", "sparse"]:
-    """Pick the compute path for ``path="auto"``: sparse for small decode steps with many experts.
-
-    Args:
-        num_experts: E.
-        top_k: K.
-        tokens: B * T tokens in this forward.
-
-    Returns:
-        "sparse" when E / K >= 8 and B * T <= 64, else "dense".
-    """
-    if num_experts / top_k >= SPARSE_MIN_EXPERTS_PER_TOPK and tokens <= SPARSE_MAX_TOKENS:
-        return "sparse"
-    return "dense"
+__all__ = ["MoLELinear", "RoutingState", "choose_path"]
 
 
 @dataclass
@@ -148,19 +129,21 @@ class MoLELinear(nn.Module):
         y = self.base_layer(x)
         # peft-style: experts run in their own dtype (e.g. fp32 adapters on a bf16 base), result cast back.
         xa = self.dropout(x.to(self.lora_A.dtype))
-        path = self.path
-        if path == "auto":
-            path = choose_path(self.num_experts, indices.shape[-1], lead.numel())
         y2 = y.reshape(-1, self.out_features)  # (N, d_out)
+        path, k = self.path, indices.shape[-1]
+        if path == "auto":  # measured once per shape for small steps (mole.nn.paths)
+            key = shape_key(xa, slots=self.slots, top_k=k, r=self.r, d_out=self.out_features)
+            path = pick(key, lead.numel(), self.num_experts, k, lambda p: self._add_experts(y2, xa, routing, p))
+        return self._add_experts(y2, xa, routing, path).view(y.shape)
+
+    def _add_experts(self, y: torch.Tensor, x: torch.Tensor, routing: RouterOutput, path: str) -> torch.Tensor:
+        """Base output plus the mixed experts by ``path``: (N, d_out), (…, d_in) -> (N, d_out)."""
         if path == "sparse":
-            out = y2 + self._sparse(xa, routing).to(y.dtype)
-        else:
-            h = self._dense_mixed(xa, routing)  # (N, S*r)
-            if h.dtype == y.dtype:
-                out = torch.addmm(y2, h, self.lora_B.t())  # base output + mixed experts in one kernel
-            else:
-                out = y2 + F.linear(h, self.lora_B).to(y.dtype)
-        return out.view(y.shape)
+            return y + self._sparse(x, routing).to(y.dtype)
+        h = self._dense_mixed(x, routing)  # (N, S*r)
+        if h.dtype == y.dtype:
+            return torch.addmm(y, h, self.lora_B.t())  # base output + mixed experts in one kernel
+        return y + F.linear(h, self.lora_B).to(y.dtype)
 
     def _dense_mixed(self, x: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
         """``x A_cat^T`` with each slot's r-slice times its weight and the scale: (…, d_in) -> (N, S*r)."""

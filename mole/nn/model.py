@@ -185,6 +185,19 @@ class MoLEModel(nn.Module):
         self._mask = None
         return out
 
+    def compile_blocks(self, **options: Any) -> None:
+        """``torch.compile`` every transformer block's forward (dynamic shapes); the routing hooks stay eager.
+
+        Outputs equal the eager model's up to float rounding. Compiling happens on the first call of each new shape
+        (seconds to minutes on CPU): worth it for long generations, not for a single short prompt.
+
+        Args:
+            options: passed to ``torch.compile`` (e.g. ``backend="aot_eager"``); ``dynamic`` defaults to True.
+        """
+        options.setdefault("dynamic", True)
+        for block in find_blocks(self.base):
+            block.forward = torch.compile(block.forward, **options)
+
     def route_by_cluster(self, texts: list[str]) -> torch.Tensor:
         """Cluster-distance routing (c-BTM style): each text's expert is its nearest centroid's, shape (B,)."""
         if self.clusterer is None:
