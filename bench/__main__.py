@@ -117,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     env = {**common.environment(), "loadavg_start": load0, "loadavg_end": os.getloadavg(),
            "cpu_share_during_run": _busy_share(cpu0, _cpu_times())}  # fmt: skip
     common.write_result("summary", mode, {"cases": cases, "wall_s": wall, "headline": summary, "environment": env}, out)
+    if mode == "quick" and out == common.RESULTS:  # the README's tables follow the committed results
+        from bench import readme
+
+        readme.main([])
+        common.console.print(f"[dim]wrote the benchmark tables of {readme.README}[/]")
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,11 @@ from safetensors.torch import load_file
 from bench.__main__ import headline
 from bench.common import make_adapters, shared_copy
 from bench.forward import _variants, layer_floor
+from bench.generate import PROMPTS, encode
+from bench.readme import render
 from mole.base import load_base
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_layer_floor_is_the_banks_extra_flops() -> None:
@@ -49,14 +54,43 @@ def test_peers_build_on_the_same_adapters_and_run(tmp_path: Path) -> None:
 
 def test_headline_compares_with_the_goals() -> None:
     forward = {"rows": [{"variant": "mole k=2", "N": 8, "r": 16, "ms": 110.0, "ratio_to_base": 1.1},
+                        {"variant": "mole k=1", "N": 4, "r": 8, "ms": 106.0, "ratio_to_base": 1.06},
                         {"variant": "xlora k=2", "N": 8, "r": 16, "ms": 330.0, "ratio_to_base": 3.3}]}  # fmt: skip
+    generate = {"batches": [1, 8], "rows": [
+        {"variant": "mole k=2", "batch": 1, "tokens_per_s": 27.0, "speed_vs_base": 0.9},
+        {"variant": "mole cluster (merged)", "batch": 1, "tokens_per_s": 29.0, "speed_vs_base": 0.98},
+        {"variant": "xlora k=2 (no KV cache)", "batch": 1, "tokens_per_s": 3.0, "speed_vs_base": 0.1},
+        {"variant": "mole k=2", "batch": 8, "tokens_per_s": 100.0, "speed_vs_base": 0.8}]}  # fmt: skip
     train = {"rows": [{"mode": "one", "tokens_per_s": 10.0, "peak_rss_mb": 1000.0},
                       {"mode": "sequential", "tokens_per_s": 10.0, "peak_rss_mb": 1010.0},
                       {"mode": "packed", "tokens_per_s": 12.0, "peak_rss_mb": 1400.0}]}  # fmt: skip
-    got = {h["metric"]: (h["value"], h["met"]) for h in headline({"forward": forward, "train": train})}
+    got = {h["metric"]: (h["value"], h["met"]) for h in headline({"forward": forward, "generate": generate,
+                                                                  "train": train})}  # fmt: skip
     assert got == {
-        "MoLE / base forward, N=8 k=2 r=16": (1.1, True),
-        "X-LoRA / MoLE forward time, N=8 k=2 r=16": (3.0, False),
-        "packed / sequential training tokens/s": (1.2, True),
+        "MoLE / base prefill time, N=8 k=2 r=16": (1.1, True),
+        "MoLE / base prefill time, N=4 k=1 r=8": (1.06, False),
+        "X-LoRA / MoLE forward time, N=8 k=2 r=16": (3.0, True),
+        "MoLE / base decode tokens/s, batch 1": (0.9, True),
+        "MoLE cluster-routed (merged) / base decode tokens/s, batch 1": (0.98, True),
+        "MoLE / base decode tokens/s, batch 8": (0.8, False),
+        "MoLE / X-LoRA decode tokens/s, batch 1": (9.0, None),
+        "packed / sequential training tokens/s": (1.2, False),
         "packed peak RSS / one expert's": (1.4, False),
     }
+
+
+def test_decode_bench_left_pads_prompts_of_different_lengths() -> None:
+    _, tok = load_base("tiny")
+    ids, mask = encode(tok, PROMPTS[:3], torch.device("cpu"))
+    lengths = mask.sum(1)
+    assert len(set(lengths.tolist())) == 3 and (mask[:, -1] == 1).all()  # real tokens end every row
+    assert all((mask[i, : ids.shape[1] - int(n)] == 0).all() for i, n in enumerate(lengths))
+    assert tok.padding_side == load_base("tiny")[1].padding_side  # the tokenizer is given back as it was
+
+
+def test_readme_tables_are_the_committed_results() -> None:
+    text = (REPO / "README.md").read_text()
+    assert "<!-- bench:suite begin" in text and "<!-- bench:layer begin" in text
+    assert render(text) == text, "README.md's benchmark tables differ from bench/results: run python -m bench.readme"
+    headline_rows = json.loads((REPO / "bench/results/quick/summary.json").read_text())["headline"]
+    assert all(h["metric"] in text for h in headline_rows)

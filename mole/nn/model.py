@@ -26,6 +26,7 @@ from mole.cluster.clustering import Clusterer
 from mole.data.tokenize import completions, encode_prompts, row_nll
 from mole.io import atomic_dir, load_safetensors
 from mole.nn.adapters import adapter_keys, read_adapter, write_adapter
+from mole.nn.decode import compile_blocks, merged, one_expert
 from mole.nn.layer import MoLELinear, RoutingState
 from mole.nn.router import RouterOutput, TokenTopKRouter, forced_routing
 from mole.nn.spec import ROUTER_FILE, SPEC_FILE, MoLEOutput, MoLESpec, find_blocks, load_spec_base, read_spec
@@ -53,7 +54,6 @@ class MoLEModel(nn.Module):
         self._forced: torch.Tensor | None = None  # (B,) expert per sequence, when routing is forced
         self._mask: torch.Tensor | None = None  # (B, T) attention mask of the current full forward
         self._outputs: list[RouterOutput] | None = None  # the routing of each block, collected during ``forward``
-        self._merged = False  # every bank's routed mixture is folded into its base weight (``merged``)
         self.merge_forced = True  # generate merges the experts once when one expert routes the whole batch
         self.clusterer: Any = None  # a mole.cluster.clustering.Clusterer, for cluster-distance routing
         for b, block in enumerate(blocks):
@@ -61,6 +61,7 @@ class MoLEModel(nn.Module):
             block.register_forward_pre_hook(self._make_hook(b), with_kwargs=True)
         if not self.bank:
             raise ValueError(f"no module of the base matches target_modules={spec.target_modules}")
+        self._layers = list(self.bank.values())  # a plain list: the layers are registered once, inside the base
 
     def _inject(self, block: nn.Module, state: RoutingState, *, prefix: str) -> None:
         scale = self.spec.lora_alpha / self.spec.r
@@ -81,7 +82,7 @@ class MoLEModel(nn.Module):
 
     def _make_hook(self, b: int):  # noqa: ANN202 - a closure over the block index
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if self._merged:  # the experts are in the base weights: nothing to route
+            if self._layers[0].merged:  # the experts are in the base weights (``merged``): nothing to route
                 return
             hidden = args[0] if args else kwargs["hidden_states"]  # (B, T, D)
             if self._forced is not None:
@@ -132,34 +133,11 @@ class MoLEModel(nn.Module):
             res.loss = out.loss + aux_loss_coef * res.aux_loss + z_loss_coef * res.z_loss
         return res
 
-    @contextlib.contextmanager
-    def merged(self, expert_weights: torch.Tensor) -> Iterator[None]:
-        """Fold ``W + scale * sum_i w_i B_i A_i`` (plus the shared expert) into every target layer for the block.
-
-        Inside, every token is computed as if routed with these weights, at the base model's speed; on exit each
-        layer gets its original weight tensor back (kept, not recovered by subtraction). Routers do not run inside.
-
-        Args:
-            expert_weights: (E,) one weight per routed expert, e.g. one-hot for a sequence routed whole.
-        """
-        layers = list(self.bank.values())
-        try:
-            for layer in layers:
-                layer.merge(expert_weights)
-            self._merged = True
-            yield
-        finally:
-            self._merged = False
-            for layer in layers:
-                layer.unmerge()
-
-    def _merge_for(self, route: torch.Tensor | None) -> contextlib.AbstractContextManager:
-        """``merged`` when one expert routes every sequence of the batch (and the base weights are float)."""
-        if route is None or not self.merge_forced or route.numel() == 0 or not bool((route == route[0]).all()):
-            return contextlib.nullcontext()
-        if not all(layer.base_layer.weight.is_floating_point() for layer in self.bank.values()):
-            return contextlib.nullcontext()  # a quantised base: keep the unmerged path
-        return self.merged(torch.nn.functional.one_hot(route[0].long().cpu(), self.spec.num_experts).float())
+    def merged(self, expert_weights: torch.Tensor) -> contextlib.AbstractContextManager:
+        """A context in which every token is computed as if routed with ``expert_weights`` (E,), at base speed: the
+        experts are folded into the base weights (``W + scale * sum_i w_i B_i A_i``), routers do not run, and on exit
+        each layer gets its original weight tensor back (kept, not recovered by subtraction)."""
+        return merged(self._layers, expert_weights)
 
     @torch.no_grad()
     def generate(
@@ -178,7 +156,8 @@ class MoLEModel(nn.Module):
         """
         self._mask = attention_mask  # the prompt's padding, for prefix pooling (decode steps add real tokens only)
         route = route if route is not None else self._forced
-        with self.forced_route(route), self._merge_for(route):
+        merge = one_expert(route, self._layers, self.spec.num_experts) if self.merge_forced else None
+        with self.forced_route(route), merge or contextlib.nullcontext():
             out = self.base.generate(
                 input_ids=input_ids, attention_mask=attention_mask, pad_token_id=self.tokenizer.pad_token_id, **kwargs
             )
@@ -186,17 +165,12 @@ class MoLEModel(nn.Module):
         return out
 
     def compile_blocks(self, **options: Any) -> None:
-        """``torch.compile`` every transformer block's forward (dynamic shapes); the routing hooks stay eager.
+        """``torch.compile`` every transformer block (``dynamic=True`` unless given; e.g. ``backend="aot_eager"``).
 
-        Outputs equal the eager model's up to float rounding. Compiling happens on the first call of each new shape
-        (seconds to minutes on CPU): worth it for long generations, not for a single short prompt.
-
-        Args:
-            options: passed to ``torch.compile`` (e.g. ``backend="aot_eager"``); ``dynamic`` defaults to True.
+        Same outputs as eager up to float rounding; the routing hooks stay eager. Each new shape compiles on first
+        use (seconds to minutes on CPU): worth it for long generations, not for one short prompt.
         """
-        options.setdefault("dynamic", True)
-        for block in find_blocks(self.base):
-            block.forward = torch.compile(block.forward, **options)
+        compile_blocks(find_blocks(self.base), **options)
 
     def route_by_cluster(self, texts: list[str]) -> torch.Tensor:
         """Cluster-distance routing (c-BTM style): each text's expert is its nearest centroid's, shape (B,)."""
