@@ -138,12 +138,17 @@ class MoLELinear(nn.Module):
 
     def _add_experts(self, y: torch.Tensor, x: torch.Tensor, routing: RouterOutput, path: str) -> torch.Tensor:
         """Base output plus the mixed experts by ``path``: (N, d_out), (…, d_in) -> (N, d_out)."""
-        if path == "sparse":
+        if path == "sparse" and y.shape[0] > 1:
             return y + self._sparse(x, routing).to(y.dtype)
-        h = self._dense_mixed(x, routing)  # (N, S*r)
+        if path == "sparse":  # one token (a decode step at batch 1): read only its K slots of the bank
+            cols, w = routing.slot_columns(slots=self.slots, r=self.r, scale=self.scale)  # (1, K'*r) each
+            h = F.linear(x.reshape(1, -1), self.lora_A.index_select(0, cols[0]))  # (1, K'*r)
+            h, b = h * w.to(h.dtype), self.lora_B.index_select(1, cols[0])  # b: (d_out, K'*r)
+        else:
+            h, b = self._dense_mixed(x, routing), self.lora_B  # (N, S*r), (d_out, S*r)
         if h.dtype == y.dtype:
-            return torch.addmm(y, h, self.lora_B.t())  # base output + mixed experts in one kernel
-        return y + F.linear(h, self.lora_B).to(y.dtype)
+            return torch.addmm(y, h, b.t())  # base output + mixed experts in one kernel
+        return y + F.linear(h, b).to(y.dtype)
 
     def _dense_mixed(self, x: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
         """``x A_cat^T`` with each slot's r-slice times its weight and the scale: (…, d_in) -> (N, S*r)."""
@@ -157,16 +162,11 @@ class MoLELinear(nn.Module):
 
         No (B, T, E) tensor is formed: the token's K slots (plus the shared one) are gathered from A and B.
         """
-        k = routing.indices.shape[-1]
-        idx, w = routing.indices.reshape(-1, k), routing.topk_weights.reshape(-1, k) * self.scale  # (N, K)
-        if self.shared:  # the shared slot joins every token's top-k with weight 1
-            idx = torch.cat([idx, idx.new_full((idx.shape[0], 1), self.num_experts)], dim=1)  # (N, K+1)
-            w = torch.cat([w, w.new_full((w.shape[0], 1), self.scale)], dim=1)
-        a = self.lora_A.view(self.slots, self.r, self.in_features)[idx]  # (N, K, r, d_in)
-        b = self.lora_B.view(self.out_features, self.slots, self.r).permute(1, 0, 2)[idx]  # (N, K, d_out, r)
-        h = torch.einsum("nd,nkrd->nkr", x.reshape(-1, self.in_features), a)  # (N, K, r)
-        h = h * w.to(h.dtype)[..., None]  # (N, K, r)
-        return torch.einsum("nkr,nkor->no", h, b)  # (N, d_out)
+        cols, w = routing.slot_columns(slots=self.slots, r=self.r, scale=self.scale)  # (N, K'*r) each
+        a = self.lora_A[cols]  # (N, K'*r, d_in)
+        b = self.lora_B.t()[cols]  # (N, K'*r, d_out)
+        h = torch.einsum("nd,nkd->nk", x.reshape(-1, self.in_features), a)  # (N, K'*r)
+        return torch.einsum("nk,nko->no", h * w.to(h.dtype), b)  # (N, d_out)
 
     # ------------------------------------------------------------------------------------------------ merging
     @torch.no_grad()
@@ -187,8 +187,10 @@ class MoLELinear(nn.Module):
         mix = slot_weights.to(self.lora_B.device, torch.float32) * self.scale
         if self.shared:
             mix = torch.cat([mix, mix.new_full((1,), self.scale)])  # (S,)
-        cols = mix.repeat_interleave(self.r).to(self.lora_B.dtype)  # (S*r,)
-        delta = (self.lora_B * cols) @ self.lora_A  # (d_out, d_in)
+        slots = mix.nonzero()[:, 0]  # only the slots in use: one expert costs r, not S*r, in the product below
+        cols = (slots[:, None] * self.r + torch.arange(self.r, device=slots.device)).flatten()  # (used*r,)
+        w_cols = mix[slots].repeat_interleave(self.r).to(self.lora_B.dtype)  # (used*r,)
+        delta = (self.lora_B[:, cols] * w_cols) @ self.lora_A[cols]  # (d_out, d_in)
         self._unmerged = w
         self.base_layer.weight = nn.Parameter(w + delta.to(w.dtype), requires_grad=False)
 

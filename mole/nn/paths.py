@@ -3,7 +3,8 @@
 Which is faster depends on the shape and the hardware (a gather of K slices per token beats two small matmuls over all
 E on some CPUs for a decode step, rarely on a GPU). So for small steps the choice is measured: the first time a shape
 is seen outside autograd, both paths run a few times on the real input and the faster is kept for that shape, in this
-process. Larger steps, and any step under autograd or ``torch.compile``, take the rule of ``choose_path``.
+process. Larger steps, and any step under autograd or ``torch.compile``, take the rule of ``choose_path``; a single
+token takes the sparse path when K <= E / 2 (see ``pick``).
 
 Shapes: N tokens, E experts, K experts per token, S bank slots, r rank.
 """
@@ -64,6 +65,10 @@ def pick(key: tuple, tokens: int, num_experts: int, top_k: int, run: Callable[[P
     """
     if key in _measured:
         return _measured[key]
+    if tokens == 1 and 2 * top_k <= num_experts:
+        # One token reads its K slots of the bank, not all E: in a real decode step the bank comes from memory, which
+        # a timing of the layer alone (bank in cache) does not see; measured in whole decode steps, this wins.
+        return "sparse"
     if tokens > SPARSE_MAX_TOKENS or torch.is_grad_enabled() or torch.compiler.is_compiling():
         return choose_path(num_experts, top_k, tokens)
     best = {path: _fastest(run, path, key[0]) for path in ("dense", "sparse")}

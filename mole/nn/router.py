@@ -97,6 +97,26 @@ class RouterOutput:
             self._mix[key] = zeros.scatter(-1, self.indices, self.topk_weights * scale)  # (B, T, S)
         return self._mix[key]
 
+    def slot_columns(self, *, slots: int, r: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's bank columns and their weights times ``scale``, (N, K'*r) each: the r rows of A (columns of B)
+        of every chosen slot, K' = K plus the shared slot when ``slots`` = E + 1; computed once per block.
+
+        Args:
+            slots: S.
+            r: rank of every expert.
+            scale: the LoRA scaling ``lora_alpha / r``.
+        """
+        key = ("columns", slots, r, scale)
+        if key not in self._mix:
+            k = self.indices.shape[-1]
+            idx, w = self.indices.reshape(-1, k), self.topk_weights.reshape(-1, k) * scale  # (N, K)
+            if slots > self.num_experts:  # the shared slot joins every token's top-k with weight 1
+                idx = torch.cat([idx, idx.new_full((idx.shape[0], 1), self.num_experts)], dim=1)  # (N, K')
+                w = torch.cat([w, w.new_full((w.shape[0], 1), scale)], dim=1)
+            cols = (idx[..., None] * r + torch.arange(r, device=idx.device)).flatten(1)  # (N, K'*r)
+            self._mix[key] = (cols, w[..., None].expand(-1, -1, r).flatten(1))
+        return self._mix[key]
+
 
 POOLS = ("token", "prefix")
 

@@ -95,7 +95,7 @@ def test_auto_path_is_measured_once_per_shape_and_only_without_autograd(monkeypa
 
     monkeypatch.setattr(paths, "_fastest", fake_fastest)
     layer, router, state = _layer(shared=False, path="auto")
-    x = torch.randn(1, 1, 12)
+    x = torch.randn(1, 2, 12)
     state.output = routing = router(x)
     y = layer(x)  # autograd on: the rule, nothing measured
     assert timed == [] and paths.measured() == {}
@@ -107,7 +107,11 @@ def test_auto_path_is_measured_once_per_shape_and_only_without_autograd(monkeypa
         big = torch.randn(2, 40, 12)  # more tokens than any sparse step: the rule, no measurement
         state.output = router(big)
         layer(big)
-    assert timed == ["dense", "sparse"]
+        one = torch.randn(1, 1, 12)  # one token, K <= E / 2: the sparse path without a measurement
+        state.output = router(one)
+        _close(layer(one), _explicit(layer, one, state.output.weights))
+    assert timed == ["dense", "sparse"] and len(paths.measured()) == 1
+    assert paths.pick(("any",), 1, 16, 2, lambda p: None) == "sparse"
     _close(y.detach(), _explicit(layer, x, routing.weights.detach()))
     paths.forget()
     assert paths.measured() == {}
