@@ -40,6 +40,7 @@ from mole.console import (
     show_result,
     summary,
 )
+from mole.diff import diff
 from mole.io import write_text_atomic
 from mole.stages.registry import STAGES, Stage, dvc_yaml
 
@@ -60,6 +61,7 @@ EXAMPLES = {
     "register": "mole register",
     "predict": 'mole predict -m models:/mole@champion --prompt "Unit conversion: 25000 m equals how many km?"',
     "explain": 'mole explain -m artifacts/mole --prompt "Reverse the word: drawer" --out routing.html',
+    "diff": "mole diff models:/mole/3 models:/mole/4",
     "bench": "mole bench --cases forward,generate",
     "show-config": "mole show-config --preset tiny --set cluster.k=3 --sources",
 }
@@ -340,6 +342,7 @@ def predict(
 
 
 app.command(epilog=_example("explain"))(explain)
+app.command(epilog=_example("diff"))(diff)
 
 
 @app.command("bench", epilog=_example("bench"))
