@@ -25,7 +25,7 @@ from mole.base import loadable_base
 from mole.cluster.clustering import Clusterer
 from mole.data.tokenize import completions, encode_prompts, row_nll
 from mole.io import atomic_dir, load_safetensors
-from mole.nn.adapters import adapter_keys, read_adapter, write_adapter
+from mole.nn.adapters import adapter_keys, adapter_scale, fit_rank, read_adapter, write_adapter
 from mole.nn.layer import MoLELinear, RoutingState
 from mole.nn.lineage import read_lineage, write_lineage
 from mole.nn.router import RouterOutput, TokenTopKRouter, forced_routing
@@ -230,18 +230,20 @@ class MoLEModel(nn.Module):
         return self.spec.num_experts if self.spec.shared is not None else None
 
     def load_expert(self, i: int, directory: str | Path) -> None:
-        """Load expert i (``shared_index``: the shared one) from a peft adapter dir; r, alpha and modules must match."""
+        """Load expert i (``shared_index``: the shared one) from a peft adapter dir: the bank's modules, rank <= r."""
         config, tensors = read_adapter(directory)
-        if config.get("r") != self.spec.r or float(config.get("lora_alpha")) != float(self.spec.lora_alpha):
-            raise ValueError(
-                f"{directory}: adapter r={config.get('r')}, lora_alpha={config.get('lora_alpha')} "
-                f"differ from the bank's r={self.spec.r}, lora_alpha={self.spec.lora_alpha}"
-            )
+        if int(config.get("r", 0)) > self.spec.r:
+            raise ValueError(f"{directory}: adapter r={config.get('r')} is above the bank's r={self.spec.r}")
+        # Another rank or scale (a gallery expert) is padded to the bank's rank and rescaled, exactly (fit_rank).
+        bank_scale = self.spec.lora_alpha / self.spec.r
+        same = config.get("r") == self.spec.r and adapter_scale(config) == bank_scale
+        scales = {"scale": adapter_scale(config), "bank_r": self.spec.r, "bank_scale": bank_scale}
         for name, layer in self.bank.items():
             key_a, key_b = adapter_keys(name)
             if key_a not in tensors or key_b not in tensors:
                 raise ValueError(f"{directory}: adapter has no weights for module {name}")
-            layer.set_expert(i, tensors[key_a], tensors[key_b])
+            a, b = tensors[key_a], tensors[key_b]
+            layer.set_expert(i, *((a, b) if same else fit_rank(a, b, **scales)))
 
     def export_expert(self, i: int, directory: str | Path) -> Path:
         """Write expert i (``shared_index``: the shared one) as a standard peft adapter dir."""
