@@ -1,7 +1,7 @@
 """``mole add-expert PATH --name NAME``: import an external peft LoRA adapter into the workspace's gallery.
 
 Part of the app layer with :mod:`mole.cli`, which registers the command; the checks and the copy are
-:func:`mole.stages.gallery.add_expert`.
+:func:`mole.training.gallery.add_expert`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def add_expert(
     against the base model (name, revision, shapes), the bank's target modules and dtypes; another rank is fine."""
     setup_logging(verbose)
     cfg = config_or_exit(config, preset, set_)
-    from mole.stages.gallery import add_expert as add  # deferred: torch (mole --help starts without it)
+    from mole.training.gallery import add_expert as add  # deferred: torch (mole --help starts without it)
 
     res = run_stage("add-expert", lambda c: add(c, path, name), cfg)
     summary(f"gallery expert {name}", {k: v for k, v in res.items() if k != "name"})

@@ -17,8 +17,8 @@ from mole.nn.adapters import CONFIG, WEIGHTS
 from mole.nn.lineage import LINEAGE, adapter_digest
 from mole.nn.model import MoLEModel
 from mole.nn.spec import MoLESpec
-from mole.stages import gallery
-from mole.stages.gallery import add_expert
+from mole.training import gallery
+from mole.training.gallery import add_expert
 
 
 def peft_adapter(directory: Path, *, r: int = 4, alpha: float = 16.0, targets: tuple = ("q_proj", "v_proj"),

@@ -20,8 +20,7 @@ from mole.config import BuildConfig
 from mole.io import atomic_dir, read_json, recover
 from mole.nn.adapters import CONFIG, WEIGHTS, adapter_problems, read_adapter, stable_config
 from mole.nn.lineage import write_lineage
-from mole.stages.pipeline import begin
-from mole.workspace import GALLERY
+from mole.workspace import GALLERY, check_writable
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +57,7 @@ def add_expert(cfg: BuildConfig, source: str | Path, name: str, *, base: Any = N
             f"--name {name!r}: expected 1-64 letters, digits, '_', '.' or '-' (starting with a letter or digit), "
             "other than the names of trained experts (expert_NN, shared, multitask_lora)"
         )
-    begin(cfg)
+    check_writable(cfg)
     for line in recover([gallery_dir(cfg)]):  # what a killed add-expert left
         logger.warning("%s", line)
     if dest.exists():
