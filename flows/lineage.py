@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -15,10 +16,13 @@ from typing import Any
 
 from flows import cache
 from mole.config import BuildConfig
+from mole.nn.lineage import brief
 
 logger = logging.getLogger(__name__)
 
 METRIC_KEYS = ("loss", "ppl", "exact_match")
+EXPERTS_TAG = "mole.experts"  # a registered version's experts: JSON {id: {sha256, kind, cluster, rows, steps, ...}}
+EXPERT_TAG = "mole.expert."  # + expert id: that expert's content hash, one tag each (searchable by equality)
 
 
 def tracking_uri(cfg: BuildConfig) -> str:
@@ -79,6 +83,20 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; run `mole {what}` first")
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def expert_tags(records: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """A model version's expert tags from its model dir's lineage records (``mole.nn.lineage.model_experts``).
+
+    ``mole.experts`` holds every expert's content hash, kind, cluster, rows and steps, its parents' ids and hashes
+    and the stage that made it (``mole.nn.lineage.brief``: what ``mole diff`` reads); ``mole.expert.<id>`` holds
+    one expert's hash, so ``tags.`mole.expert.expert_00` = '<sha256>'`` finds every version with those weights.
+    MLflow allows only letters, digits and ``_-. /:`` in a tag key: other characters of an id (``+`` of a merged
+    expert) become ``-`` there; ``mole.experts`` keeps the ids as they are.
+    """
+    table = {eid: brief(r) for eid, r in records.items()}
+    tags = {EXPERTS_TAG: json.dumps(table, separators=(",", ":"))}
+    return tags | {EXPERT_TAG + re.sub(r"[^\w.\-/ :]", "-", eid): r["sha256"] for eid, r in records.items()}
 
 
 def registered_variant(report: dict[str, Any]) -> str:

@@ -26,6 +26,7 @@ from mole.config import BuildConfig
 from mole.eval.card import model_card
 from mole.eval.evaluate import eval_inputs, evaluate_variant, variant_kwargs
 from mole.eval.metrics import ModelScorer, mole_generator
+from mole.nn.lineage import model_experts
 from mole.workspace import eval_paths, mole_paths, prepared_paths
 
 logger = logging.getLogger(__name__)
@@ -102,6 +103,7 @@ def _build_facts(cfg: BuildConfig, dvc_hashes: dict[str, str]) -> dict[str, Any]
         "config_hash": cfg.section_hash(), "model_hash": lineage.content_hash(model_dir),
         "data_hash": lineage.content_hash(prepared_paths(cfg)["train"].parent),
         "eval_set_hash": lineage.eval_set_hash(cfg), "dvc": dict(sorted(dvc_hashes.items())), "model_dir": model_dir,
+        "experts": model_experts(model_dir),
     }  # fmt: skip
     # The key ignores how the workspace path is spelled: the same build registered from elsewhere is the same.
     config_key = cfg.section_hash(*(n for n in BuildConfig.model_fields if n != "workspace"))
@@ -161,6 +163,7 @@ def _log_and_register(
             log_build_run(cfg, client, run.info.run_id, run.info.experiment_id, build, live_experts=logged)
             info = log_model(cfg, build)
             version_tags = tags | decision.tags() | {"mole.run_id": run.info.run_id}
+            version_tags |= lineage.expert_tags(build["experts"])  # each expert's content hash (mole diff)
             version = mlflow.register_model(info.model_uri, cfg.tracking.model_name, tags=version_tags)
             card = _card(cfg, build, run.info.run_id, flow_run_id, flow_run_url)
             mlflow.log_text(card, "README.md")

@@ -17,6 +17,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
+from mole.add_expert import add_expert
 from mole.audit import explain
 from mole.config import config_sources
 from mole.console import (
@@ -40,6 +41,7 @@ from mole.console import (
     show_result,
     summary,
 )
+from mole.diff import diff
 from mole.io import write_text_atomic
 from mole.stages.registry import STAGES, Stage, dvc_yaml
 
@@ -60,6 +62,8 @@ EXAMPLES = {
     "register": "mole register",
     "predict": 'mole predict -m models:/mole@champion --prompt "Unit conversion: 25000 m equals how many km?"',
     "explain": 'mole explain -m artifacts/mole --prompt "Reverse the word: drawer" --out routing.html',
+    "diff": "mole diff models:/mole/3 models:/mole/4",
+    "add-expert": "mole add-expert ~/adapters/legal-lora --name legal",
     "bench": "mole bench --cases forward,generate",
     "show-config": "mole show-config --preset tiny --set cluster.k=3 --sources",
 }
@@ -343,7 +347,8 @@ def predict(
             typer.echo(completion)
 
 
-app.command(epilog=_example("explain"))(explain)
+for _command in (explain, diff, add_expert):  # commands of their own app modules (audit, diff, add_expert)
+    app.command(epilog=_example(_command.__name__.replace("_", "-")))(_command)
 
 
 @app.command("bench", epilog=_example("bench"))

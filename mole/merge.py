@@ -24,6 +24,7 @@ from mole.base import loadable_base
 from mole.config import BuildConfig
 from mole.io import atomic_dir, sha256_file, write_json
 from mole.nn.adapters import write_adapter
+from mole.nn.lineage import made_by, write_lineage
 from mole.nn.model import MoLEModel
 from mole.nn.spec import ROUTER_FILE, SPEC_FILE
 from mole.routing.diagnostics import row_routing
@@ -170,7 +171,12 @@ def _new_bank(num_experts: int, decisions: list[Decision]) -> tuple[list[list[in
 
 @torch.no_grad()
 def apply_plan(
-    model: MoLEModel, decisions: list[Decision], directory: str | Path, *, extra_files: dict[str, Path] | None = None
+    model: MoLEModel,
+    decisions: list[Decision],
+    directory: str | Path,
+    *,
+    extra_files: dict[str, Path] | None = None,
+    build: dict[str, Any] | None = None,
 ) -> Path:
     """Write the pruned and merged model as a MoLE model dir (same format as ``MoLEModel.save_pretrained``).
 
@@ -182,6 +188,8 @@ def apply_plan(
     Args:
         model: the source model (not modified). decisions: from :func:`plan`. directory: the new model dir
             (written atomically). extra_files: name -> file or dir copied in, e.g. the clusterer.
+        build: which build merges (``mole.nn.lineage.made_by``), recorded in a merged expert's lineage.json; a
+            kept expert keeps its own record.
 
     Returns:
         ``directory``.
@@ -197,18 +205,38 @@ def apply_plan(
     lora = {"r": spec.r, "lora_alpha": spec.lora_alpha, "target_modules": spec.target_modules}
     with atomic_dir(directory) as tmp:
         (tmp / SPEC_FILE).write_text(json.dumps(asdict(new_spec), indent=2))
-        for eid, g in zip(new_spec.expert_ids, groups, strict=True):
+        for n, (eid, g) in enumerate(zip(new_spec.expert_ids, groups, strict=True)):
             tensors = {}
             for name, layer in model.bank.items():
                 parts = [t for i in g for t in layer.expert(i)]  # A_a, B_a[, A_b, B_b]
                 tensors[name] = parts if len(g) == 1 else merge_factored(*parts, *weights[tuple(g)], r=spec.r)
             write_adapter(tmp / "experts" / eid, tensors, **lora, base_model=loadable_base(spec.base_model.get("name")))
+            record = _merged_lineage(model, eid, g, clusters[n] if clusters else None, weights.get(tuple(g)), build)
+            if record is not None:
+                write_lineage(tmp / "experts" / eid, record)
         if spec.shared is not None:  # the shared expert is carried over as it is
             model.export_expert(model.shared_index, tmp / "experts" / spec.shared)
+            if spec.shared in model.lineage:
+                write_lineage(tmp / "experts" / spec.shared, model.lineage[spec.shared])
         save_file(_router_state(model, groups), str(tmp / ROUTER_FILE), metadata={"format": "pt"})
         for name, src in (extra_files or {}).items():
             (shutil.copytree if Path(src).is_dir() else shutil.copy2)(src, tmp / name)
     return Path(directory)
+
+
+def _merged_lineage(
+    model: MoLEModel, eid: str, group: list[int], cluster: Any, weights: Any, build: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """The lineage record of new expert ``eid`` made of ``group``: a kept expert's own record (None without one);
+    a merged one's names its parents (their ids and content hashes) and the merge weights."""
+    records = [model.lineage.get(model.spec.expert_ids[i]) or {} for i in group]
+    if len(group) == 1:
+        return records[0] or None
+    rows = [r.get("rows") for r in records]
+    parents = [{"id": model.spec.expert_ids[i], "sha256": r.get("sha256")} for i, r in zip(group, records, strict=True)]
+    return {"id": eid, "kind": "expert", "cluster": cluster, "rows": None if None in rows else sum(rows),
+            "steps": None, "joint_steps": None, "made_by": build or {"stage": "merge-prune"}, "parents": parents,
+            "merge_weights": list(weights) if weights is not None else None}  # fmt: skip
 
 
 def _router_state(model: MoLEModel, groups: list[list[int]]) -> dict[str, torch.Tensor]:
@@ -253,7 +281,8 @@ def run_merge_prune(cfg: BuildConfig) -> dict[str, Any]:
         tmp = Path(tempfile.mkdtemp(prefix=f".mole-tmp-merge-{src.name}.", dir=src.parent))
         try:
             extra = {p.name: p for p in src.iterdir() if p.name not in _CORE_FILES}
-            cand_dir = apply_plan(model, decisions, tmp / "candidate", extra_files=extra)
+            build = made_by(cfg, "merge-prune")  # recorded in the lineage of merged experts
+            cand_dir = apply_plan(model, decisions, tmp / "candidate", extra_files=extra, build=build)
             del model  # the candidate loads its own base: free the original first
             report |= _refit_score(cfg, cand_dir, train, evals, loss_before, extra)
             if report["accepted"]:

@@ -17,7 +17,8 @@ from tests.conftest import REPO
 
 PACKAGES = ("mole", "flows", "bench")
 MAX_LINES = 400
-APP = ("mole/cli.py", "mole/audit.py")  # the app layer: it alone defers importing the pipeline, flows, bench, torch
+# The app layer: it alone defers importing the pipeline, flows, bench, torch.
+APP = ("mole/cli.py", "mole/audit.py", "mole/diff.py", "mole/add_expert.py")
 LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
 
 

@@ -8,12 +8,14 @@ a MoLE bank is exactly such an adapter, so experts round-trip bit-exactly.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
+from mole.base import loadable_base
 from mole.io import load_safetensors, read_json
 
 PREFIX = "base_model.model."
@@ -94,3 +96,75 @@ def write_adapter(
     cfg.save_pretrained(str(directory))
     stable_config(directory)
     return directory
+
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def adapter_scale(config: dict[str, Any]) -> float:
+    """The scale peft applies to an adapter's ``B A``: ``lora_alpha / r`` (``lora_alpha / sqrt(r)`` with rsLoRA)."""
+    r, alpha = int(config["r"]), float(config["lora_alpha"])
+    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+def fit_rank(
+    a: torch.Tensor, b: torch.Tensor, *, scale: float, bank_r: int, bank_scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """An adapter's A (r, d_in) and B (d_out, r) at ``scale`` as a bank slot of rank ``bank_r >= r`` at
+    ``bank_scale``: A padded with zero rows, B with zero columns and multiplied by ``scale / bank_scale``, so that
+    ``bank_scale · B' A' = scale · B A`` (the padded directions add exactly zero)."""
+    r = a.shape[0]
+    if r > bank_r:
+        raise ValueError(f"adapter rank {r} is above the bank's r={bank_r}")
+    a_pad = torch.cat([a, a.new_zeros(bank_r - r, a.shape[1])])  # (bank_r, d_in)
+    b_pad = torch.cat([b * (scale / bank_scale), b.new_zeros(b.shape[0], bank_r - r)], dim=1)  # (d_out, bank_r)
+    return a_pad, b_pad
+
+
+def adapter_problems(config: dict[str, Any], tensors: dict[str, torch.Tensor], *, base: torch.nn.Module,
+                     base_name: str | None, revision: str | None, target_modules: list[str]) -> list[str]:  # fmt: skip
+    """What keeps a peft LoRA adapter (its config and tensors) from joining a bank on ``base``, one line each naming
+    the field or module: another base model or revision, other target modules, extra trainable weights, a module the
+    base lacks or that does not fit its shapes, a weight that is not floating point. Another rank is fine."""
+    problems = []
+    name = config.get("base_model_name_or_path")
+    if name and base_name and name not in (base_name, loadable_base(base_name)):
+        problems.append(f"base_model_name_or_path: {name!r}, but the workspace's base model is {base_name!r}")
+    if config.get("revision") and revision and config["revision"] != revision:
+        problems.append(f"revision: {config['revision']!r}, but the base model's revision is {revision!r}")
+    targets = config.get("target_modules")
+    targets = sorted([targets] if isinstance(targets, str) else targets or [])
+    if targets != sorted(target_modules):
+        problems.append(f"target_modules: {targets}, but the bank's are {sorted(target_modules)}")
+    for field in ("modules_to_save", "alpha_pattern", "layers_to_transform"):
+        if config.get(field):
+            problems.append(f"{field}: {config[field]!r}; only plain LoRA on every target module can join the bank")
+    if config.get("bias", "none") != "none":
+        problems.append(f"bias: {config['bias']!r}; the bank has no LoRA bias (expected 'none')")
+    return problems + _weight_problems(tensors, base, sorted(target_modules))
+
+
+def _weight_problems(tensors: dict[str, torch.Tensor], base: torch.nn.Module, targets: list[str]) -> list[str]:
+    """Modules of the adapter the base lacks or whose shapes differ, base target modules it lacks, non-float weights."""
+    problems = [f"{k}: dtype {t.dtype}; expected one of float32, float16, bfloat16"
+                for k, t in tensors.items() if t.dtype not in FLOAT_DTYPES]  # fmt: skip
+    modules = dict(base.named_modules())
+    wanted = [n for n, m in modules.items() if n.split(".")[-1] in targets and isinstance(m, torch.nn.Linear)]
+    names = {k.removeprefix(PREFIX).rsplit(".lora_", 1)[0] for k in tensors if ".lora_" in k}
+    for module in sorted(names):
+        key_a, key_b = adapter_keys(module)
+        layer = modules.get(module)
+        if not isinstance(layer, torch.nn.Linear):
+            problems.append(f"module {module}: the base model has no such linear layer")
+        elif key_a not in tensors or key_b not in tensors:
+            problems.append(f"module {module}: the adapter lacks {key_a if key_a not in tensors else key_b}")
+        else:
+            a, b = tensors[key_a].shape, tensors[key_b].shape
+            if a[1] != layer.in_features or b[0] != layer.out_features or a[0] != b[1]:
+                problems.append(f"module {module}: lora_A {tuple(a)}, lora_B {tuple(b)} do not fit the base's "
+                                f"linear ({layer.out_features} x {layer.in_features}); expected A (r, "
+                                f"{layer.in_features}) and B ({layer.out_features}, r)")  # fmt: skip
+    missing = [m for m in wanted if m not in names]
+    if missing:
+        problems.append(f"module {missing[0]}: no weights in the adapter ({len(missing)} target modules missing)")
+    return problems

@@ -25,9 +25,10 @@ from mole.base import loadable_base
 from mole.cluster.clustering import Clusterer
 from mole.data.tokenize import completions, encode_prompts, row_nll
 from mole.io import atomic_dir, load_safetensors
-from mole.nn.adapters import adapter_keys, read_adapter, write_adapter
+from mole.nn.adapters import adapter_keys, adapter_scale, fit_rank, read_adapter, write_adapter
 from mole.nn.decode import compile_blocks, merged, one_expert
 from mole.nn.layer import MoLELinear, RoutingState
+from mole.nn.lineage import read_lineage, write_lineage
 from mole.nn.router import RouterOutput, TokenTopKRouter, forced_routing
 from mole.nn.spec import ROUTER_FILE, SPEC_FILE, MoLEOutput, MoLESpec, find_blocks, load_spec_base, read_spec
 
@@ -56,6 +57,7 @@ class MoLEModel(nn.Module):
         self._outputs: list[RouterOutput] | None = None  # the routing of each block, collected during ``forward``
         self.merge_forced = True  # generate merges the experts once when one expert routes the whole batch
         self.clusterer: Any = None  # a mole.cluster.clustering.Clusterer, for cluster-distance routing
+        self.lineage: dict[str, dict[str, Any]] = {}  # expert id -> its lineage.json record (mole.nn.lineage)
         for b, block in enumerate(blocks):
             self._inject(block, self.states[b], prefix=_module_name(base, block))
             block.register_forward_pre_hook(self._make_hook(b), with_kwargs=True)
@@ -247,18 +249,20 @@ class MoLEModel(nn.Module):
         return self.spec.num_experts if self.spec.shared is not None else None
 
     def load_expert(self, i: int, directory: str | Path) -> None:
-        """Load expert i (``shared_index``: the shared one) from a peft adapter dir; r, alpha and modules must match."""
+        """Load expert i (``shared_index``: the shared one) from a peft adapter dir: the bank's modules, rank <= r."""
         config, tensors = read_adapter(directory)
-        if config.get("r") != self.spec.r or float(config.get("lora_alpha")) != float(self.spec.lora_alpha):
-            raise ValueError(
-                f"{directory}: adapter r={config.get('r')}, lora_alpha={config.get('lora_alpha')} "
-                f"differ from the bank's r={self.spec.r}, lora_alpha={self.spec.lora_alpha}"
-            )
+        if int(config.get("r", 0)) > self.spec.r:
+            raise ValueError(f"{directory}: adapter r={config.get('r')} is above the bank's r={self.spec.r}")
+        # Another rank or scale (a gallery expert) is padded to the bank's rank and rescaled, exactly (fit_rank).
+        bank_scale = self.spec.lora_alpha / self.spec.r
+        same = config.get("r") == self.spec.r and adapter_scale(config) == bank_scale
+        scales = {"scale": adapter_scale(config), "bank_r": self.spec.r, "bank_scale": bank_scale}
         for name, layer in self.bank.items():
             key_a, key_b = adapter_keys(name)
             if key_a not in tensors or key_b not in tensors:
                 raise ValueError(f"{directory}: adapter has no weights for module {name}")
-            layer.set_expert(i, tensors[key_a], tensors[key_b])
+            a, b = tensors[key_a], tensors[key_b]
+            layer.set_expert(i, *((a, b) if same else fit_rank(a, b, **scales)))
 
     def export_expert(self, i: int, directory: str | Path) -> Path:
         """Write expert i (``shared_index``: the shared one) as a standard peft adapter dir."""
@@ -282,7 +286,8 @@ class MoLEModel(nn.Module):
     ) -> Path:
         """Write mole_config.json, router.safetensors and experts/<id>/ atomically into ``directory``.
 
-        ``extra_files`` (name -> file or dir) are copied in and ``extra_json`` (name -> object) written beside.
+        ``extra_files`` (name -> file or dir) are copied in and ``extra_json`` (name -> object) written beside. An
+        expert with a record in ``self.lineage`` gets its lineage.json, with the content hash of what was written.
         """
         with atomic_dir(directory) as tmp:
             (tmp / SPEC_FILE).write_text(json.dumps(asdict(self.spec), indent=2))
@@ -292,6 +297,8 @@ class MoLEModel(nn.Module):
                 self.export_expert(i, tmp / "experts" / eid)
             if self.spec.shared is not None:
                 self.export_expert(self.shared_index, tmp / "experts" / self.spec.shared)
+            for eid in (e for e in [*self.spec.expert_ids, self.spec.shared] if e in self.lineage):
+                write_lineage(tmp / "experts" / eid, self.lineage[eid])
             for name, src in (extra_files or {}).items():
                 (shutil.copytree if Path(src).is_dir() else shutil.copy2)(src, tmp / name)
             if self.clusterer is not None and not (tmp / "clusterer").exists():  # cluster routing survives a round trip
@@ -326,6 +333,8 @@ class MoLEModel(nn.Module):
             model.load_expert(i, directory / "experts" / eid)
         if spec.shared is not None:
             model.load_expert(model.shared_index, directory / "experts" / spec.shared)
+        found = {e: read_lineage(directory / "experts" / e) for e in [*spec.expert_ids, spec.shared] if e is not None}
+        model.lineage = {e: record for e, record in found.items() if record is not None}
         try:
             model.routers.load_state_dict(load_safetensors(directory / ROUTER_FILE))
         except RuntimeError as exc:  # missing keys or shapes that do not fit the spec

@@ -27,6 +27,15 @@ WARM = "warm-start"  # its name in progress calls
 AUTO_MARGIN = 0.01  # relative held-out loss gain the logistic warm start needs to replace the nearest-mean rule
 
 
+def _features(hidden: torch.Tensor, mask: torch.Tensor, pool: str) -> torch.Tensor:
+    """What a gate of pool ``pool`` is linear in: each token's block input (token), or the causal running mean of
+    the block inputs of its sequence so far (prefix: the mean of linear logits is the logits of the mean input)."""
+    if pool == "token":
+        return hidden
+    m = mask.to(hidden.device, hidden.dtype)[..., None]  # (B, T, 1)
+    return (hidden * m).cumsum(1) / m.cumsum(1).clamp(min=1.0)
+
+
 @torch.no_grad()
 def cluster_hidden_means(
     model: MoLEModel,
@@ -36,11 +45,12 @@ def cluster_hidden_means(
     batch_size: int,
     max_length: int,
     forced: bool = True,
+    pool: str = "token",
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per block: mean input hidden state of each expert's rows' tokens (E, D), and the overall mean (D,).
 
     With ``forced`` every row is routed to its own expert (``experts[i]``) while the statistics are collected;
-    otherwise the model's routers route it.
+    otherwise the model's routers route it. With ``pool="prefix"`` the means are of the tokens' running means.
     """
     blocks = find_blocks(model.base)
     e, d = model.spec.num_experts, model.base.config.hidden_size
@@ -51,7 +61,7 @@ def cluster_hidden_means(
     def make_hook(b: int):  # noqa: ANN202
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
             hidden = (args[0] if args else kwargs["hidden_states"]).double().cpu()  # (B, T, D)
-            weighted = hidden * current["mask"][..., None]  # (B, T, D)
+            weighted = _features(hidden, current["mask"], pool) * current["mask"][..., None]  # (B, T, D)
             sums[b].index_add_(0, current["expert"], weighted.sum(1))
 
         return hook
@@ -88,11 +98,13 @@ def block_inputs(
     max_length: int,
     max_tokens: int,
     seed: int = 0,
+    pool: str = "token",
 ) -> tuple[list[np.ndarray], np.ndarray]:
     """Per block, the input hidden states of (at most ``max_tokens``, drawn at random) tokens, and their labels.
 
     Every row is routed to its own expert (``experts[i]``) while the states are collected, and each of its tokens
-    is labelled with that expert.
+    is labelled with that expert. With ``pool="prefix"`` a token's state is the running mean of its sequence's
+    states up to it (what a prefix-pooled gate is linear in).
 
     Returns:
         ([(N, D) float32 array per block], (N,) int64 labels).
@@ -108,7 +120,7 @@ def block_inputs(
 
     def make_hook(b: int):  # noqa: ANN202
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            hidden = args[0] if args else kwargs["hidden_states"]  # (B, T, D)
+            hidden = _features(args[0] if args else kwargs["hidden_states"], current["mask"], pool)  # (B, T, D)
             states[b].append(hidden[current["keep"].to(hidden.device)].float().cpu())  # (n, D)
 
         return hook
@@ -120,7 +132,7 @@ def block_inputs(
         for idx, batch in eval_batches(rows, model.tokenizer, batch_size=batch_size, max_length=max_length):
             mask = batch["attention_mask"].bool()
             keep = mask & (torch.rand(mask.shape, generator=gen) < keep_p)
-            current["keep"] = keep
+            current["keep"], current["mask"] = keep, mask
             expert = torch.tensor([experts[i] for i in idx])
             labels.append(expert[:, None].expand_as(keep)[keep])
             model(batch["input_ids"].to(dev), batch["attention_mask"].to(dev), route=expert)
@@ -153,8 +165,9 @@ def fit_logistic_gates(
     """
     e = model.spec.num_experts
     states, labels = block_inputs(
-        model, rows, experts, batch_size=batch_size, max_length=max_length, max_tokens=max_tokens, seed=seed
-    )
+        model, rows, experts, batch_size=batch_size, max_length=max_length, max_tokens=max_tokens, seed=seed,
+        pool=model.spec.pool,
+    )  # fmt: skip
     missing = sorted(set(range(e)) - set(labels.tolist()))
     if missing:
         raise ValueError(f"warm start: experts {missing} have no sampled tokens; every expert needs at least one row")
@@ -281,7 +294,9 @@ def warm_start(
     Returns:
         The fitted temperature of every block.
     """
-    means, overall = cluster_hidden_means(model, rows, experts, batch_size=batch_size, max_length=max_length)
+    means, overall = cluster_hidden_means(
+        model, rows, experts, batch_size=batch_size, max_length=max_length, pool=model.spec.pool
+    )
     for router, mu, mu_all in zip(model.routers, means, overall, strict=True):
         router.warm_start(mu.to(router.gate.weight.device), mu_all.to(router.gate.weight.device))
     _, logits = row_routing(model, rows, batch_size=batch_size, max_length=max_length)  # (n, L, E)

@@ -30,7 +30,7 @@ from mole.nn.model import MoLEModel
 from mole.routing.diagnostics import routing_agreement, row_routing
 from mole.routing.train import joint_train
 from mole.routing.warm_start import warm_start_gates
-from mole.training.experts import SHARED_APPLIED, built_adapters, current_index, run_train_experts
+from mole.training.experts import SHARED_APPLIED, built_adapters, current_index, expert_lineage, run_train_experts
 from mole.workspace import (
     check_writable,
     cluster_paths,
@@ -187,6 +187,8 @@ def train_router(cfg: BuildConfig, progress: Any = None) -> dict[str, Any]:
         shared_dir=cfg.path(shared["path"]) if shared and full_index.get("shared_mode") in SHARED_APPLIED else None,
         pool=cfg.router.pool,
     )
+    lineage = expert_lineage(cfg, full_index)  # the experts' parents: the adapters of experts.json
+    model.lineage = {eid: lineage[eid] for eid in [*model.spec.expert_ids, model.spec.shared] if eid in lineage}
     r, max_len = cfg.router, cfg.experts.max_length
     stats = prepared_paths(cfg)["stats"]
     if stats.exists():

@@ -20,6 +20,7 @@ from typing import Any
 from mole.base import load_configured_base
 from mole.config import BuildConfig
 from mole.io import atomic_dir, read_jsonl, seal_broken, write_json
+from mole.nn.lineage import adapter_digest, made_by
 from mole.sections import LoraSection
 from mole.training.cotrain import cotrain_steps, run_cotrained, run_fingerprint
 from mole.training.lora import (
@@ -245,6 +246,22 @@ def write_index(cfg: BuildConfig, entries: list[dict[str, Any]]) -> dict[str, An
 def built_adapters(index: dict[str, Any]) -> dict[str, str]:
     """Adapter id -> fingerprint of what a MoLE model is built from (its experts and shared adapter)."""
     return {e["id"]: e.get("fingerprint") for e in [*index.get("experts", []), index.get("shared")] if e}
+
+
+def expert_lineage(cfg: BuildConfig, index: dict[str, Any], *, stage: str = "train-router") -> dict[str, dict]:
+    """Adapter id -> lineage record (mole.nn.lineage) of each expert (and the shared adapter) of a MoLE model built
+    now from the adapters of experts.json ``index``: its parent is that trained adapter (content hash, fingerprint)."""
+    build, joint = made_by(cfg, stage), mole_training(cfg, index["k"])["joint_steps"]
+    records = {}
+    for e in [*index.get("experts", []), index.get("shared")]:
+        if e is None:
+            continue
+        parent = {"id": e["id"], "path": e["path"], "sha256": adapter_digest(cfg.path(e["path"])),
+                  "fingerprint": e.get("fingerprint")}  # fmt: skip
+        records[e["id"]] = {"id": e["id"], "kind": e.get("kind", "expert"), "cluster": e.get("cluster"),
+                            "rows": e.get("rows"), "steps": e.get("steps"), "joint_steps": joint, "made_by": build,
+                            "parents": [parent]}  # fmt: skip
+    return records
 
 
 def current_index(cfg: BuildConfig, *, baseline: bool = False) -> dict[str, Any]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+import torch
 
+from mole.data.tokenize import eval_batches
 from mole.nn.model import MoLEModel
 from mole.routing import warm_start
 from mole.routing.warm_start import eval_loss, warm_start_gates
@@ -34,3 +36,35 @@ def test_auto_keeps_a_rule_by_its_held_out_loss_and_the_model_carries_it(
     assert held_out == pytest.approx(out["heldout_loss"][kept], abs=1e-5)  # recorded rounded to 5 decimals
     other = "logistic" if kept == "means" else "means"
     assert abs(out["heldout_loss"][other] - out["heldout_loss"][kept]) > 1e-4  # so the check above tells them apart
+
+
+def test_prefix_pooled_states_are_running_means_of_the_token_states(make_mole: Callable[[], MoLEModel]) -> None:
+    model = make_mole()
+    kw = {"batch_size": 4, "max_length": 32, "max_tokens": 10**6, "seed": 0}  # every token kept, in order
+    tokens, labels = warm_start.block_inputs(model, ROWS[:4], EXPERTS[:4], **kw)
+    pooled, labels_p = warm_start.block_inputs(model, ROWS[:4], EXPERTS[:4], pool="prefix", **kw)
+    assert (labels == labels_p).all()
+    batches = eval_batches(ROWS[:4], model.tokenizer, batch_size=4, max_length=32)
+    lengths = [int(m.sum()) for _, b in batches for m in b["attention_mask"]]
+    start = 0
+    for n in lengths:  # each row's tokens are consecutive: its running means are cumulative means of its states
+        for b in (0, len(tokens) - 1):
+            want = torch.from_numpy(tokens[b][start : start + n]).double().cumsum(0) / torch.arange(1, n + 1)[:, None]
+            got = torch.from_numpy(pooled[b][start : start + n]).double()
+            assert torch.allclose(got, want, atol=1e-5 * float(want.abs().max()))
+        start += n
+    assert start == len(labels)
+
+
+def test_prefix_pooled_logistic_gate_routes_by_the_fit_on_running_means(make_mole: Callable[[], MoLEModel]) -> None:
+    model = make_mole()
+    for router in model.routers:
+        router.pool = "prefix"
+    model.spec.pool = "prefix"
+    acc = warm_start.fit_logistic_gates(model, ROWS, EXPERTS, c=1.0, batch_size=4, max_length=32, max_tokens=10**6)
+    pooled, labels = warm_start.block_inputs(model, ROWS, EXPERTS, batch_size=4, max_length=32, max_tokens=10**6,
+                                             pool="prefix")  # fmt: skip
+    for router, x, a in zip(model.routers, pooled, acc, strict=True):
+        with torch.no_grad():
+            logits = router.gate(torch.from_numpy(x))  # the pooled logits are the gate of the pooled state
+        assert round(float((logits.argmax(-1).numpy() == labels).mean()), 4) == a

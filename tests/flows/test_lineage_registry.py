@@ -1,0 +1,154 @@
+"""Expert lineage in the registry, against a real `mlflow server` on 127.0.0.1: each version's expert hashes as tags,
+and ``mole diff models:/m/1 models:/m/2`` between a tiny build (version 1) and its forced merge (version 2).
+
+The merge keeps the unmerged experts byte for byte (the router re-fit freezes them), so version 2 has one expert
+added (the merge), two removed (its parents), and the rest unchanged: every status of ``mole diff`` but "changed",
+which tests/test_diff.py covers on model dirs.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from flows.lineage import EXPERT_TAG, EXPERTS_TAG
+from flows.registry import register_build
+from mole import stages, workspace
+from mole.cli import app
+from mole.config import BuildConfig, load_config
+from mole.nn.lineage import adapter_digest, brief, compare, model_experts
+from tests.servers import free_port, mlflow_server
+
+# isort: split
+# After flows: importing it turns MLflow's telemetry off (see flows/__init__.py) before mlflow is first imported.
+from mlflow import MlflowClient
+
+BIN = Path(sys.executable).parent
+NAME = "mole-lineage"
+OVERRIDES = [
+    "data.demo_rows_per_skill=12",
+    "cluster.embedder=tfidf",
+    "cluster.k=3",
+    "experts.steps=6",
+    "router.steps=2",
+    "evaluate.generate_rows=2",
+    "evaluate.max_new_tokens=4",
+    "evaluate.latency_reps=1",
+    f"tracking.model_name={NAME}",
+    "tracking.require_beats_baseline=false",
+    "merge.utilization_floor=0",  # no pruning: the most similar pair merges whatever its similarity ...
+    "merge.similarity_ceiling=-1",
+    "merge.tolerance=100",  # ... and is accepted
+    "merge.refit_steps=1",
+]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    with mlflow_server(tmp_path_factory.mktemp("mlflow"), BIN) as uri:
+        yield uri
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory, server: str) -> dict[str, Any]:
+    """Version 1: the tiny build as train-router made it; version 2: after an accepted merge-prune."""
+    ws = tmp_path_factory.mktemp("lineage_ws")
+    cfg = load_config(None, preset="tiny", overrides=[f"workspace={ws}", f"tracking.uri={server}", *OVERRIDES])
+    for stage in (stages.prepare, stages.cluster, stages.train_experts, stages.train_router, stages.evaluate):
+        stage(cfg)
+    v1 = register_build(cfg)
+    merged = stages.merge_prune(cfg)
+    assert merged["accepted"] and merged["experts_after"] == 2, f"precondition: one pair merges, got {merged}"
+    v2 = register_build(cfg)
+    return {"cfg": cfg, "v1": v1, "v2": v2}
+
+
+def _diff(server: str, *args: str) -> Any:
+    env = {"COLUMNS": "220", "NO_COLOR": "1"}
+    return CliRunner().invoke(app, ["diff", *args, "--set", f"tracking.uri={server}"], env=env, terminal_width=220)
+
+
+def test_each_expert_records_the_build_and_the_trained_adapter_it_came_from(built: dict) -> None:
+    cfg: BuildConfig = built["cfg"]
+    unmerged = model_experts(cfg.path(cfg.merge.keep_dir))  # what train-router wrote (version 1)
+    index = json.loads(workspace.experts_paths(cfg)["index"].read_text())
+    entries = {e["id"]: e for e in [*index["experts"], index["shared"]]}
+    assert set(unmerged) == set(entries) and len(unmerged) == 4  # 3 experts + the shared one (cotrained)
+    config_hash = cfg.section_hash(*(n for n in BuildConfig.model_fields if n != "workspace"))
+    for eid, record in unmerged.items():
+        (parent,) = record["parents"]
+        assert parent["sha256"] == adapter_digest(cfg.path(entries[eid]["path"])) and parent["id"] == eid
+        assert parent["fingerprint"] == entries[eid]["fingerprint"]
+        e = entries[eid]
+        assert (record["rows"], record["steps"], record["joint_steps"]) == (e["rows"], e["steps"], 2)
+        assert record["made_by"]["stage"] == "train-router" and record["made_by"]["config_hash"] == config_hash
+        assert "recorded_sha256" not in record
+        # the joint phase trained the experts: the model's expert is not its parent adapter
+        assert record["sha256"] != parent["sha256"]
+
+
+def test_a_version_tags_its_experts_hashes_and_one_query_finds_the_versions_with_an_expert(
+    built: dict, server: str
+) -> None:
+    cfg: BuildConfig = built["cfg"]
+    client = MlflowClient(server, registry_uri=server)
+    v2 = client.get_model_version(NAME, built["v2"]["version"])
+    records = model_experts(workspace.mole_paths(cfg)["dir"])
+    assert json.loads(v2.tags[EXPERTS_TAG]) == {eid: brief(r) for eid, r in records.items()}
+    merged = next(e for e in records if "+" in e)
+    assert v2.tags[EXPERT_TAG + merged.replace("+", "-")] == records[merged]["sha256"]
+    assert records[merged]["made_by"]["stage"] == "merge-prune" and len(records[merged]["parents"]) == 2
+    kept = next(e for e in records if e.startswith("expert_") and "+" not in e)
+    found = client.search_model_versions(f"name = '{NAME}' and tags.`{EXPERT_TAG}{kept}` = '{records[kept]['sha256']}'")
+    assert sorted(v.version for v in found) == sorted([built["v1"]["version"], built["v2"]["version"]])
+
+
+def test_mole_diff_of_two_versions_is_the_diff_of_their_model_dirs(built: dict, server: str) -> None:
+    cfg: BuildConfig = built["cfg"]
+    v1, v2 = (f"models:/{NAME}/{built[v]['version']}" for v in ("v1", "v2"))
+    res = _diff(server, v1, v2, "--json")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    dirs = [cfg.path(cfg.merge.keep_dir), workspace.mole_paths(cfg)["dir"]]
+    local = compare(*({e: brief(r) for e, r in model_experts(d).items()} for d in dirs))
+    assert doc["experts"] == local
+    assert doc["counts"] == {"changed": 0, "added": 1, "removed": 2, "unchanged": 2}
+    assert doc["old"]["label"] == f"{NAME} version {built['v1']['version']}"
+    # An alias, and a registered version against a model dir, give the same answer.
+    mixed = _diff(server, str(dirs[0]), f"models:/{NAME}@challenger", "--json")
+    assert mixed.exit_code == 0, mixed.output
+    assert json.loads(mixed.stdout)["experts"] == local
+    table = _diff(server, v1, v2)
+    assert table.exit_code == 0 and "0 changed, 1 added, 2 removed, 2 unchanged" in table.stdout
+    merged = next(r for r in local if r["status"] == "added")
+    assert f"merge of {' + '.join(p['id'] for p in merged['new']['parents'])}" in table.stdout
+
+
+@pytest.mark.parametrize(
+    ("ref", "message", "code"),
+    [
+        ("models:/{name}/99", "NEW models:/{name}/99: model '{name}' has no version 99 (versions: 1, 2)", 2),
+        ("models:/nope/1", "NEW models:/nope/1: no registered model 'nope' at {uri}", 2),
+        (
+            "models:/{name}@nope",
+            "NEW models:/{name}@nope: model '{name}' has no alias 'nope' (aliases: challenger, champion)",
+            2,
+        ),  # fmt: skip
+    ],
+)
+def test_a_version_that_is_not_there_is_named(built: dict, server: str, ref: str, message: str, code: int) -> None:
+    res = _diff(server, f"models:/{NAME}/1", ref.format(name=NAME))
+    assert res.exit_code == code, res.output
+    assert message.format(name=NAME, uri=server) in " ".join(res.stderr.split())
+
+
+def test_an_unreachable_tracking_server_is_named(built: dict) -> None:
+    down = f"http://127.0.0.1:{free_port()}"
+    res = _diff(down, f"models:/{NAME}/1", str(workspace.mole_paths(built["cfg"])["dir"]))
+    assert res.exit_code == 1, res.output
+    assert f"OLD MLflow tracking server {down} is unreachable after 1 attempts" in " ".join(res.stderr.split())
