@@ -21,6 +21,7 @@ from mole.add_expert import add_expert
 from mole.audit import explain
 from mole.config import config_sources
 from mole.console import (
+    CompileOpt,
     ConfigOpt,
     ModelOpt,
     Preset,
@@ -310,10 +311,7 @@ def predict(
     as_json: Annotated[bool, typer.Option("--json", help="Print [{prompt, completion}] as JSON.")] = False,
     trust_remote_code: TrustOpt = False,
     raw: RawOpt = False,
-    compile_: Annotated[
-        bool,
-        typer.Option("--compile", help="torch.compile the model's blocks first (default: router.compile)."),
-    ] = False,
+    compile_: CompileOpt = False,
     config: ConfigOpt = Path("params.yaml"),
     preset: PresetOpt = None,
     set_: SetOpt = None,
@@ -325,9 +323,7 @@ def predict(
 
     setup_logging(verbose)
     cfg = config_or_exit(config, preset, set_)
-    problems = prompt_problems(prompt, max_new_tokens)
-    if temperature < 0:
-        problems.append(f"--temperature: {temperature} is negative (0 decodes greedily)")
+    problems = prompt_problems(prompt, max_new_tokens, temperature)
     if problems:
         error("predict:", "; ".join(problems))
         raise typer.Exit(2)

@@ -47,6 +47,9 @@ TrustOpt = Annotated[
 RawOpt = Annotated[
     bool, typer.Option("--raw", help="Send prompts as given, without the training prompts' ending (e.g. Answer:).")
 ]
+CompileOpt = Annotated[
+    bool, typer.Option("--compile", help="torch.compile the model's blocks first (default: router.compile).")
+]
 
 
 OWN_LOGGERS = ("mole", "flows", "bench")
@@ -96,12 +99,14 @@ def config_or_exit(config: Path, preset: Preset | str | None, overrides: list[st
         raise typer.Exit(2) from None
 
 
-def prompt_problems(prompts: list[str], max_new_tokens: int | None) -> list[str]:
-    """What is wrong with a generating command's ``--prompt``s and ``--max-new-tokens``, one line each (checked
-    before any model loads: a bad value costs nothing)."""
+def prompt_problems(prompts: list[str], max_new_tokens: int | None, temperature: float = 0.0) -> list[str]:
+    """What is wrong with a generating command's ``--prompt``s, ``--max-new-tokens`` and ``--temperature``, one line
+    each (checked before any model loads: a bad value costs nothing)."""
     problems = [f"--prompt #{i + 1}: the prompt is empty" for i, p in enumerate(prompts) if not p.strip()]
     if max_new_tokens is not None and max_new_tokens < 1:
         problems.append(f"--max-new-tokens: {max_new_tokens} is not a positive number of tokens")
+    if temperature < 0:
+        problems.append(f"--temperature: {temperature} is negative (0 decodes greedily)")
     return problems
 
 
