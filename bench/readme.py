@@ -64,12 +64,12 @@ def suite_block(results: Path) -> str:
                 for r in fwd["rows"] if "error" not in r]  # fmt: skip
         parts.append(f"Prefill of {fwd['batch']} × {fwd['tokens']} tokens, median of {fwd['reps']} interleaved "
                      "rounds:\n\n" + _md(["variant", "N", "r", "ms", "ratio to base", "FLOP floor"], rows))  # fmt: skip
-    load = env.get("loadavg_start"), env.get("loadavg_end")
+    load = [f"{x[0]:.1f}" if x else "–" for x in (env.get("loadavg_start"), env.get("loadavg_end"))]
     share = env.get("cpu_share_during_run") or {}
     parts.append(
         f"Measured on {env.get('cores')} cores ({env.get('cpu')}, {env.get('device', 'cpu')}, "
         f"{env.get('gpu') or 'no GPU'}), torch {env.get('torch')}, {summary['wall_s']} s wall; load average "
-        f"{load[0][0] if load[0] else '–'} at the start and {load[1][0] if load[1] else '–'} at the end"
+        f"{load[0]} at the start and {load[1]} at the end"
         + (f", the machine {share['busy']:.0%} busy." if "busy" in share else ".")
     )
     return "\n\n".join(parts)
