@@ -155,7 +155,7 @@ def _load_gguf(
     plain = AutoModelForCausalLM.from_config(config, dtype=quantized.dtype, trust_remote_code=trust)
     plain.load_state_dict(quantized.state_dict())
     plain.generation_config = quantized.generation_config
-    # transformers 5.17's GGUF gpt2 tokenizer converter reads eos from bos_token_id (integrations/ggml.py),
+    # transformers' GGUF gpt2 tokenizer converter (seen in 5.17) reads eos from bos_token_id (integrations/ggml.py),
     # which makes SmolLM2's eos <|im_start|>. The model config's ids come straight from the GGUF metadata.
     for name in ("bos", "eos", "pad", "unk"):
         token_id = getattr(config, f"{name}_token_id", None)

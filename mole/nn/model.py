@@ -93,7 +93,8 @@ class MoLEModel(nn.Module):
                 )
             else:
                 mask = self._mask if self._mask is not None and self._mask.shape == hidden.shape[:2] else None
-                cache = kwargs.get("past_key_values")
+                # the KV cache a decoder layer receives: `past_key_values` up to transformers 5.2x, `cache` since
+                cache = kwargs.get("cache", kwargs.get("past_key_values"))
                 continued = cache is not None and cache.get_seq_length(b) > 0  # a decode step after earlier tokens
                 out = self.routers[b](hidden, mask, self._carry[b] if continued else None)
                 self._carry[b] = out.carry

@@ -73,7 +73,12 @@ def test_expert_fanout_runs_in_ray_workers_with_the_cpus_it_asks_for(head: RayHe
     # Half a CPU each (Ray's default is 1): what Ray reserved shows whether flow.cpus_per_expert reached it.
     overrides = _overrides(tmp_path, head, "flow.cpus_per_expert=0.5")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env |= {"PYTHONPATH": str(REPO), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_HOME": str(tmp_path / "ph")}
+    env |= {
+        "PYTHONPATH": str(REPO),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_HOME": str(tmp_path / "ph"),
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    }  # as mole's CLI sets: a loaded machine is slow
     # A job's workers end with it, when the fan-out returns: note the head's processes while it runs.
     done = threading.Event()
     watcher = threading.Thread(target=_watch, args=(head, done))
