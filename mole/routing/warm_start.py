@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,7 @@ from mole.data.tokenize import eval_batches
 from mole.nn.model import MoLEModel
 from mole.nn.router import TokenTopKRouter
 from mole.nn.spec import find_blocks
-from mole.routing.diagnostics import row_routing, token_mask
+from mole.routing.diagnostics import row_routing
 
 logger = logging.getLogger(__name__)
 WARM = "warm-start"  # its name in progress calls
@@ -36,59 +37,90 @@ def _features(hidden: torch.Tensor, mask: torch.Tensor, pool: str) -> torch.Tens
     return (hidden * m).cumsum(1) / m.cumsum(1).clamp(min=1.0)
 
 
+@dataclass
+class BlockInputs:
+    """What one pass over the warm-start rows, each routed to its own expert, gives both rules, per block.
+
+    ``means[b]`` (E, D): mean features of each expert's rows' tokens; ``overall[b]`` (D,): their mean over all tokens
+    (both over every token, summed in float64); ``states[b]`` (N, D) float32: the features of N sampled tokens, and
+    ``labels`` (N,) int64: the expert of each one's row. Features are a gate's inputs (``_features``).
+    """
+
+    means: list[torch.Tensor]
+    overall: list[torch.Tensor]
+    states: list[np.ndarray]
+    labels: np.ndarray
+    counts: torch.Tensor  # (E,) tokens of each expert's rows
+
+
 @torch.no_grad()
-def cluster_hidden_means(
+def collect_block_inputs(
     model: MoLEModel,
     rows: list[dict[str, Any]],
     experts: list[int],
     *,
     batch_size: int,
     max_length: int,
-    forced: bool = True,
+    max_tokens: int,
+    seed: int = 0,
     pool: str = "token",
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per block: mean input hidden state of each expert's rows' tokens (E, D), and the overall mean (D,).
+) -> BlockInputs:
+    """Every block's inputs in one forward pass, with every row routed to its own expert (``experts[i]``).
 
-    With ``forced`` every row is routed to its own expert (``experts[i]``) while the statistics are collected;
-    otherwise the model's routers route it. With ``pool="prefix"`` the means are of the tokens' running means.
+    The routers play no part in a forced pass, so the states are the same whichever gates the model holds: the
+    nearest-mean rule (from the means) and the logistic fit (from at most ``max_tokens`` tokens, drawn at random;
+    none when 0) share this one pass. With ``pool="prefix"`` a token's features are the running mean of its
+    sequence's states up to it (what a prefix-pooled gate is linear in).
     """
     blocks = find_blocks(model.base)
+    batches = list(eval_batches(rows, model.tokenizer, batch_size=batch_size, max_length=max_length))
+    total = sum(int(b["attention_mask"].sum()) for _, b in batches)
+    keep_p = min(1.0, max_tokens / max(total, 1))
+    gen = torch.Generator().manual_seed(seed)
     e, d = model.spec.num_experts, model.base.config.hidden_size
     sums = [torch.zeros(e, d, dtype=torch.float64) for _ in blocks]
     counts = torch.zeros(e, dtype=torch.float64)
+    states: list[list[torch.Tensor]] = [[] for _ in blocks]
+    labels: list[torch.Tensor] = []
     current: dict[str, torch.Tensor] = {}
 
     def make_hook(b: int):  # noqa: ANN202
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            hidden = (args[0] if args else kwargs["hidden_states"]).double().cpu()  # (B, T, D)
-            weighted = _features(hidden, current["mask"], pool) * current["mask"][..., None]  # (B, T, D)
+            hidden = args[0] if args else kwargs["hidden_states"]  # (B, T, D)
+            mask = current["mask"]  # (B, T) float64
+            weighted = _features(hidden.double().cpu(), mask, pool) * mask[..., None]  # (B, T, D), float64
             sums[b].index_add_(0, current["expert"], weighted.sum(1))
+            if max_tokens > 0:
+                sampled = _features(hidden, mask, pool)[current["keep"].to(hidden.device)]  # (n, D)
+                states[b].append(sampled.float().cpu())
 
         return hook
 
     handles = [blk.register_forward_pre_hook(make_hook(b), with_kwargs=True) for b, blk in enumerate(blocks)]
     try:
         model.eval()
-        for idx, batch in eval_batches(rows, model.tokenizer, batch_size=batch_size, max_length=max_length):
-            current["mask"] = token_mask(batch, prompt_only=False).double()
-            current["expert"] = torch.tensor([experts[i] for i in idx])
+        dev = next(model.base.parameters()).device
+        for idx, batch in batches:
+            mask = batch["attention_mask"].bool()
+            current["mask"], current["expert"] = mask.double(), torch.tensor([experts[i] for i in idx])
             counts.index_add_(0, current["expert"], current["mask"].sum(1))
-            dev = next(model.base.parameters()).device
-            model(
-                batch["input_ids"].to(dev), batch["attention_mask"].to(dev), route=current["expert"] if forced else None
-            )
+            if max_tokens > 0:
+                current["keep"] = keep = mask & (torch.rand(mask.shape, generator=gen) < keep_p)
+                labels.append(current["expert"][:, None].expand_as(keep)[keep])
+            model(batch["input_ids"].to(dev), batch["attention_mask"].to(dev), route=current["expert"])
     finally:
         for h in handles:
             h.remove()
-    if (counts == 0).any():
-        missing = torch.nonzero(counts == 0).flatten().tolist()
-        raise ValueError(f"warm start: experts {missing} have no rows; every expert needs at least one row")
-    means = [(s / counts[:, None]).float() for s in sums]
-    overall = [((s.sum(0)) / counts.sum()).float() for s in sums]
-    return means, overall
+    n = counts.sum()
+    return BlockInputs(
+        means=[(s / counts.clamp(min=1.0)[:, None]).float() for s in sums],
+        overall=[(s.sum(0) / n.clamp(min=1.0)).float() for s in sums],
+        states=[torch.cat(s).numpy() if s else np.zeros((0, d), np.float32) for s in states],
+        labels=torch.cat(labels).numpy() if labels else np.zeros(0, np.int64),
+        counts=counts,
+    )
 
 
-@torch.no_grad()
 def block_inputs(
     model: MoLEModel,
     rows: list[dict[str, Any]],
@@ -100,46 +132,14 @@ def block_inputs(
     seed: int = 0,
     pool: str = "token",
 ) -> tuple[list[np.ndarray], np.ndarray]:
-    """Per block, the input hidden states of (at most ``max_tokens``, drawn at random) tokens, and their labels.
-
-    Every row is routed to its own expert (``experts[i]``) while the states are collected, and each of its tokens
-    is labelled with that expert. With ``pool="prefix"`` a token's state is the running mean of its sequence's
-    states up to it (what a prefix-pooled gate is linear in).
+    """Per block, the input features of (at most ``max_tokens``, drawn at random) tokens, and their labels.
 
     Returns:
-        ([(N, D) float32 array per block], (N,) int64 labels).
+        ([(N, D) float32 array per block], (N,) int64 labels): :func:`collect_block_inputs`' ``states``, ``labels``.
     """
-    blocks = find_blocks(model.base)
-    total = sum(int(b["attention_mask"].sum()) for _, b in eval_batches(rows, model.tokenizer, batch_size=batch_size,
-                                                                        max_length=max_length))  # fmt: skip
-    keep_p = min(1.0, max_tokens / max(total, 1))
-    gen = torch.Generator().manual_seed(seed)
-    states: list[list[torch.Tensor]] = [[] for _ in blocks]
-    labels: list[torch.Tensor] = []
-    current: dict[str, torch.Tensor] = {}
-
-    def make_hook(b: int):  # noqa: ANN202
-        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            hidden = _features(args[0] if args else kwargs["hidden_states"], current["mask"], pool)  # (B, T, D)
-            states[b].append(hidden[current["keep"].to(hidden.device)].float().cpu())  # (n, D)
-
-        return hook
-
-    handles = [blk.register_forward_pre_hook(make_hook(b), with_kwargs=True) for b, blk in enumerate(blocks)]
-    try:
-        model.eval()
-        dev = next(model.base.parameters()).device
-        for idx, batch in eval_batches(rows, model.tokenizer, batch_size=batch_size, max_length=max_length):
-            mask = batch["attention_mask"].bool()
-            keep = mask & (torch.rand(mask.shape, generator=gen) < keep_p)
-            current["keep"], current["mask"] = keep, mask
-            expert = torch.tensor([experts[i] for i in idx])
-            labels.append(expert[:, None].expand_as(keep)[keep])
-            model(batch["input_ids"].to(dev), batch["attention_mask"].to(dev), route=expert)
-    finally:
-        for h in handles:
-            h.remove()
-    return [torch.cat(s).numpy() for s in states], torch.cat(labels).numpy()
+    data = collect_block_inputs(model, rows, experts, batch_size=batch_size, max_length=max_length,
+                                max_tokens=max_tokens, seed=seed, pool=pool)  # fmt: skip
+    return data.states, data.labels
 
 
 def fit_logistic_gates(
@@ -153,7 +153,15 @@ def fit_logistic_gates(
     max_tokens: int = 16384,
     seed: int = 0,
 ) -> list[float]:
-    """Initialise every block's gate as a multinomial logistic regression of a token's expert on its block input.
+    """Initialise every block's gate as a multinomial logistic regression of a token's expert on its block input
+    (:func:`logistic_gates` on the inputs of one forced pass over ``rows``); returns every block's token accuracy."""
+    data = collect_block_inputs(model, rows, experts, batch_size=batch_size, max_length=max_length,
+                                max_tokens=max_tokens, seed=seed, pool=model.spec.pool)  # fmt: skip
+    return logistic_gates(model, data, c=c, seed=seed)
+
+
+def logistic_gates(model: MoLEModel, data: BlockInputs, *, c: float, seed: int = 0) -> list[float]:
+    """Set every block's gate to a multinomial logistic regression of a token's expert on its block input.
 
     Each gate is fit (scikit-learn, L2 strength ``1 / c``, on standardised inputs whose scaling is then folded
     into the gate) to predict, from a token's input hidden state, the cluster of the row it is in. Unlike the
@@ -163,16 +171,12 @@ def fit_logistic_gates(
     Returns:
         Every block's training accuracy (fraction of sampled tokens whose top-1 gate is their row's expert).
     """
-    e = model.spec.num_experts
-    states, labels = block_inputs(
-        model, rows, experts, batch_size=batch_size, max_length=max_length, max_tokens=max_tokens, seed=seed,
-        pool=model.spec.pool,
-    )  # fmt: skip
-    missing = sorted(set(range(e)) - set(labels.tolist()))
+    missing = sorted(set(range(model.spec.num_experts)) - set(data.labels.tolist()))
     if missing:
         raise ValueError(f"warm start: experts {missing} have no sampled tokens; every expert needs at least one row")
-    accuracy = [fit_gate(router, x, labels, c=c, seed=seed) for router, x in zip(model.routers, states, strict=True)]
-    logger.info("warm start (logistic, %d tokens): per-block token accuracy %s", len(labels), accuracy)
+    accuracy = [fit_gate(router, x, data.labels, c=c, seed=seed)
+                for router, x in zip(model.routers, data.states, strict=True)]  # fmt: skip
+    logger.info("warm start (logistic, %d tokens): per-block token accuracy %s", len(data.labels), accuracy)
     return accuracy
 
 
@@ -236,7 +240,8 @@ def warm_start_gates(
     loss on the remaining quarter is lower than the nearest-mean rule's by more than ``AUTO_MARGIN`` (relative),
     else the nearest-mean rule (the rows are the warm start's, from the train split). Which rule routes tokens
     better depends on the base: the logistic fit wins where block inputs carry the cluster per token, the nearest
-    mean where only a row's average does (as in a random tiny model).
+    mean where only a row's average does (as in a random tiny model). Both rules are fit from the block inputs of
+    one forced pass over the rows (:func:`collect_block_inputs`).
 
     ``progress("warm-start", step, steps, held-out loss or NaN)`` is told after each fit and each scoring (two
     steps per rule fitted, one for a fixed rule).
@@ -246,17 +251,19 @@ def warm_start_gates(
     """
     tell = progress or (lambda *_: None)
 
-    def fit(rule: str, rs: list[dict[str, Any]], es: list[int]) -> dict[str, Any]:
+    def collect(rs: list[dict[str, Any]], es: list[int], tokens: int) -> BlockInputs:
+        return collect_block_inputs(model, rs, es, batch_size=batch_size, max_length=max_length, max_tokens=tokens,
+                                    seed=seed, pool=model.spec.pool)  # fmt: skip
+
+    def fit(rule: str, data: BlockInputs, rs: list[dict[str, Any]], es: list[int]) -> dict[str, Any]:
         if rule == "logistic":
-            acc = fit_logistic_gates(
-                model, rs, es, c=c, batch_size=batch_size, max_length=max_length, max_tokens=max_tokens, seed=seed
-            )
-            return {"token_accuracy": acc}
-        return {"temperatures": warm_start(model, rs, es, batch_size=batch_size, max_length=max_length)}
+            return {"token_accuracy": logistic_gates(model, data, c=c, seed=seed)}
+        return {"temperatures": means_gates(model, data, rs, es, batch_size=batch_size, max_length=max_length)}
 
     if method != "auto":
         tell(WARM, 0, 1, math.nan)
-        out = {"method": method, **fit(method, rows, experts)}
+        out = {"method": method, **fit(method, collect(rows, experts, max_tokens if method == "logistic" else 0),
+                                       rows, experts)}  # fmt: skip
         tell(WARM, 1, 1, math.nan)
         return out
     n_val = max(1, len(rows) // 4)
@@ -266,8 +273,9 @@ def warm_start_gates(
         fit_rows, fit_experts = rows, experts
     losses, details, states = {}, {}, {}
     tell(WARM, 0, 4, math.nan)
+    data = collect(fit_rows, fit_experts, max_tokens)
     for i, rule in enumerate(("means", "logistic")):
-        details[rule] = fit(rule, fit_rows, fit_experts)
+        details[rule] = fit(rule, data, fit_rows, fit_experts)
         tell(WARM, 2 * i + 1, 4, math.nan)
         losses[rule] = round(eval_loss(model, rows[:n_val], batch_size=batch_size, max_length=max_length), 5)
         tell(WARM, 2 * i + 2, 4, losses[rule])
@@ -283,21 +291,37 @@ def warm_start_gates(
 def warm_start(
     model: MoLEModel, rows: list[dict[str, Any]], experts: list[int], *, batch_size: int = 8, max_length: int = 128
 ) -> list[float]:
-    """Initialise every block's gate from cluster hidden-state means, then calibrate its temperature.
+    """Initialise every block's gate from cluster hidden-state means (one forced pass over ``rows``), then calibrate
+    its temperature (:func:`means_gates`); returns the fitted temperature of every block."""
+    data = collect_block_inputs(model, rows, experts, batch_size=batch_size, max_length=max_length, max_tokens=0,
+                                pool=model.spec.pool)  # fmt: skip
+    return means_gates(model, data, rows, experts, batch_size=batch_size, max_length=max_length)
 
-    Means are collected with each row routed to its own expert. A block's input carries the expert deltas
-    of the blocks before it, so some blocks separate the clusters far less cleanly than others; a second
-    pass, under the warm-started routers, fits one temperature per block (temperature scaling: the scalar
-    minimising the cross-entropy of the softmax of a row's mean gate logits against the row's cluster), so
-    each block's logits carry the confidence it has earned when a row's evidence is summed across blocks.
+
+def means_gates(
+    model: MoLEModel,
+    data: BlockInputs,
+    rows: list[dict[str, Any]],
+    experts: list[int],
+    *,
+    batch_size: int,
+    max_length: int,
+) -> list[float]:
+    """Set every block's gate from the cluster means of ``data`` (collected over ``rows``), then its temperature.
+
+    A block's input carries the expert deltas of the blocks before it, so some blocks separate the clusters far
+    less cleanly than others; a pass over ``rows`` under the warm-started routers fits one temperature per block
+    (temperature scaling: the scalar minimising the cross-entropy of the softmax of a row's mean gate logits
+    against the row's cluster), so each block's logits carry the confidence it has earned when a row's evidence is
+    summed across blocks.
 
     Returns:
         The fitted temperature of every block.
     """
-    means, overall = cluster_hidden_means(
-        model, rows, experts, batch_size=batch_size, max_length=max_length, pool=model.spec.pool
-    )
-    for router, mu, mu_all in zip(model.routers, means, overall, strict=True):
+    if (data.counts == 0).any():
+        missing = torch.nonzero(data.counts == 0).flatten().tolist()
+        raise ValueError(f"warm start: experts {missing} have no rows; every expert needs at least one row")
+    for router, mu, mu_all in zip(model.routers, data.means, data.overall, strict=True):
         router.warm_start(mu.to(router.gate.weight.device), mu_all.to(router.gate.weight.device))
     _, logits = row_routing(model, rows, batch_size=batch_size, max_length=max_length)  # (n, L, E)
     labels = torch.tensor(experts)

@@ -68,3 +68,49 @@ def test_prefix_pooled_logistic_gate_routes_by_the_fit_on_running_means(make_mol
         with torch.no_grad():
             logits = router.gate(torch.from_numpy(x))  # the pooled logits are the gate of the pooled state
         assert round(float((logits.argmax(-1).numpy() == labels).mean()), 4) == a
+
+
+def test_one_forced_pass_gives_the_block_inputs_of_each_row_under_its_own_expert(
+    make_mole: Callable[[], MoLEModel],
+) -> None:
+    """The shared pass: per-expert means and sampled states are the block inputs the base reports (hidden_states)
+    with each row forced to its expert, whatever gates the model holds."""
+    model = make_mole()
+    kw = {"batch_size": 4, "max_length": 32, "max_tokens": 10**6, "seed": 0}  # every token kept, in order
+    data = warm_start.collect_block_inputs(model, ROWS, EXPERTS, **kw)
+    with torch.no_grad():
+        for router in model.routers:  # other gates: a forced pass does not read them
+            router.gate.weight.normal_()
+    again = warm_start.collect_block_inputs(model, ROWS, EXPERTS, **kw)
+    sums = [torch.zeros(3, model.base.config.hidden_size, dtype=torch.float64) for _ in model.routers]
+    counts, states = torch.zeros(3, dtype=torch.float64), [[] for _ in model.routers]
+    batches = list(eval_batches(ROWS, model.tokenizer, batch_size=4, max_length=32))
+    for idx, batch in batches:
+        route, mask = torch.tensor([EXPERTS[i] for i in idx]), batch["attention_mask"].bool()
+        with torch.no_grad(), model.forced_route(route):
+            hidden = model.base(**{k: batch[k] for k in ("input_ids", "attention_mask")}, output_hidden_states=True)
+        counts.index_add_(0, route, mask.sum(1).double())
+        for b in range(len(sums)):  # hidden_states[b] is block b's input
+            sums[b].index_add_(0, route, (hidden.hidden_states[b].double() * mask[..., None]).sum(1))
+            states[b].append(hidden.hidden_states[b][mask])
+    for b in range(len(sums)):
+        torch.testing.assert_close(data.means[b], (sums[b] / counts[:, None]).float(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.from_numpy(data.states[b]), torch.cat(states[b]), atol=1e-5, rtol=1e-5)
+        assert torch.equal(data.means[b], again.means[b]) and (data.states[b] == again.states[b]).all()
+    masks = [(i, int(m.sum())) for idx, b in batches for i, m in zip(idx, b["attention_mask"], strict=True)]
+    assert data.labels.tolist() == [EXPERTS[i] for i, n in masks for _ in range(n)]  # each row's tokens, in order
+
+
+def test_auto_from_one_pass_scores_each_rule_as_fitting_it_alone_does(make_mole: Callable[[], MoLEModel]) -> None:
+    """``auto`` fits both rules from one shared pass; each rule's held-out loss and fit details are those of fitting
+    that rule alone on the same rows (its own pass), so the rule kept is the same."""
+    kw = {"c": 0.01, "batch_size": 4, "max_length": 32, "max_tokens": 4096}
+    out = warm_start_gates(make_mole(), ROWS, EXPERTS, method="auto", **kw)
+    n_val = len(ROWS) // 4
+    for rule, detail in (("means", "temperatures"), ("logistic", "token_accuracy")):
+        model = make_mole()
+        alone = warm_start_gates(model, ROWS[n_val:], EXPERTS[n_val:], method=rule, **kw)
+        loss = eval_loss(model, ROWS[:n_val], batch_size=4, max_length=32)
+        assert round(loss, 5) == pytest.approx(out["heldout_loss"][rule], abs=1e-5)
+        if out["method"] == rule:
+            assert alone[detail] == out[detail]
