@@ -205,6 +205,7 @@ class EvaluateConfig(Section):
     batch_size: int = Field(8, ge=1)
     max_new_tokens: int = Field(16, ge=1)
     generate_rows: int | None = Field(60, ge=1, description="eval rows used for exact match; null = all")
+    generate_batch_size: int = Field(64, ge=1, description="prompts decoded together (left-padded) for exact match")
     latency_reps: int = Field(5, ge=1)
     out_dir: str = "reports"
 

@@ -34,6 +34,7 @@ from mole.eval.metrics import (
     Generate,
     ModelScorer,
     Route,
+    RoutedScorer,
     Rows,
     Scorer,
     fixed_route,
@@ -50,7 +51,6 @@ from mole.eval.tables import write_tables
 from mole.eval.verdict import verdict
 from mole.io import atomic_path, read_jsonl, write_json, write_jsonl
 from mole.nn.model import MoLEModel
-from mole.routing.diagnostics import row_routing
 from mole.routing.explain import explain
 from mole.training.experts import check_model_current
 from mole.workspace import cluster_paths, eval_paths, experts_paths, load_prepared, mole_paths
@@ -86,6 +86,7 @@ def evaluate_variant(
     max_length: int,
     generate: Generate | None = None,
     generate_rows: int | None = None,
+    generate_batch_size: int | None = None,
 ) -> dict[str, Any]:
     """Loss, perplexity and exact match of one variant, overall and per eval cluster.
 
@@ -98,6 +99,7 @@ def evaluate_variant(
         max_length: token limit of an encoded row (as in training).
         generate: rows -> greedy completions; None skips exact match.
         generate_rows: exact match on the first this many rows (all when None).
+        generate_batch_size: prompts decoded together (``batch_size`` when None).
 
     Returns:
         {"loss", "ppl", "exact_match", "tokens", "per_cluster": {str(c): {"loss", "ppl", "exact_match", "rows"}}};
@@ -120,7 +122,7 @@ def evaluate_variant(
         raise ValueError(f"{name}: the {len(rows)} rows have no labelled tokens to score")
     loss = float(nll.sum() / tokens.sum())
     tell = None if report is None else (lambda k: report(f"eval {name}", len(rows) + k, total, loss))
-    hits, texts = _exact_matches(gen_rows, generate, batch_size, tell)
+    hits, texts = _exact_matches(gen_rows, generate, generate_batch_size or batch_size, tell)
     out = {**_summary(nll, tokens, hits, range(len(rows))), "tokens": int(tokens.sum())}
     # per row (popped into eval_rows.jsonl by run_evaluate): mean NLL of its labelled tokens, greedy completion
     out[ROWS_KEY] = [{"loss": float(nll[i] / tokens[i]) if tokens[i] else None, "completion": texts.get(i)}
@@ -181,7 +183,8 @@ def eval_inputs(cfg: BuildConfig) -> tuple[Rows, list[int], list[int], dict[str,
 
 def variant_kwargs(cfg: BuildConfig) -> dict[str, Any]:
     ev = cfg.evaluate
-    return {"batch_size": ev.batch_size, "max_length": cfg.experts.max_length, "generate_rows": ev.generate_rows}
+    return {"batch_size": ev.batch_size, "max_length": cfg.experts.max_length, "generate_rows": ev.generate_rows,
+            "generate_batch_size": ev.generate_batch_size}  # fmt: skip
 
 
 def _evaluate_lm(name: str, model: nn.Module, tok: Any, cfg: BuildConfig, rows: Rows, clusters: list[int]) -> dict:
@@ -189,16 +192,20 @@ def _evaluate_lm(name: str, model: nn.Module, tok: Any, cfg: BuildConfig, rows: 
     return evaluate_variant(name, ModelScorer(model, tok), rows, clusters, **variant_kwargs(cfg), generate=gen)
 
 
-def _multitask_lora(cfg: BuildConfig, tok: Any, rows: Rows, clusters: list[int]) -> dict[str, Any] | None:
-    """The multitask LoRA baseline on a fresh base; None (with a warning) when it was not trained."""
+def _multitask_lora(cfg: BuildConfig, base: nn.Module, tok: Any, rows: Rows, clusters: list[int]) -> dict | None:
+    """The multitask LoRA baseline on ``base``, whose LoRA layers are removed again afterwards (no second copy of the
+    base is loaded); None (with a warning) when it was not trained."""
     from peft import PeftModel
 
     adapter = experts_paths(cfg)["baseline"]
     if not (adapter / "adapter_config.json").exists():
         logger.warning("multitask_lora: %s holds no adapter; skipping the baseline variant", adapter)
         return None
-    model = PeftModel.from_pretrained(load_configured_base(cfg)[0], str(adapter)).eval()
-    return _evaluate_lm("multitask_lora", model, tok, cfg, rows, clusters)
+    model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    try:
+        return _evaluate_lm("multitask_lora", model, tok, cfg, rows, clusters)
+    finally:
+        model.unload()  # the base's own modules back in place, unmerged
 
 
 def run_evaluate(
@@ -244,9 +251,8 @@ def _run_evaluate(cfg: BuildConfig, extra_variants: dict[str, dict[str, Any]] | 
     rows, clusters, groups, creport = eval_inputs(cfg)
     base, tok = load_configured_base(cfg)
     variants = {"base": _evaluate_lm("base", base, tok, cfg, rows, clusters)}
-    if (lora := _multitask_lora(cfg, tok, rows, clusters)) is not None:
+    if (lora := _multitask_lora(cfg, base, tok, rows, clusters)) is not None:
         variants["multitask_lora"] = lora
-    _collect()  # the baseline model became unreachable when _multitask_lora returned
     mole = _evaluate_mole(cfg, mole_dir, base, rows, clusters, groups)
     del base
     _collect()
@@ -296,12 +302,12 @@ def _evaluate_mole(
     routes: dict[str, Route | None] = {name: fixed_route(rows, experts) for name, experts in fixed.items()}
     routes["mole"] = None
     ev = cfg.evaluate
-    variants = {}
+    variants, routed = {}, RoutedScorer(model, model.tokenizer)  # the mole variant's scoring pass gives its routing
     for name, route in routes.items():
         gen = mole_generator(model, max_new_tokens=ev.max_new_tokens, route=route)
-        scorer = ModelScorer(model, model.tokenizer, route)
+        scorer = ModelScorer(model, model.tokenizer, route) if route is not None else routed
         variants[name] = evaluate_variant(name, scorer, rows, clusters, **variant_kwargs(cfg), generate=gen)
-    weights, logits = row_routing(model, rows, batch_size=ev.batch_size, max_length=cfg.experts.max_length)
+    weights, logits = routed.routing()  # as row_routing over the same batches
     routing = routing_stats(weights, logits, [expert_of[c] for c in clusters])
     routing["top_k"] = {"configured": cfg.router.top_k, "used": model.spec.top_k}  # used < configured: k was small
     _, batch = next(eval_batches(rows, model.tokenizer, batch_size=ev.batch_size, max_length=cfg.experts.max_length))

@@ -11,7 +11,7 @@ import statistics
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,7 +21,7 @@ from torch import nn
 
 from mole.data.tokenize import completions, encode_prompts, row_nll
 from mole.nn.model import MoLEModel
-from mole.routing.diagnostics import routing_agreement
+from mole.routing.diagnostics import batch_routing, routing_agreement, routing_arrays
 
 VARIANT_ORDER = ("base", "multitask_lora", "oracle_experts", "cluster_routing", "mole", "mole_merged")
 Rows = list[dict[str, Any]]
@@ -71,6 +71,28 @@ class ModelScorer:
             route = self.route(rows) if self.route is not None else None
             return self.model.score(ids, mask, labels, route=route)
         return row_nll(self.model(input_ids=ids, attention_mask=mask).logits, labels)
+
+
+@dataclass
+class RoutedScorer:
+    """A :class:`Scorer` for a MoLE model under its own routers that keeps every batch's routing as well, so the
+    scoring pass also gives ``mole.routing.diagnostics.row_routing``'s numbers for the same batches."""
+
+    model: MoLEModel
+    tokenizer: Any
+    parts: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, torch.Tensor], rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
+        dev = next(self.model.parameters()).device
+        ids, mask, labels = (batch[k].to(dev) for k in ("input_ids", "attention_mask", "labels"))
+        res = self.model(ids, mask)  # as MoLEModel.score, keeping the routing
+        self.parts.append(batch_routing(res.routing, batch))
+        return row_nll(res.logits, labels)
+
+    def routing(self) -> tuple[np.ndarray, np.ndarray]:
+        """(weights, logits), each (n_rows, L, E): the mean routing of each row scored so far, in order."""
+        return routing_arrays(self.parts)
 
 
 def hf_generator(model: nn.Module, tokenizer: Any, *, max_new_tokens: int) -> Generate:

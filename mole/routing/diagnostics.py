@@ -36,14 +36,28 @@ def row_routing(
         (weights, logits), each of shape (n_rows, L, E).
     """
     model.eval()
-    weights, logits = [], []
+    parts = []
     dev = next(model.base.parameters()).device
     for _, batch in eval_batches(rows, model.tokenizer, batch_size=batch_size, max_length=max_length):
-        mask = token_mask(batch, prompt_only).to(dev)[..., None]  # (B, T, 1)
         res = model(batch["input_ids"].to(dev), batch["attention_mask"].to(dev))
-        weights.append(torch.stack([(o.weights * mask).sum(1) / mask.sum(1) for o in res.routing], 1).cpu())
-        logits.append(torch.stack([(o.logits * mask).sum(1) / mask.sum(1) for o in res.routing], 1).cpu())
-    return torch.cat(weights).float().numpy(), torch.cat(logits).float().numpy()
+        parts.append(batch_routing(res.routing, batch, prompt_only=prompt_only))
+    return routing_arrays(parts)
+
+
+def batch_routing(
+    routing: list[Any], batch: dict[str, torch.Tensor], *, prompt_only: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch's part of :func:`row_routing`: from its forward's routing (a RouterOutput per block), the mean over
+    each row's (prompt) tokens of the top-k weights and of the gate logits, each (B, L, E) on the CPU."""
+    mask = token_mask(batch, prompt_only).to(routing[0].logits.device)[..., None]  # (B, T, 1)
+    weights = torch.stack([(o.weights * mask).sum(1) / mask.sum(1) for o in routing], 1).cpu()
+    logits = torch.stack([(o.logits * mask).sum(1) / mask.sum(1) for o in routing], 1).cpu()
+    return weights, logits
+
+
+def routing_arrays(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[np.ndarray, np.ndarray]:
+    """The (weights, logits) of :func:`batch_routing` batches, in order, as (n_rows, L, E) float32 arrays."""
+    return torch.cat([w for w, _ in parts]).float().numpy(), torch.cat([g for _, g in parts]).float().numpy()
 
 
 def routing_agreement(logits: np.ndarray, experts: list[int]) -> float:

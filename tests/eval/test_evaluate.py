@@ -217,7 +217,7 @@ def test_missing_baseline_is_skipped_with_a_warning(
 
     cfg = built[0].model_copy(update={"experts": built[0].experts.model_copy(update={"baseline_dir": "nowhere"})})
     with caplog.at_level(logging.WARNING, logger="mole.eval.evaluate"):
-        assert _multitask_lora(cfg, None, [], []) is None
+        assert _multitask_lora(cfg, None, None, [], []) is None
     assert "skipping the baseline" in caplog.text
 
 
@@ -280,3 +280,80 @@ def test_evaluate_variant_matches_a_hand_computation() -> None:
     evaluate_variant("hand", ModelScorer(model, tok), rows, [0, 1], batch_size=1, max_length=64)  # outside: no calls
     assert [c[:3] for c in calls] == [("eval hand", 1, 3), ("eval hand", 2, 3), ("eval hand", 3, 3)]
     assert [c[3] for c in calls] == pytest.approx([nll[0] / count[0], *[sum(nll) / sum(count)] * 2], rel=1e-5)
+
+
+def _completion_rows(cfg: BuildConfig, eval_rows: list) -> tuple[list, list[int]]:
+    clusters = {a["id"]: a["cluster"] for a in read_jsonl(workspace.cluster_paths(cfg)["eval_assignments"])}
+    rows = [r for r in eval_rows if "completion" in r][:8]
+    return rows, [clusters[r["id"]] for r in rows]
+
+
+def test_decoding_many_prompts_at_once_gives_the_completions_of_one_at_a_time(
+    built: tuple[BuildConfig, dict[str, Any]], eval_rows: list
+) -> None:
+    """Equal outputs: greedy completions (and losses) of a variant decoded in one left-padded batch are those decoded
+    prompt by prompt, for the base, a forced route mixing experts in the batch, and the token routers."""
+    from mole.base import load_configured_base
+    from mole.eval.metrics import fixed_route, hf_generator, mole_generator
+    from mole.nn.model import MoLEModel
+
+    cfg, _ = built
+    rows, clusters = _completion_rows(cfg, eval_rows)
+    base, tok = load_configured_base(cfg)
+    model = MoLEModel.from_pretrained(workspace.mole_paths(cfg)["dir"])
+    model.merge_forced = False  # one prompt at a time would merge its expert: compare the same arithmetic
+    route = fixed_route(rows, [i % model.spec.num_experts for i in range(len(rows))])
+    cases = {"base": (ModelScorer(base, tok), hf_generator(base, tok, max_new_tokens=6)),
+             "forced": (ModelScorer(model, model.tokenizer, route),
+                        mole_generator(model, max_new_tokens=6, route=route)),
+             "mole": (ModelScorer(model, model.tokenizer), mole_generator(model, max_new_tokens=6))}  # fmt: skip
+    for name, (scorer, gen) in cases.items():
+        kw = {"batch_size": 4, "max_length": cfg.experts.max_length, "generate": gen}
+        one = evaluate_variant(name, scorer, rows, clusters, generate_batch_size=1, **kw)
+        many = evaluate_variant(name, scorer, rows, clusters, generate_batch_size=len(rows), **kw)
+        assert [r["completion"] for r in many["per_row"]] == [r["completion"] for r in one["per_row"]], name
+        assert many["exact_match"] == one["exact_match"] and many["loss"] == one["loss"], name
+
+
+def test_the_mole_scoring_pass_gives_the_losses_and_routing_of_separate_passes(
+    built: tuple[BuildConfig, dict[str, Any]], eval_rows: list
+) -> None:
+    from mole.eval.metrics import RoutedScorer
+    from mole.nn.model import MoLEModel
+    from mole.routing.diagnostics import row_routing
+
+    cfg, report = built
+    model = MoLEModel.from_pretrained(workspace.mole_paths(cfg)["dir"])
+    clusters = {a["id"]: a["cluster"] for a in read_jsonl(workspace.cluster_paths(cfg)["eval_assignments"])}
+    kw = {"batch_size": cfg.evaluate.batch_size, "max_length": cfg.experts.max_length}
+    routed = RoutedScorer(model, model.tokenizer)
+    one = evaluate_variant("mole", routed, eval_rows, [clusters[r["id"]] for r in eval_rows], **kw)
+    alone = evaluate_variant("mole", ModelScorer(model, model.tokenizer), eval_rows,
+                             [clusters[r["id"]] for r in eval_rows], **kw)  # fmt: skip
+    assert one["loss"] == alone["loss"] == pytest.approx(report["variants"]["mole"]["loss"], abs=1e-6)
+    for got, want in zip(routed.routing(), row_routing(model, eval_rows, **kw), strict=True):
+        torch.testing.assert_close(torch.from_numpy(got), torch.from_numpy(want), atol=1e-6, rtol=1e-6)
+
+
+def test_the_baseline_on_the_shared_base_scores_as_on_a_fresh_one_and_gives_the_base_back(
+    built: tuple[BuildConfig, dict[str, Any]], eval_rows: list
+) -> None:
+    from peft import PeftModel
+
+    from mole.base import load_configured_base
+    from mole.eval.evaluate import _multitask_lora
+    from mole.eval.metrics import hf_generator
+
+    cfg, _ = built
+    rows, clusters = _completion_rows(cfg, eval_rows)
+    base, tok = load_configured_base(cfg)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    shared = _multitask_lora(cfg, base, tok, rows, clusters)
+    assert base.state_dict().keys() == before.keys()  # the LoRA layers are gone
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
+    fresh = PeftModel.from_pretrained(load_configured_base(cfg)[0], str(workspace.experts_paths(cfg)["baseline"]))
+    kw = {"batch_size": cfg.evaluate.batch_size, "max_length": cfg.experts.max_length}
+    alone = evaluate_variant("multitask_lora", ModelScorer(fresh.eval(), tok), rows, clusters, **kw,
+                             generate=hf_generator(fresh, tok, max_new_tokens=cfg.evaluate.max_new_tokens))  # fmt: skip
+    assert shared["loss"] == pytest.approx(alone["loss"], abs=1e-6)
+    assert [r["completion"] for r in shared["per_row"]] == [r["completion"] for r in alone["per_row"]]
