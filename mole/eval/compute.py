@@ -15,7 +15,8 @@ def build_time(cfg: BuildConfig, evaluate_seconds: float) -> dict[str, Any]:
     """Wall seconds of each stage's latest run (this evaluation's so far) and of the training steps in them.
 
     ``training_fraction``: the share of the stages' total spent in optimizer steps of MoLE's adapters (shared,
-    experts, joint phase), as the adapters' own train_metrics record them.
+    experts, joint phase), as the adapters' own train_metrics record them (a cotrained run once, not once per expert);
+    ``training_fraction_with_baseline`` adds the multitask baseline's training.
     """
 
     stages = stage_times(cfg) | {"evaluate": round(evaluate_seconds, 3)}
@@ -25,16 +26,20 @@ def build_time(cfg: BuildConfig, evaluate_seconds: float) -> dict[str, Any]:
     # A reused adapter trained in an earlier run: its seconds are not part of this build's stage times.
     fresh = [e for e in [index.get("shared"), *index.get("experts", []), index.get("baseline")] if e]
     fresh = [e for e in fresh if not e.get("reused")]
+    # cotrained: one run trained the shared adapter and every expert, and each entry records that run's seconds
+    cotrained = index.get("shared_mode") == "cotrained"
     training = {
         "shared": sum(e.get("seconds", 0.0) for e in fresh if e.get("kind") == "shared"),
-        "experts": sum(e.get("seconds", 0.0) for e in fresh if e.get("kind") == "expert"),
+        "experts": 0.0 if cotrained else sum(e.get("seconds", 0.0) for e in fresh if e.get("kind") == "expert"),
         "joint": float(joint.get("seconds", 0.0)),
         "multitask_lora": sum(e.get("seconds", 0.0) for e in fresh if e.get("kind") == "multitask_lora"),
     }
     total = round(sum(stages.values()), 3)  # the fraction uses the total eval.json shows
     mole_training = training["shared"] + training["experts"] + training["joint"]
+    with_baseline = mole_training + training["multitask_lora"]  # the compute-matched baseline trains as long again
     return {"stages": stages, "training": training, "total": total,
-            "training_fraction": mole_training / total if total > 0 else None}  # fmt: skip
+            "training_fraction": mole_training / total if total > 0 else None,
+            "training_fraction_with_baseline": with_baseline / total if total > 0 else None}  # fmt: skip
 
 
 def training_compute(cfg: BuildConfig, variants: dict[str, Any]) -> dict[str, dict[str, Any]]:

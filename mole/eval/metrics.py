@@ -280,5 +280,7 @@ def _build_time_lines(bt: dict[str, Any] | None) -> list[str]:
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in bt["stages"].items())
     t, frac = bt.get("training", {}), bt.get("training_fraction")
     share = "" if frac is None else f"; {frac:.0%} of it in training steps of the mixture's adapters"
+    if (both := bt.get("training_fraction_with_baseline")) is not None and t.get("multitask_lora"):
+        share += f", {both:.0%} with the multitask baseline's"
     steps = ", ".join(f"{k} {v:.1f} s" for k, v in t.items() if v)
     return [f"- build time (latest run of each stage): {stages} (total {bt['total']:.1f} s{share}; {steps})"]

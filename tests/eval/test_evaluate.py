@@ -134,10 +134,15 @@ def test_build_time_of_every_stage_and_its_training_share(built: tuple[BuildConf
     assert list(bt["stages"]) == ["prepare", "cluster", "train-experts", "train-router", "evaluate"]
     assert all(v > 0 for v in bt["stages"].values()) and bt["total"] == pytest.approx(sum(bt["stages"].values()))
     index = json.loads(workspace.experts_paths(cfg)["index"].read_text())
-    assert bt["training"]["experts"] == pytest.approx(sum(e["seconds"] for e in index["experts"]))
+    if index["shared_mode"] == "cotrained":  # one run, whose seconds every entry records: counted once
+        assert bt["training"]["experts"] == 0 and bt["training"]["shared"] == index["shared"]["seconds"]
+    else:
+        assert bt["training"]["experts"] == pytest.approx(sum(e["seconds"] for e in index["experts"]))
     joint = json.loads(workspace.mole_paths(cfg)["metrics"].read_text())["joint"]["seconds"]
     share = (bt["training"]["shared"] + bt["training"]["experts"] + joint) / bt["total"]
     assert bt["training_fraction"] == pytest.approx(share) and 0 < share < 1
+    with_baseline = share + bt["training"]["multitask_lora"] / bt["total"]
+    assert bt["training_fraction_with_baseline"] == pytest.approx(with_baseline) and share < with_baseline < 1
     md = (cfg.path(cfg.evaluate.out_dir) / "eval.md").read_text()
     assert "- build time (latest run of each stage): prepare" in md and "in training steps" in md
 
