@@ -226,6 +226,9 @@ class Clusterer:
 
     embedder: Embedder
     centroids: np.ndarray  # (k, D)
+    # (k,) per cluster, a quantile of its rows' squared distances to its centroid: beyond every cluster's, a row is
+    # new to the clustering (incremental builds). None for a clusterer saved before radii were recorded.
+    radii: np.ndarray | None = None
 
     @property
     def k(self) -> int:
@@ -246,14 +249,29 @@ class Clusterer:
         directory.mkdir(parents=True, exist_ok=True)
         np.save(directory / "centroids.npy", self.centroids, allow_pickle=False)
         self.embedder.save(directory)
-        (directory / "clusterer.json").write_text(json.dumps({"k": self.k, "embedder": self.embedder.name}))
+        meta: dict[str, Any] = {"k": self.k, "embedder": self.embedder.name}
+        if self.radii is not None:
+            meta["radii"] = [float(r) for r in self.radii]
+        (directory / "clusterer.json").write_text(json.dumps(meta))
 
     @classmethod
     def load(cls, directory: str | Path, *, trust_remote_code: bool = False) -> Clusterer:
         """Load a clusterer saved with :meth:`save` (``trust_remote_code``: the caller's own permission)."""
         directory = Path(directory)
         centroids = np.load(directory / "centroids.npy", allow_pickle=False)
-        return cls(embedder=load_embedder(directory, trust_remote_code=trust_remote_code), centroids=centroids)
+        meta = (
+            json.loads((directory / "clusterer.json").read_text()) if (directory / "clusterer.json").is_file() else {}
+        )
+        radii = np.asarray(meta["radii"], dtype=np.float64) if meta.get("radii") is not None else None
+        embedder = load_embedder(directory, trust_remote_code=trust_remote_code)
+        return cls(embedder=embedder, centroids=centroids, radii=radii)
+
+
+def cluster_radii(x: np.ndarray, labels: np.ndarray, centroids: np.ndarray, quantile: float) -> np.ndarray:
+    """Per cluster, the ``quantile`` of its rows' squared distances to its centroid, shape (k,)."""
+    d = ((x - centroids[labels]) ** 2).sum(-1)  # (n,)
+    return np.array([float(np.quantile(d[labels == c], quantile)) if (labels == c).any() else 0.0
+                     for c in range(len(centroids))])  # fmt: skip
 
 
 MAP_KEY = "map_2d"  # fit_clusters' report: the 2-D map of rows and centroids (the stage writes it beside report.json)
@@ -276,6 +294,7 @@ def fit_clusters(
     k_gain_fraction: float = 0.1,
     refine_rows: bool = False,
     lm_smoothing: float = 1000.0,
+    radius_quantile: float = 0.95,
 ) -> tuple[Clusterer, np.ndarray, dict[str, Any]]:
     """Embed rows, pick k (or use the fixed one), fit k-means, optionally refine, and describe the result.
 
@@ -312,7 +331,8 @@ def fit_clusters(
     report.update(embedder=embedder.name, balanced=balanced, k_auto=bool(tried), refined_rows=refined)
     report["k_rule"] = k_rule if tried else "fixed"
     report[MAP_KEY] = project_2d(x, centroids, seed=seed)
-    return Clusterer(embedder=embedder, centroids=centroids), labels, report
+    radii = cluster_radii(x, labels, centroids, radius_quantile)
+    return Clusterer(embedder=embedder, centroids=centroids, radii=radii), labels, report
 
 
 def project_2d(x: np.ndarray, centroids: np.ndarray, *, seed: int) -> dict[str, np.ndarray]:
