@@ -33,7 +33,7 @@ def row_text(row: dict[str, Any]) -> str:
     return row["prompt"] if "prompt" in row else row["text"]
 
 
-def _kmeans(x: np.ndarray, k: int, *, n_init: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def kmeans(x: np.ndarray, k: int, *, n_init: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     from sklearn.cluster import KMeans
 
     km = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(x)
@@ -98,7 +98,7 @@ def heldout_lm_loss(x: np.ndarray, counts: Any, k: int, *, folds: int, mu: float
         if k == 1:
             lab_train, lab_test = np.zeros(len(train), dtype=np.int64), np.zeros(len(test), dtype=np.int64)
         else:
-            lab_train, centroids = _kmeans(x[train], k, n_init=n_init, seed=seed)
+            lab_train, centroids = kmeans(x[train], k, n_init=n_init, seed=seed)
             lab_test = ((x[test, None, :] - centroids[None]) ** 2).sum(-1).argmin(1)
         logp = _unigram_logp(counts[train], lab_train, k, _background(counts[train]), mu)  # (V, k)
         per_row = np.asarray(counts[test] @ logp)  # (n_test, k): each held-out row under every cluster's LM
@@ -155,7 +155,7 @@ def choose_k(
     tried: list[dict[str, Any]] = []
     fits: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for k in range(max(k_min, 1 if rule == "heldout_lm" else 2), min(k_max, len(x) - 1) + 1):
-        labels, centroids = _kmeans(x, k, n_init=n_init, seed=seed) if k > 1 else _one_cluster(x)
+        labels, centroids = kmeans(x, k, n_init=n_init, seed=seed) if k > 1 else _one_cluster(x)
         sizes = np.bincount(labels, minlength=k)
         entry: dict[str, Any] = {"k": k, "min_size": int(sizes.min()), "eligible": int(sizes.min()) >= min_cluster_size}
         if k > 1:
@@ -315,7 +315,7 @@ def fit_clusters(
         )  # fmt: skip
         labels, centroids = fits[k]
     else:
-        labels, centroids = _kmeans(x, k, n_init=n_init, seed=seed) if k > 1 else _one_cluster(x)
+        labels, centroids = kmeans(x, k, n_init=n_init, seed=seed) if k > 1 else _one_cluster(x)
     refined = 0
     if refine_rows and k > 1:
         new = refine(counts, labels, k)

@@ -1,6 +1,7 @@
 """Extending a saved clustering with new rows (incremental builds): old rows keep their labels, new rows join the
-nearest cluster whose radius admits them, and rows no radius admits are clustered among themselves; a group of at
-least ``min_cluster_size`` rows becomes a new cluster, smaller groups join their nearest old cluster.
+nearest cluster whose radius admits them, and rows no radius admits are clustered among themselves (into the fewest
+groups as tight as the old clusters); a group of at least ``min_cluster_size`` rows becomes a new cluster, smaller
+groups join their nearest old cluster.
 
 A cluster's radius is a quantile of its rows' squared distances to its centroid, recorded when it was fitted
 (:func:`mole.cluster.clustering.cluster_radii`); a clusterer saved without radii gets them from its old rows.
@@ -13,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from mole.cluster.clustering import Clusterer, choose_k, cluster_radii, proxy_counts, row_text
+from mole.cluster.clustering import Clusterer, cluster_radii, kmeans, row_text
 
 logger = logging.getLogger(__name__)
 
@@ -28,9 +29,6 @@ def extend_clusters(
     k_max: int,
     n_init: int,
     seed: int,
-    k_tolerance: float = 0.0025,
-    k_gain_fraction: float = 0.1,
-    lm_smoothing: float = 1000.0,
 ) -> tuple[Clusterer, np.ndarray, dict[str, Any]]:
     """Label every row of ``rows`` with the clusters of ``clusterer`` plus any new ones.
 
@@ -40,8 +38,8 @@ def extend_clusters(
         old_labels: row id -> cluster of the previous build's rows.
         min_cluster_size: fewest rows of a new cluster.
         quantile: the radius quantile used when ``clusterer`` has no radii.
-        k_max, n_init, seed, k_tolerance, k_gain_fraction, lm_smoothing: how the far rows are clustered (k chosen
-            by the held-out unigram LM rule, as a full build does).
+        k_max, n_init, seed: how the far rows are clustered: k-means with the fewest groups (at most k_max) each
+            as tight as the loosest old cluster.
 
     Returns:
         (the extended clusterer, labels (n,), info: old/new row counts, the share of old rows the clusterer now
@@ -64,9 +62,8 @@ def extend_clusters(
     far = new[~near]
     new_centroids, new_radii, added = [], [], []
     if len(far) >= min_cluster_size:
-        texts = [row_text(rows[i]) for i in far]
-        groups = _group(x[far], texts, min_cluster_size=min_cluster_size, k_max=k_max, n_init=n_init, seed=seed,
-                        tolerance=k_tolerance, fraction=k_gain_fraction, mu=lm_smoothing)  # fmt: skip
+        groups = _group(x[far], min_cluster_size=min_cluster_size, k_max=k_max, n_init=n_init, seed=seed,
+                        quantile=quantile, max_radius=float(np.max(radii)))  # fmt: skip
         for g in range(int(groups.max()) + 1):
             members = far[groups == g]
             if len(members) < min_cluster_size:
@@ -91,18 +88,16 @@ def extend_clusters(
     return ext, labels, info
 
 
-def _group(
-    x: np.ndarray, texts: list[str], *, min_cluster_size: int, k_max: int, n_init: int, seed: int, tolerance: float,
-    fraction: float, mu: float,
-) -> np.ndarray:  # fmt: skip
-    """Cluster the far rows among themselves (k by the held-out unigram LM rule; one group when too few rows)."""
+def _group(x: np.ndarray, *, min_cluster_size: int, k_max: int, n_init: int, seed: int, quantile: float,
+           max_radius: float) -> np.ndarray:  # fmt: skip
+    """Cluster the far rows among themselves into the fewest groups each as tight as the loosest old cluster (its
+    radius at most ``max_radius``), so that one new kind of row makes one new cluster, as a full build would."""
     top = min(k_max, len(x) // min_cluster_size)
-    if top < 2:
-        return np.zeros(len(x), dtype=np.int64)
-    try:
-        k, _, fits = choose_k(x, k_min=1, k_max=top, min_cluster_size=min_cluster_size, n_init=n_init, seed=seed,
-                              sample=2000, rule="heldout_lm", counts=proxy_counts(texts), tolerance=tolerance,
-                              gain_fraction=fraction, mu=mu, folds=min(5, len(x)))  # fmt: skip
-    except ValueError:  # no k gives groups of the minimum size: one group
-        return np.zeros(len(x), dtype=np.int64)
-    return fits[k][0]
+    labels = np.zeros(len(x), dtype=np.int64)
+    for k in range(1, top + 1):
+        if k > 1:
+            labels, _ = kmeans(x, k, n_init=n_init, seed=seed)
+        centers = np.stack([x[labels == g].mean(0) for g in range(k)])
+        if (cluster_radii(x, labels, centers, quantile) <= max_radius).all():
+            break
+    return labels

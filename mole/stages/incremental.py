@@ -145,8 +145,7 @@ def _incremental(cfg: BuildConfig, prev: Path, train: list[dict[str, Any]]) -> t
     clusterer = Clusterer.load(prev / "clusterer", trust_remote_code=bm.trust_remote_code)
     ext, labels, info = extend_clusters(
         clusterer, train, old_labels, min_cluster_size=c.min_cluster_size, quantile=b.distance_quantile,
-        k_max=c.k_max, n_init=c.n_init, seed=cfg.seed, k_tolerance=c.k_tolerance, k_gain_fraction=c.k_gain_fraction,
-        lm_smoothing=c.lm_smoothing,
+        k_max=c.k_max, n_init=c.n_init, seed=cfg.seed,
     )  # fmt: skip
     if info["disagreement"] > b.max_disagreement:
         raise NotIncremental(f"the previous clusterer assigns {info['disagreement']:.0%} of the old rows to other "
