@@ -128,6 +128,8 @@ def test_rows_added_to_one_cluster_update_its_expert_and_reuse_the_others_byte_f
     (grown_expert,) = updated
     entry = next(e for e in lifecycle["experts"] if e["id"] == grown_expert)
     assert entry["new_rows"] == 6 and entry["steps"] == proportional(4, 6, 18) and entry["loss_before"] is not None
+    router = json.loads((tmp_path / "artifacts" / "mole" / "train_metrics.json").read_text())
+    assert router["warm_start"]["method"] == "previous" and router["warm_start"]["refit_steps"] == 1
 
 
 @pytest.mark.slow
@@ -167,3 +169,19 @@ def test_mostly_new_rows_fall_back_to_a_full_build_saying_why(
 
     with pytest.raises(ValueError, match="build.incremental=always: .* rows are new"):
         stages.cluster(always)
+
+
+def test_build_from_and_full_contradict_each_other(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from mole.cli import app
+
+    res = CliRunner().invoke(app, ["build", "--preset", "tiny", "--from", str(tmp_path), "--full"])
+    assert res.exit_code == 2 and "--from and --full" in res.output
+
+
+def test_build_incremental_is_checked_naming_the_field() -> None:
+    from mole.config import ConfigError
+
+    with pytest.raises(ConfigError, match="build.incremental: value 'sometimes' is invalid"):
+        load_config(None, overrides=["build.incremental=sometimes"])

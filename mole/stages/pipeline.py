@@ -32,7 +32,7 @@ from mole.routing.train import joint_train
 from mole.routing.warm_start import warm_start_gates
 from mole.stages.incremental import plan_clusters, write_incremental_clusters
 from mole.training.experts import SHARED_APPLIED, built_adapters, current_index, expert_lineage, run_train_experts
-from mole.training.lifecycle import incremental_lineage, incremental_plan, kept_slots
+from mole.training.lifecycle import incremental_lineage, incremental_plan, kept_slots, previous_gates, proportional
 from mole.workspace import (
     check_writable,
     cluster_paths,
@@ -211,8 +211,15 @@ def train_router(cfg: BuildConfig, progress: Any = None) -> dict[str, Any]:
     eval_experts_idx = [expert_of[eval_clusters[row["id"]]] for row in evals]
     metrics: dict[str, Any] = {"built_from": built_adapters(full_index), "warm_start": None,
                                "top_k": {"configured": r.top_k, "used": model.spec.top_k}}  # fmt: skip
+    gates = previous_gates(cfg, model.spec, plan) if plan else None
     if model.spec.num_experts == 1:  # k = 1: no mixture, every token goes to the one expert whatever the gate says
         logger.info("one expert (k = 1): no routing to warm-start or learn")
+    elif gates is not None:  # incremental, the same experts: the previous gates, then a brief re-fit
+        model.routers.load_state_dict(gates)
+        r = r.model_copy(
+            update={"steps": proportional(r.steps, plan["new_rows"] + plan["removed_rows"], plan["old_rows"])}
+        )
+        metrics["warm_start"] = {"method": "previous", "from": plan["from"], "refit_steps": r.steps}
     elif r.warm_start:
         metrics["warm_start"] = warm_start_gates(
             model, train[: r.warm_start_rows], train_experts_idx[: r.warm_start_rows], method=r.warm_start_method,

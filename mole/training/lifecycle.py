@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from mole.config import BuildConfig
-from mole.io import atomic_dir, read_json, write_json
+from mole.io import atomic_dir, load_safetensors, read_json, write_json
 from mole.nn.adapters import CONFIG, WEIGHTS, stable_config
 from mole.nn.lineage import adapter_digest
+from mole.nn.spec import read_spec
 from mole.training.lora import BASELINE_ID, METRICS, SHARED_ID, Job, seal_adapter
 from mole.workspace import cluster_paths, eval_paths
 
@@ -150,3 +151,15 @@ def incremental_lineage(records: dict[str, dict], index: dict[str, Any], plan: d
             record = {**record, "parents": [prev], "adapter": record["parents"][0]}
         out[eid] = record
     return out
+
+
+def previous_gates(cfg: BuildConfig, spec: Any, plan: dict[str, Any]) -> dict[str, Any] | None:
+    """The previous build's router state when this build has the same experts (ids, top-k, pooling) and its gates
+    fit: the gate rows of kept experts stay; None when an expert was added (the gates are warm-started anew)."""
+    prev = cfg.path(plan["previous_dir"])
+    if not (prev / "router.safetensors").is_file():
+        return None
+    old = read_spec(prev)
+    if (old.expert_ids, old.top_k, old.pool, old.shared) != (spec.expert_ids, spec.top_k, spec.pool, spec.shared):
+        return None
+    return load_safetensors(prev / "router.safetensors")
