@@ -155,7 +155,12 @@ def build_mole(config: BuildConfig = BuildConfig()) -> dict[str, Any]:  # noqa: 
 def _build(config: BuildConfig, live_run: str | None) -> dict[str, Any]:
     log, name = get_run_logger(), config.tracking.model_name
     prepared = _call(_fresh(tasks.prepare, config), config)
-    clusters = _call(_fresh(tasks.cluster, config), config, prepared)
+    previous = (
+        _call(tasks.with_retries(tasks.fetch_previous, config), config) if config.build.incremental != "never" else None
+    )
+    if previous and previous["ref"] != config.build.previous:  # auto: the champion found in the registry
+        config = config.model_copy(update={"build": config.build.model_copy(update={"previous": previous["ref"]})})
+    clusters = _call(_fresh(tasks.cluster, config), config, prepared, previous)
     artifacts.clusters_table(clusters, name=name)
     index = workspace.experts_paths(config)["index"]
     if config.experts.mode == "packed" or config.experts.shared == "cotrained":  # one run trains every expert
@@ -169,6 +174,7 @@ def _build(config: BuildConfig, live_run: str | None) -> dict[str, Any]:
         experts = _call(_fresh(tasks.index_experts, config, "train-experts"), config, entries)
         workspace.record_stage_time(config, "train-experts", time.perf_counter() - t0)
     artifacts.experts_table(index, name=name)
+    artifacts.lifecycle_table(workspace.eval_paths(config)["lifecycle"], name=name)
     model = _call(_fresh(tasks.train_router, config), config, experts, live_run=live_run)
     reports = workspace.eval_paths(config)
     report = _call(_fresh(tasks.evaluate, config), config, model)

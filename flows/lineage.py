@@ -17,6 +17,7 @@ from typing import Any
 from flows import cache
 from mole.config import BuildConfig
 from mole.nn.lineage import brief
+from mole.workspace import eval_paths
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +98,24 @@ def expert_tags(records: dict[str, dict[str, Any]]) -> dict[str, str]:
     table = {eid: brief(r) for eid, r in records.items()}
     tags = {EXPERTS_TAG: json.dumps(table, separators=(",", ":"))}
     return tags | {EXPERT_TAG + re.sub(r"[^\w.\-/ :]", "-", eid): r["sha256"] for eid, r in records.items()}
+
+
+LIFECYCLE_TAG = "mole.lifecycle"  # JSON {mode, reason, from, experts: {id: reused | updated | added | trained}}
+
+
+def lifecycle_tags(cfg: BuildConfig) -> dict[str, str]:
+    """A build's lifecycle tags from reports/lifecycle.json: full or incremental (and why, and from what), and
+    what became of each expert; ``mole.lifecycle.<status>`` lists the ids of each status. None before it existed."""
+    path = eval_paths(cfg)["lifecycle"]
+    if not path.is_file():
+        return {}
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    statuses = {e["id"]: e["status"] for e in doc.get("experts", [])}
+    table = {"mode": doc.get("mode"), "reason": doc.get("reason"), "from": doc.get("from"), "experts": statuses}
+    tags = {LIFECYCLE_TAG: json.dumps(table, separators=(",", ":")), "mole.build_mode": str(doc.get("mode"))}
+    for status in sorted(set(statuses.values())):
+        tags[f"{LIFECYCLE_TAG}.{status}"] = ",".join(e for e, s in statuses.items() if s == status)
+    return tags
 
 
 def registered_variant(report: dict[str, Any]) -> str:

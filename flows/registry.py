@@ -153,7 +153,9 @@ def _log_and_register(
     flow_run_id, flow_run_url = links["flow_run_id"], comparison.valid_url(links["flow_run_url"])
     tags = lineage_tags(cfg, build, flow_run_id, flow_run_url)
     commit = None if tags["mole.git_commit"] == "none" else tags["mole.git_commit"]
-    run_tags = tags | comparison.run_tags(build, commit, flow_run_url, links["dvc_remote"])
+    run_tags = (
+        tags | lineage.lifecycle_tags(cfg) | comparison.run_tags(build, commit, flow_run_url, links["dvc_remote"])
+    )
     version = None
     where = {"run_id": run_id} if run_id else {"experiment_id": experiment.experiment_id, "run_name": run_name(cfg)}
     with mlflow.start_run(**where, tags=run_tags) as run:
@@ -164,6 +166,7 @@ def _log_and_register(
             info = log_model(cfg, build)
             version_tags = tags | decision.tags() | {"mole.run_id": run.info.run_id}
             version_tags |= lineage.expert_tags(build["experts"])  # each expert's content hash (mole diff)
+            version_tags |= lineage.lifecycle_tags(cfg)  # reused / updated / added since the previous build
             version = mlflow.register_model(info.model_uri, cfg.tracking.model_name, tags=version_tags)
             card = _card(cfg, build, run.info.run_id, flow_run_id, flow_run_url)
             mlflow.log_text(card, "README.md")

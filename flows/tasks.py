@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -38,8 +39,40 @@ def prepare(config: BuildConfig) -> dict[str, Any]:
     return {**res, "hash": content_hash(workspace.prepared_paths(config).values())}
 
 
+@task(name="fetch-previous")
+def fetch_previous(config: BuildConfig) -> dict[str, Any] | None:
+    """The previous build an incremental build starts from (``build.previous``; with ``build.incremental = auto`` and
+    none given, the registered champion when there is one): a ``models:/`` version is downloaded and staged in the
+    workspace. Returns its ref and content hash (the cluster task's cache key), or None."""
+    import tempfile
+
+    from flows.lineage import tracking_uri
+    from flows.versions import download_version, has_alias
+    from mole.stages.incremental import model_dir_of, stage_previous
+
+    b, t, log = config.build, config.tracking, get_run_logger()
+    ref = b.previous
+    if (
+        ref is None
+        and b.incremental == "auto"
+        and t.enabled
+        and has_alias(t.model_name, "champion", uri=tracking_uri(config))
+    ):
+        ref = f"models:/{t.model_name}@champion"
+    if ref is None:
+        return None
+    if ref.startswith("models:/"):
+        with tempfile.TemporaryDirectory(dir=config.path(".")) as tmp:
+            label, local = download_version(ref, uri=tracking_uri(config), dest=Path(tmp))
+            staged = stage_previous(config, model_dir_of(local), ref)
+        log.info("incremental build from %s (%s), staged in %s", ref, label, staged)
+        return {"ref": ref, "hash": content_hash([staged])}
+    path = config.path(ref) if not Path(ref).is_absolute() else Path(ref)
+    return {"ref": ref, "hash": content_hash([model_dir_of(path)]) if path.exists() else None}
+
+
 @task(name="cluster", cache_key_fn=stage_key("cluster"), persist_result=True)
-def cluster(config: BuildConfig, prepared: dict[str, Any]) -> dict[str, Any]:
+def cluster(config: BuildConfig, prepared: dict[str, Any], previous: dict[str, Any] | None = None) -> dict[str, Any]:
     """Embed and cluster the training rows (k chosen automatically unless set)."""
     torch_threads(config)
     res = stages.cluster(config)

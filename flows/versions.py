@@ -85,3 +85,38 @@ def _unless_missing(exc: Exception, ref: str, client: MlflowClient) -> None:
     """Re-raise an MLflow error other than "does not exist" as a RuntimeError naming ``ref`` and the server."""
     if getattr(exc, "error_code", None) not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
         raise RuntimeError(f"{ref}: the tracking server {client.tracking_uri} failed: {exc}") from None
+
+
+def download_version(ref: str, *, uri: str, dest: Path) -> tuple[str, Path]:
+    """Download the registered version ``ref`` (``models:/…``) into ``dest``; returns its label and the local dir.
+
+    Raises:
+        LookupError, ValueError, RuntimeError: as :func:`version_experts`.
+    """
+    name, version, alias = parse_model_uri(ref)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise LookupError(f"{ref}: no tracking store at {uri} (no such file); set tracking.uri or MLFLOW_TRACKING_URI")
+    wait_for_server(uri, attempts=1)
+    with tracking_to(uri):
+        client = MlflowClient(uri, registry_uri=uri)
+        mv = _resolve(client, ref, name, version, alias)
+        local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(dest))
+    return f"{name} version {mv.version}", Path(local)
+
+
+def has_alias(name: str, alias: str, *, uri: str) -> bool:
+    """Whether registered model ``name`` has ``alias`` at ``uri`` (False when there is no store or model yet)."""
+    try:
+        version_label = _resolve_alias(name, alias, uri=uri)
+    except (LookupError, RuntimeError):
+        return False
+    return version_label is not None
+
+
+def _resolve_alias(name: str, alias: str, *, uri: str) -> str | None:
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return None
+    wait_for_server(uri, attempts=1)
+    with tracking_to(uri):
+        client = MlflowClient(uri, registry_uri=uri)
+        return _resolve(client, f"models:/{name}@{alias}", name, None, alias).version

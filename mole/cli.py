@@ -19,6 +19,7 @@ from rich.markup import escape
 
 from mole.add_expert import add_expert
 from mole.audit import explain
+from mole.build import build
 from mole.config import config_sources
 from mole.console import (
     CompileOpt,
@@ -33,8 +34,8 @@ from mole.console import (
     config_or_exit,
     console,
     error,
-    log_bars,
     out,
+    prefect_env,
     prompt_problems,
     run_stage,
     run_with_bars,
@@ -147,39 +148,7 @@ def fetch_base(
     summary("base model", describe_base(bm.name, revision=bm.revision))
 
 
-def _prefect_env() -> None:
-    """Prefect settings mole runs with unless the user set them: library logs in the UI, no analytics."""
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "mole")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # The temporary server starts in 4-9 s on an idle machine; give a busy one more time before giving up.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-
-
-@app.command(epilog=_example("build"))
-def build(
-    config: ConfigOpt = Path("params.yaml"), preset: PresetOpt = None, set_: SetOpt = None, verbose: VerboseOpt = False
-) -> None:
-    """Run the whole build as the Prefect flow `build-mole` (on a temporary server unless PREFECT_API_URL is set)."""
-    setup_logging(verbose)
-    cfg = config_or_exit(config, preset, set_)
-    _prefect_env()
-    from flows.build import build_mole
-
-    api = os.environ.get("PREFECT_API_URL")
-    console.print(f"Prefect API: {api or 'a temporary local server (set PREFECT_API_URL to watch runs in the UI)'}")
-    start = time.perf_counter()
-    with log_bars("flows.progress"):  # the build's steps and its training runs (those in this process) as bars
-        state = build_mole(config=cfg, return_state=True)
-    run_id = state.state_details.flow_run_id
-    if not state.is_completed():
-        error("build failed", f"(flow run {run_id}): {state.message}")
-        raise typer.Exit(1)
-    result = state.result()
-    console.print(f"[green]✓[/] build ({time.perf_counter() - start:.1f}s)")
-    from flows.deployments import flow_run_url
-
-    where = {"flow run": flow_run_url(run_id) if api else str(run_id)}
-    summary("build", {**where, **{k: v for k, v in result.items() if v is not None}})
+app.command(epilog=_example("build"))(build)
 
 
 @app.command(epilog=_example("trigger"))
@@ -241,7 +210,7 @@ def deploy(
     """Deploy the scheduled retraining with this config: served from this process, or registered on a work pool."""
     setup_logging(verbose)
     cfg = config_or_exit(config, preset, set_)
-    _prefect_env()
+    prefect_env()
     from flows.build import build_mole
 
     params = {"config": cfg.model_dump(mode="json")}

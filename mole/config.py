@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError, model_validator
 
 from mole.sections import (
     BaseModelConfig,
+    BuildSection,
     ClusterConfig,
     DataConfig,
     DvcConfig,
@@ -53,6 +54,7 @@ class BuildConfig(Section):
     flow: FlowConfig = FlowConfig()
     tracking: TrackingConfig = TrackingConfig()
     dvc: DvcConfig = DvcConfig()
+    build: BuildSection = BuildSection()
 
     @model_validator(mode="after")
     def _check_top_k(self) -> BuildConfig:

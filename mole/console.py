@@ -11,6 +11,7 @@ import enum
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -53,6 +54,14 @@ CompileOpt = Annotated[
 
 
 OWN_LOGGERS = ("mole", "flows", "bench")
+
+
+def prefect_env() -> None:
+    """Prefect settings mole runs with unless the user set them: library logs in the UI, no analytics."""
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "mole")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The temporary server starts in 4-9 s on an idle machine; give a busy one more time before giving up.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 def setup_logging(verbose: bool) -> None:

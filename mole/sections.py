@@ -221,6 +221,26 @@ class MergeConfig(Section):
     keep_dir: str = "artifacts/mole.unmerged"
 
 
+class BuildSection(Section):
+    """Incremental builds from a previous model (the champion): reuse, update, add experts (mole.stages.incremental)."""
+
+    incremental: Literal["auto", "never", "always"] = Field(
+        "never",
+        description="never: a full build; auto: start from build.previous when its clusters still fit the data, "
+        "else a full build saying why; always: as auto, but a build that cannot be incremental fails",
+    )
+    previous: str | None = Field(
+        None, description="the previous build: a workspace or MoLE model dir, or models:/<name>@<alias> (flow only)"
+    )
+    max_new_fraction: float = Field(0.5, gt=0.0, le=1.0, description="more new rows than this: a full build")
+    max_disagreement: float = Field(
+        0.1, ge=0.0, le=1.0, description="old rows the saved clusterer assigns elsewhere than their labels, at most"
+    )
+    distance_quantile: float = Field(
+        0.95, gt=0.0, le=1.0, description="a row farther than this quantile of every cluster's distances is new"
+    )
+
+
 class FlowConfig(Section):
     """How the Prefect build flow runs its tasks (flows/build.py)."""
 

@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 
 SPEC_FILE = "mole_config.json"  # a MoLE model dir's spec; its other files are named in mole.nn.model
 STAGE_TIMES = ".mole/stage_times.json"  # workspace-relative: each stage's wall time in its latest run
+PREVIOUS = "artifacts/previous"  # workspace-relative: the previous build's model an incremental build starts from
 GALLERY = "artifacts/gallery"  # workspace-relative: imported peft adapters (mole add-expert), one dir per name
 
 
@@ -102,6 +103,7 @@ def cluster_paths(cfg: BuildConfig) -> dict[str, Path]:
         "centroids": out / "centroids.npy",
         "report": out / "report.json",
         "map": out / "map_2d.npz",  # the rows and centroids on their first two principal components
+        "plan": out / "incremental.json",  # full or incremental, why, and each cluster's change since the previous
     }
 
 
@@ -130,4 +132,5 @@ def eval_paths(cfg: BuildConfig) -> dict[str, Path]:
     """Where ``evaluate`` writes its report (merge-prune adds its variant to the same eval.json)."""
     out = cfg.path(cfg.evaluate.out_dir)
     return {"dir": out, "eval": out / "eval.json", "markdown": out / "eval.md", "card": out / "model_card.md",
-            "merge_prune": out / "merge_prune.json", "rows": out / "eval_rows.jsonl"}  # fmt: skip
+            "merge_prune": out / "merge_prune.json", "rows": out / "eval_rows.jsonl",
+            "lifecycle": out / "lifecycle.json"}  # fmt: skip

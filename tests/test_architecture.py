@@ -18,7 +18,7 @@ from tests.conftest import REPO
 PACKAGES = ("mole", "flows", "bench")
 MAX_LINES = 400
 # The app layer: it alone defers importing the pipeline, flows, bench, torch.
-APP = ("mole/cli.py", "mole/audit.py", "mole/diff.py", "mole/add_expert.py")
+APP = ("mole/cli.py", "mole/audit.py", "mole/diff.py", "mole/add_expert.py", "mole/build.py")
 LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
 
 

@@ -33,7 +33,7 @@ def row_text(row: dict[str, Any]) -> str:
     return row["prompt"] if "prompt" in row else row["text"]
 
 
-def _kmeans(x: np.ndarray, k: int, *, n_init: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def kmeans(x: np.ndarray, k: int, *, n_init: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     from sklearn.cluster import KMeans
 
     km = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(x)
@@ -98,7 +98,7 @@ def heldout_lm_loss(x: np.ndarray, counts: Any, k: int, *, folds: int, mu: float
         if k == 1:
             lab_train, lab_test = np.zeros(len(train), dtype=np.int64), np.zeros(len(test), dtype=np.int64)
         else:
-            lab_train, centroids = _kmeans(x[train], k, n_init=n_init, seed=seed)
+            lab_train, centroids = kmeans(x[train], k, n_init=n_init, seed=seed)
             lab_test = ((x[test, None, :] - centroids[None]) ** 2).sum(-1).argmin(1)
         logp = _unigram_logp(counts[train], lab_train, k, _background(counts[train]), mu)  # (V, k)
         per_row = np.asarray(counts[test] @ logp)  # (n_test, k): each held-out row under every cluster's LM
@@ -155,7 +155,7 @@ def choose_k(
     tried: list[dict[str, Any]] = []
     fits: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for k in range(max(k_min, 1 if rule == "heldout_lm" else 2), min(k_max, len(x) - 1) + 1):
-        labels, centroids = _kmeans(x, k, n_init=n_init, seed=seed) if k > 1 else _one_cluster(x)
+        labels, centroids = kmeans(x, k, n_init=n_init, seed=seed) if k > 1 else _one_cluster(x)
         sizes = np.bincount(labels, minlength=k)
         entry: dict[str, Any] = {"k": k, "min_size": int(sizes.min()), "eligible": int(sizes.min()) >= min_cluster_size}
         if k > 1:
@@ -226,6 +226,9 @@ class Clusterer:
 
     embedder: Embedder
     centroids: np.ndarray  # (k, D)
+    # (k,) per cluster, a quantile of its rows' squared distances to its centroid: beyond every cluster's, a row is
+    # new to the clustering (incremental builds). None for a clusterer saved before radii were recorded.
+    radii: np.ndarray | None = None
 
     @property
     def k(self) -> int:
@@ -246,14 +249,29 @@ class Clusterer:
         directory.mkdir(parents=True, exist_ok=True)
         np.save(directory / "centroids.npy", self.centroids, allow_pickle=False)
         self.embedder.save(directory)
-        (directory / "clusterer.json").write_text(json.dumps({"k": self.k, "embedder": self.embedder.name}))
+        meta: dict[str, Any] = {"k": self.k, "embedder": self.embedder.name}
+        if self.radii is not None:
+            meta["radii"] = [float(r) for r in self.radii]
+        (directory / "clusterer.json").write_text(json.dumps(meta))
 
     @classmethod
     def load(cls, directory: str | Path, *, trust_remote_code: bool = False) -> Clusterer:
         """Load a clusterer saved with :meth:`save` (``trust_remote_code``: the caller's own permission)."""
         directory = Path(directory)
         centroids = np.load(directory / "centroids.npy", allow_pickle=False)
-        return cls(embedder=load_embedder(directory, trust_remote_code=trust_remote_code), centroids=centroids)
+        meta = (
+            json.loads((directory / "clusterer.json").read_text()) if (directory / "clusterer.json").is_file() else {}
+        )
+        radii = np.asarray(meta["radii"], dtype=np.float64) if meta.get("radii") is not None else None
+        embedder = load_embedder(directory, trust_remote_code=trust_remote_code)
+        return cls(embedder=embedder, centroids=centroids, radii=radii)
+
+
+def cluster_radii(x: np.ndarray, labels: np.ndarray, centroids: np.ndarray, quantile: float) -> np.ndarray:
+    """Per cluster, the ``quantile`` of its rows' squared distances to its centroid, shape (k,)."""
+    d = ((x - centroids[labels]) ** 2).sum(-1)  # (n,)
+    return np.array([float(np.quantile(d[labels == c], quantile)) if (labels == c).any() else 0.0
+                     for c in range(len(centroids))])  # fmt: skip
 
 
 MAP_KEY = "map_2d"  # fit_clusters' report: the 2-D map of rows and centroids (the stage writes it beside report.json)
@@ -276,6 +294,7 @@ def fit_clusters(
     k_gain_fraction: float = 0.1,
     refine_rows: bool = False,
     lm_smoothing: float = 1000.0,
+    radius_quantile: float = 0.95,
 ) -> tuple[Clusterer, np.ndarray, dict[str, Any]]:
     """Embed rows, pick k (or use the fixed one), fit k-means, optionally refine, and describe the result.
 
@@ -296,7 +315,7 @@ def fit_clusters(
         )  # fmt: skip
         labels, centroids = fits[k]
     else:
-        labels, centroids = _kmeans(x, k, n_init=n_init, seed=seed) if k > 1 else _one_cluster(x)
+        labels, centroids = kmeans(x, k, n_init=n_init, seed=seed) if k > 1 else _one_cluster(x)
     refined = 0
     if refine_rows and k > 1:
         new = refine(counts, labels, k)
@@ -312,7 +331,8 @@ def fit_clusters(
     report.update(embedder=embedder.name, balanced=balanced, k_auto=bool(tried), refined_rows=refined)
     report["k_rule"] = k_rule if tried else "fixed"
     report[MAP_KEY] = project_2d(x, centroids, seed=seed)
-    return Clusterer(embedder=embedder, centroids=centroids), labels, report
+    radii = cluster_radii(x, labels, centroids, radius_quantile)
+    return Clusterer(embedder=embedder, centroids=centroids, radii=radii), labels, report
 
 
 def project_2d(x: np.ndarray, centroids: np.ndarray, *, seed: int) -> dict[str, np.ndarray]:

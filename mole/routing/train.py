@@ -30,9 +30,43 @@ def joint_train(
     max_length: int,
     seed: int,
     progress: Progress | None = None,
+    frozen: tuple[int, ...] = (),
 ) -> dict[str, Any]:
-    """Train routers and (unless frozen) experts end to end; returns per-step losses and timings."""
+    """Train routers and (unless frozen) experts end to end; returns per-step losses and timings.
+
+    ``frozen``: bank slots whose experts get no update (an incremental build's reused experts), their gradients
+    zeroed; with weight decay 0 AdamW then leaves them exactly as they were.
+    """
     torch.manual_seed(seed)
+    handles = _freeze_slots(model, frozen)
+    try:
+        return _joint_train(model, rows, cfg, max_length=max_length, seed=seed, progress=progress)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _freeze_slots(model: MoLEModel, slots: tuple[int, ...]) -> list[Any]:
+    """Gradient hooks that zero the bank slices of ``slots`` (rows of lora_A (S*r, d_in), columns of lora_B)."""
+    handles = []
+    for layer in model.bank.values() if slots else ():
+        keep = torch.ones(layer.lora_A.shape[0])
+        for i in slots:
+            keep[i * layer.r : (i + 1) * layer.r] = 0
+        handles.append(layer.lora_A.register_hook(lambda g, m=keep[:, None]: g * m.to(g)))
+        handles.append(layer.lora_B.register_hook(lambda g, m=keep[None, :]: g * m.to(g)))
+    return handles
+
+
+def _joint_train(
+    model: MoLEModel,
+    rows: list[dict[str, Any]],
+    cfg: RouterConfig,
+    *,
+    max_length: int,
+    seed: int,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
     groups = [{"params": model.router_parameters(), "lr": cfg.lr}]
     for p in model.expert_parameters():
         p.requires_grad_(not cfg.freeze_experts and cfg.expert_lr > 0)

@@ -30,7 +30,9 @@ from mole.nn.model import MoLEModel
 from mole.routing.diagnostics import routing_agreement, row_routing
 from mole.routing.train import joint_train
 from mole.routing.warm_start import warm_start_gates
+from mole.stages.incremental import plan_clusters, write_incremental_clusters
 from mole.training.experts import SHARED_APPLIED, built_adapters, current_index, expert_lineage, run_train_experts
+from mole.training.lifecycle import incremental_lineage, incremental_plan, kept_slots, previous_gates, proportional
 from mole.workspace import (
     check_writable,
     cluster_paths,
@@ -94,6 +96,9 @@ def cluster(cfg: BuildConfig) -> dict[str, Any]:
             f"{prepared_paths(cfg)['train']}: {len(train)} rows is too few for the requested clusters "
             f"(needs at least {c.min_rows()}); lower cluster.min_cluster_size or add data"
         )
+    plan, extension = plan_clusters(cfg, train)
+    if extension is not None:  # an incremental build: the previous build's clusters, extended
+        return write_incremental_clusters(cfg, plan, extension, train, evals, _assignments)
     bm = cfg.base_model
     embedder = make_embedder(
         c.embedder,
@@ -122,6 +127,7 @@ def cluster(cfg: BuildConfig) -> dict[str, Any]:
         k_gain_fraction=c.k_gain_fraction,
         refine_rows=c.refine,
         lm_smoothing=c.lm_smoothing,
+        radius_quantile=cfg.build.distance_quantile,
     )
     eval_labels = clusterer.assign([row_text(r) for r in evals])
     report["eval_sizes"] = [int((eval_labels == i).sum()) for i in range(clusterer.k)]
@@ -133,6 +139,7 @@ def cluster(cfg: BuildConfig) -> dict[str, Any]:
         write_jsonl(tmp / "assignments.jsonl", _assignments(train, labels))
         write_jsonl(tmp / "eval_assignments.jsonl", _assignments(evals, eval_labels))
         write_json(tmp / "report.json", report)
+        write_json(tmp / paths["plan"].name, plan)
     logger.info("k=%d sizes=%s silhouette=%s ari=%s", report["k"], report["sizes"], report["silhouette"], report["ari"])
     return {**report, "paths": {k: str(v) for k, v in paths.items()}}
 
@@ -188,7 +195,11 @@ def train_router(cfg: BuildConfig, progress: Any = None) -> dict[str, Any]:
         pool=cfg.router.pool,
     )
     lineage = expert_lineage(cfg, full_index)  # the experts' parents: the adapters of experts.json
+    plan = incremental_plan(cfg)
+    if plan is not None:  # their parents: the previous build's experts
+        lineage = incremental_lineage(lineage, full_index, plan)
     model.lineage = {eid: lineage[eid] for eid in [*model.spec.expert_ids, model.spec.shared] if eid in lineage}
+    kept = kept_slots(cfg, full_index, model.spec.expert_ids, model.shared_index) if plan else {}
     r, max_len = cfg.router, cfg.experts.max_length
     stats = prepared_paths(cfg)["stats"]
     if stats.exists():
@@ -200,8 +211,15 @@ def train_router(cfg: BuildConfig, progress: Any = None) -> dict[str, Any]:
     eval_experts_idx = [expert_of[eval_clusters[row["id"]]] for row in evals]
     metrics: dict[str, Any] = {"built_from": built_adapters(full_index), "warm_start": None,
                                "top_k": {"configured": r.top_k, "used": model.spec.top_k}}  # fmt: skip
+    gates = previous_gates(cfg, model.spec, plan) if plan else None
     if model.spec.num_experts == 1:  # k = 1: no mixture, every token goes to the one expert whatever the gate says
         logger.info("one expert (k = 1): no routing to warm-start or learn")
+    elif gates is not None:  # incremental, the same experts: the previous gates, then a brief re-fit
+        model.routers.load_state_dict(gates)
+        r = r.model_copy(
+            update={"steps": proportional(r.steps, plan["new_rows"] + plan["removed_rows"], plan["old_rows"])}
+        )
+        metrics["warm_start"] = {"method": "previous", "from": plan["from"], "refit_steps": r.steps}
     elif r.warm_start:
         metrics["warm_start"] = warm_start_gates(
             model, train[: r.warm_start_rows], train_experts_idx[: r.warm_start_rows], method=r.warm_start_method,
@@ -212,7 +230,10 @@ def train_router(cfg: BuildConfig, progress: Any = None) -> dict[str, Any]:
         row_routing(model, evals, batch_size=r.batch_size, max_length=max_len)[1], eval_experts_idx
     )
     if r.routing == "token_topk" and r.steps > 0:
-        metrics["joint"] = joint_train(model, train, r, max_length=max_len, seed=cfg.seed, progress=progress)
+        metrics["joint"] = joint_train(model, train, r, max_length=max_len, seed=cfg.seed, progress=progress,
+                                       frozen=tuple(kept))  # fmt: skip
+    for i, directory in kept.items():  # reused experts leave as they came, byte for byte
+        model.load_expert(i, directory)
     weights, logits = row_routing(model, evals, batch_size=r.batch_size, max_length=max_len)
     metrics["agreement"] = routing_agreement(logits, eval_experts_idx)
     metrics["utilization"] = weights.mean(0).round(4).tolist()  # (L, E): mean routing weight per block

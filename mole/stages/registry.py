@@ -83,7 +83,8 @@ STAGES: dict[str, Stage] = {
         Stage(
             "cluster", "cluster",
             "Embed and cluster the training rows (k chosen automatically unless cluster.k is set).",
-            reads=(*COMMON, "cluster"), code=("mole/cluster", "mole/stages"), inputs=("${data.out_dir}",),
+            reads=(*COMMON, "cluster", "build", "experts.lora", "experts.shared"),
+            code=("mole/cluster", "mole/stages"), inputs=("${data.out_dir}",),
             outputs=(Output("${cluster.out_dir}"),), done=lambda cfg: [cluster_paths(cfg)["report"]],
         ),
         Stage(
@@ -92,7 +93,8 @@ STAGES: dict[str, Stage] = {
             reads=(*COMMON, "experts", *BASELINE_READS),
             code=("mole/training", "mole/nn/packed_bank.py", "mole/nn/adapters.py", "mole/base.py", "mole/stages"),
             inputs=("${data.out_dir}", "${cluster.out_dir}"),
-            outputs=(Output("${experts.out_dir}"), Output("${experts.baseline_dir}")),
+            outputs=(Output("${experts.out_dir}"), Output("${experts.baseline_dir}"),
+                     Output("${evaluate.out_dir}/lifecycle.json")),
             done=lambda cfg: [experts_paths(cfg)["index"]], progress=True,
         ),
         # merge-prune rewrites artifacts/mole in place and DVC allows one owner per path: train-router owns what

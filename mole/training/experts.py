@@ -23,6 +23,7 @@ from mole.io import atomic_dir, read_jsonl, seal_broken, write_json
 from mole.nn.lineage import adapter_digest, made_by
 from mole.sections import LoraSection
 from mole.training.cotrain import cotrain_steps, run_cotrained, run_fingerprint
+from mole.training.lifecycle import copy_adapter, incremental_jobs, incremental_plan, read_plan, write_lifecycle
 from mole.training.lora import (
     BASELINE_ID,
     METRICS,
@@ -89,16 +90,18 @@ def _jobs(cfg: BuildConfig, groups: dict[int, list[dict[str, Any]]]) -> list[Job
     every_row = [r for rows in groups.values() for r in rows]
     jobs, build_on = [], {}
     steps = e.steps
-    if e.shared == "cotrained":  # one run trains them all: each depends on every cluster's rows and the run's steps
+    if (
+        e.shared == "cotrained" and incremental_plan(cfg) is None
+    ):  # one run trains them all: each depends on every cluster's rows and the run's steps
         run = run_fingerprint(cfg, {c: [r["id"] for r in rows] for c, rows in groups.items()})
         steps = cotrain_steps(cfg, len(groups))
         jobs.append(Job(SHARED_ID, None, every_row, f"{e.out_dir}/{SHARED_ID}", cfg.seed, steps, "shared",
                          upstream=run))  # fmt: skip
         build_on = {"upstream": run}
-    elif e.shared != "none":
+    elif e.shared != "none":  # (an incremental build fine-tunes a cotrained shared adapter on its own, as residual)
         shared = Job(SHARED_ID, None, every_row, f"{e.out_dir}/{SHARED_ID}", cfg.seed, shared_steps(cfg), "shared")
         jobs.append(shared)
-        key = "init_from" if e.shared == "seed" else "under"
+        key = "init_from" if e.shared == "seed" else "under"  # cotrained (incremental): under, as residual
         build_on = {key: shared.rel_dir, "upstream": shared.fingerprint(cfg)}
     jobs += [
         Job(expert_id(c), c, rows, f"{e.out_dir}/{expert_id(c)}", cfg.seed + c, steps, **build_on)
@@ -108,7 +111,8 @@ def _jobs(cfg: BuildConfig, groups: dict[int, list[dict[str, Any]]]) -> list[Job
         lora = multitask_lora(cfg, len(groups))
         steps = multitask_steps(cfg, len(groups))
         jobs.append(Job(BASELINE_ID, None, every_row, e.baseline_dir, cfg.seed, steps, BASELINE_ID, lora))
-    return jobs
+    plan = incremental_plan(cfg)
+    return jobs if plan is None else incremental_jobs(cfg, jobs, plan)
 
 
 def _joint_trains_experts(cfg: BuildConfig) -> bool:
@@ -164,9 +168,12 @@ def _run_job(
     out_dir = cfg.path(job.rel_dir)
     fingerprint = job.fingerprint(cfg)
     metrics = reuse(out_dir, fingerprint, job.name, job.steps, progress)
+    if metrics is None and job.copy_from is not None:  # incremental: the previous build's adapter, unchanged
+        logger.info("%s: reusing the previous build's adapter %s unchanged", job.name, job.copy_from)
+        return job.entry(fingerprint, copy_adapter(cfg, job, out_dir, fingerprint), reused=False)
     if metrics is None:
         for dep in (job.init_from, job.under):
-            if dep is not None and not (cfg.path(dep) / METRICS).is_file():
+            if dep is not None and dep != job.parent_dir and not (cfg.path(dep) / METRICS).is_file():
                 raise FileNotFoundError(f"{job.name}: the shared adapter {cfg.path(dep)} is not trained yet")
         logger.info("%s: training on %d rows for %d steps", job.name, len(job.rows), job.steps)
         step_cb = None if progress is None else lambda s, t, loss: progress(job.name, s, t, loss)
@@ -231,6 +238,7 @@ def write_index(cfg: BuildConfig, entries: list[dict[str, Any]]) -> dict[str, An
     index = {"k": len(groups), "base_model": cfg.base_model.name, "lora": cfg.experts.lora.model_dump(mode="json")}
     index |= {"shared_mode": cfg.experts.shared, "shared": shared, "training": mole_training(cfg, len(groups))}
     write_json(experts_dir / "experts.json", {**index, "experts": experts, "baseline": baseline})
+    write_lifecycle(cfg, read_plan(cfg), [*([shared] if shared else []), *experts, *([baseline] if baseline else [])])
     return {
         "k": len(groups),
         "trained": [x["id"] for x in entries if not x["reused"]],
@@ -330,7 +338,9 @@ def run_train_experts(cfg: BuildConfig, *, progress: Callable[[str, int, int, fl
     _remove_stale_experts(cfg.path(cfg.experts.out_dir), keep=_kept(cfg, groups))
     get_base = functools.cache(lambda: load_configured_base(cfg))
     jobs, entries = _jobs(cfg, groups), []
-    if cfg.experts.shared == "cotrained":  # the shared adapter and the experts in one run, then the baseline
+    if incremental_plan(cfg) is not None:  # each adapter on its own: most are copied or briefly fine-tuned
+        pass
+    elif cfg.experts.shared == "cotrained":  # the shared adapter and the experts in one run, then the baseline
         entries = run_cotrained(cfg, [job for job in jobs if job.kind != BASELINE_ID], get_base, progress)
         jobs = [job for job in jobs if job.kind == BASELINE_ID]
     elif cfg.experts.mode == "packed":  # the shared adapter first, then all experts in one run, then the baseline

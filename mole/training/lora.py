@@ -252,9 +252,21 @@ class Job:
     init_from: str | None = None  # workspace-relative adapter dir the adapter starts from (experts.shared = seed)
     under: str | None = None  # workspace-relative adapter dir kept frozen beneath it (experts.shared = residual)
     upstream: str | None = None  # fingerprint of the shared adapter it builds on
+    # Incremental builds (mole.training.lifecycle): the content hash of the previous build's adapter it starts
+    # from, and whether it is that adapter copied unchanged (copy_from: its workspace-relative dir).
+    parent: str | None = None
+    copy_from: str | None = None
+    status: str | None = None  # reused | updated | added (incremental builds); None in a full build
+
+    @property
+    def parent_dir(self) -> str | None:
+        """The previous build's adapter an updated adapter starts from (its ``init_from``), else None."""
+        return self.init_from if self.parent is not None else None
 
     def fingerprint(self, cfg: BuildConfig) -> str:
         extra: dict[str, Any] = {"upstream": self.upstream} if self.upstream else {}
+        if self.parent is not None:
+            extra |= {"parent": self.parent, "copy": self.copy_from is not None}
         if self.lora is not None:
             extra["lora"] = self.lora.model_dump(mode="json")
         row_ids = [r["id"] for r in self.rows]
@@ -265,7 +277,8 @@ class Job:
         return {"id": self.name, "cluster": self.cluster, "rows": len(self.rows), "steps": self.steps,
                 "path": self.rel_dir, "final_loss": metrics["final_loss"], "seconds": metrics["seconds"],
                 "reused": reused, "fingerprint": fingerprint, "kind": self.kind, "tokens": metrics["tokens"],
-                "r": metrics["r"]}  # fmt: skip
+                "r": metrics["r"],
+                **({"status": self.status, "parent_sha256": self.parent} if self.status else {})}  # fmt: skip
 
 
 def write_sealed_adapter(out_dir: Path, tensors: dict[str, torch.Tensor], peft_config: Any,

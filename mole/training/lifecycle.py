@@ -1,0 +1,165 @@
+"""Incremental builds, the training half: the adapters of a build that starts from the previous one, and
+reports/lifecycle.json, what became of each expert.
+
+The cluster stage's plan (``data/clusters/incremental.json``, :mod:`mole.stages.incremental`) says per cluster
+whether its rows changed. Here that becomes the train-experts jobs:
+
+- reused: the previous build's adapter copied byte for byte (no training);
+- updated: fine-tuned from the previous adapter on the cluster's rows, for ``experts.steps`` × new rows / old rows
+  steps (at least 1, at most ``experts.steps``);
+- added: a new expert, trained as a full build trains one (from or on top of the shared adapter);
+- the shared adapter is fine-tuned from the previous one for ``experts.shared_steps`` × new rows / old rows steps
+  (reused when no row changed); the multitask baseline likewise when the previous build left one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from mole.config import BuildConfig
+from mole.io import atomic_dir, load_safetensors, read_json, write_json
+from mole.nn.adapters import CONFIG, WEIGHTS, stable_config
+from mole.nn.lineage import adapter_digest
+from mole.nn.spec import read_spec
+from mole.training.lora import BASELINE_ID, METRICS, SHARED_ID, Job, seal_adapter
+from mole.workspace import cluster_paths, eval_paths
+
+
+def read_plan(cfg: BuildConfig) -> dict[str, Any] | None:
+    """The cluster stage's plan (full or incremental, and why); None when the clusters predate plans."""
+    path = cluster_paths(cfg)["plan"]
+    return read_json(path) if path.is_file() else None
+
+
+def incremental_plan(cfg: BuildConfig) -> dict[str, Any] | None:
+    """The plan when this build is incremental, else None."""
+    plan = read_plan(cfg)
+    return plan if plan and plan.get("mode") == "incremental" else None
+
+
+def proportional(steps: int, new: int, old: int) -> int:
+    """Fine-tuning steps for ``new`` changed rows over ``old`` rows: ``steps`` × new / old, in [1, steps]."""
+    return max(1, min(steps, math.ceil(steps * new / max(1, old))))
+
+
+def incremental_jobs(cfg: BuildConfig, jobs: list[Job], plan: dict[str, Any]) -> list[Job]:
+    """The full build's ``jobs`` turned into an incremental build's, as the plan says (module docstring)."""
+    e, prev = cfg.experts, plan["previous_dir"]
+    out = []
+    for job in jobs:
+        digest = None
+        if job.kind == "shared" or (
+            job.cluster is not None and plan["clusters"][str(job.cluster)]["status"] != "added"
+        ):
+            src = f"{prev}/experts/{job.name}"
+            digest = adapter_digest(cfg.path(src))
+            if job.kind == "shared":
+                changed = plan["new_rows"] + plan["removed_rows"]
+                steps = proportional(e.shared_steps, changed, plan["old_rows"])
+            else:
+                c = plan["clusters"][str(job.cluster)]
+                changed = c["new_rows"] + c["removed_rows"]
+                steps = proportional(e.steps, changed, c["old_rows"])
+            job = replace(job, steps=steps if changed else 0, init_from=src if changed else None, parent=digest,
+                          copy_from=None if changed else src, status="updated" if changed else "reused")  # fmt: skip
+        elif job.cluster is not None:
+            job = replace(job, status="added")
+        elif job.kind == BASELINE_ID and (cfg.path(prev) / "baseline" / WEIGHTS).is_file():
+            src = f"{prev}/baseline"
+            prev_r = read_json(cfg.path(src) / CONFIG).get("r")
+            if prev_r == (job.lora.r if job.lora else e.lora.r):
+                changed = plan["new_rows"] + plan["removed_rows"]
+                steps = proportional(job.steps, changed, plan["old_rows"])
+                job = replace(job, steps=steps, init_from=src, parent=adapter_digest(cfg.path(src)), status="updated")
+        out.append(job)
+    if SHARED_ID in {j.name for j in out}:  # experts on top of the shared adapter build on the updated one
+        shared = next(j for j in out if j.name == SHARED_ID)
+        out = [replace(j, upstream=shared.fingerprint(cfg)) if j.upstream and j.kind != "shared" else j for j in out]
+    return out
+
+
+def copy_adapter(cfg: BuildConfig, job: Job, out_dir: Path, fingerprint: str) -> dict[str, Any]:
+    """Write the previous build's adapter ``job.copy_from`` to ``out_dir`` unchanged; returns its metrics."""
+    src = cfg.path(job.copy_from)
+    metrics = {"loss": [], "final_loss": None, "steps": 0, "resumed_from": 0, "rows": len(job.rows), "tokens": 0,
+               "seconds": 0.0, "fingerprint": fingerprint, "seed": job.seed, "copied_from": job.copy_from,
+               "parent_sha256": job.parent, "r": read_json(src / CONFIG).get("r")}  # fmt: skip
+    with atomic_dir(out_dir) as tmp:
+        for name in (WEIGHTS, CONFIG):
+            shutil.copy2(src / name, tmp / name)
+        stable_config(tmp)
+        metrics = seal_adapter(tmp, metrics)
+        write_json(tmp / METRICS, metrics)  # last: its presence marks the directory complete
+    return metrics
+
+
+def write_lifecycle(cfg: BuildConfig, plan: dict[str, Any] | None, entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Write reports/lifecycle.json: full or incremental (and why), and per adapter what became of it, with its
+    rows, steps, and training loss before (the first batch, on the previous weights) and after."""
+    plan = plan or {"mode": "full", "reason": "the clusters were made before incremental builds"}
+    experts = []
+    for x in entries:
+        try:
+            m = json.loads((cfg.path(x["path"]) / METRICS).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            m = {}
+        losses = m.get("loss") or []
+        cluster = (plan.get("clusters") or {}).get(str(x["cluster"])) if x.get("cluster") is not None else None
+        status = x.get("status") or ("trained" if plan["mode"] == "full" else "updated")
+        experts.append({"id": x["id"], "kind": x.get("kind"), "status": status, "cluster": x.get("cluster"),
+                        "rows": x.get("rows"), "new_rows": (cluster or {}).get("new_rows"),
+                        "removed_rows": (cluster or {}).get("removed_rows"), "steps": x.get("steps"),
+                        "loss_before": losses[0] if losses else None, "loss_after": m.get("final_loss"),
+                        "parent_sha256": x.get("parent_sha256"),
+                        "sha256": adapter_digest(cfg.path(x["path"]))})  # fmt: skip
+    doc = {k: plan.get(k) for k in ("mode", "reason", "from", "old_rows", "new_rows", "removed_rows", "rows",
+                                      "new_fraction", "disagreement", "far_rows", "previous_k", "k")}  # fmt: skip
+    doc["experts"] = experts
+    write_json(eval_paths(cfg)["lifecycle"], doc)
+    return doc
+
+
+def kept_slots(
+    cfg: BuildConfig, index: dict[str, Any], expert_ids: list[str], shared_slot: int | None
+) -> dict[int, Path]:
+    """Bank slot -> adapter dir of the experts an incremental build reuses unchanged (the joint phase keeps them)."""
+    slot = {eid: i for i, eid in enumerate(expert_ids)}
+    if shared_slot is not None and index.get("shared"):
+        slot[index["shared"]["id"]] = shared_slot
+    entries = [*index.get("experts", []), index.get("shared")]
+    return {
+        slot[e["id"]]: cfg.path(e["path"]) for e in entries if e and e.get("status") == "reused" and e["id"] in slot
+    }
+
+
+def incremental_lineage(records: dict[str, dict], index: dict[str, Any], plan: dict[str, Any]) -> dict[str, dict]:
+    """Lineage records of an incremental build: a reused or updated expert's parent is the previous build's expert
+    (its content hash); the adapter trained now is kept as ``adapter``. Every record says what became of it."""
+    out = {}
+    entries = {e["id"]: e for e in [*index.get("experts", []), index.get("shared")] if e}
+    for eid, record in records.items():
+        e = entries.get(eid, {})
+        record = {**record, "lifecycle": e.get("status"), "previous": plan.get("from")}
+        if e.get("parent_sha256"):
+            prev = {"id": eid, "sha256": e["parent_sha256"], "path": f"{plan['previous_dir']}/experts/{eid}",
+                    "build": plan.get("from")}  # fmt: skip
+            record = {**record, "parents": [prev], "adapter": record["parents"][0]}
+        out[eid] = record
+    return out
+
+
+def previous_gates(cfg: BuildConfig, spec: Any, plan: dict[str, Any]) -> dict[str, Any] | None:
+    """The previous build's router state when this build has the same experts (ids, top-k, pooling) and its gates
+    fit: the gate rows of kept experts stay; None when an expert was added (the gates are warm-started anew)."""
+    prev = cfg.path(plan["previous_dir"])
+    if not (prev / "router.safetensors").is_file():
+        return None
+    old = read_spec(prev)
+    if (old.expert_ids, old.top_k, old.pool, old.shared) != (spec.expert_ids, spec.top_k, spec.pool, spec.shared):
+        return None
+    return load_safetensors(prev / "router.safetensors")

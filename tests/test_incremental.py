@@ -1,0 +1,187 @@
+"""Incremental builds from a previous model: reuse, update and add experts, or fall back to a full build.
+
+The stages run for real on the tiny preset (a tiny random Llama, MiniLM clustering of demo rows); the data are
+local files, so the build after adds exactly the rows a test names to those of the build before.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from mole.cluster.clustering import Clusterer, cluster_radii
+from mole.cluster.incremental import extend_clusters
+from mole.config import BuildConfig, load_config
+from mole.data.demo import generate_demo_corpus
+from mole.training.lifecycle import proportional
+
+# Light settings: fixed k, few steps, no multitask baseline, a short joint phase.
+LIGHT = ["experts.steps=4", "experts.shared_steps=4", "experts.multitask_baseline=false", "router.steps=2",
+         "router.warm_start_method=means", "router.warm_start_rows=48", "merge.refit_steps=0"]  # fmt: skip
+
+
+def _write(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Demo rows by skill, and a fixed eval file (so the train rows of two builds differ only as a test says)."""
+    root = tmp_path_factory.mktemp("data")
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in generate_demo_corpus(rows_per_skill=40, seed=0):
+        by.setdefault(r["domain"], []).append(r)
+    skills = sorted(by)
+    evals = _write(root / "eval.jsonl", [r for s in skills for r in by[s][:4]])
+    return {"root": root, "by": by, "skills": skills, "eval": evals}
+
+
+def _cfg(ws: Path, source: Path, evals: Path, *extra: str) -> BuildConfig:
+    sets = [f"workspace={ws}", f"data.source={source}", f"data.eval_source={evals}", *LIGHT, *extra]
+    return load_config(None, preset="tiny", overrides=sets)
+
+
+def _build(cfg: BuildConfig, *, until: str = "train_router") -> None:
+    from mole import stages
+
+    for name in ("prepare", "cluster", "train_experts", "train_router"):
+        getattr(stages, name)(cfg)
+        if name == until:
+            return
+
+
+def _hashes(ws: Path) -> dict[str, dict[str, Any]]:
+    from mole.nn.lineage import model_experts
+
+    return model_experts(ws / "artifacts" / "mole")
+
+
+@pytest.fixture(scope="module")
+def previous(data: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A full build on 18 rows of each of the six skills."""
+    ws = tmp_path_factory.mktemp("previous")
+    rows = [r for s in data["skills"] for r in data["by"][s][4:22]]
+    _build(_cfg(ws, _write(data["root"] / "v1.jsonl", rows), data["eval"], "cluster.k=6"))
+    return ws
+
+
+def test_fine_tuning_steps_are_proportional_to_the_new_rows() -> None:
+    assert proportional(8, 6, 18) == 3
+    assert proportional(8, 1, 1000) == 1
+    assert proportional(8, 40, 18) == 8
+
+
+def test_far_rows_of_a_new_kind_make_one_new_cluster_and_near_rows_join_theirs() -> None:
+    from mole.cluster.embed import TfidfEmbedder
+
+    class Fixed(TfidfEmbedder):  # embeddings given by the row text "x,y"
+        def encode(self, texts: list[str]) -> np.ndarray:
+            return np.array([[float(v) for v in t.split(",")] for t in texts], dtype=np.float32)
+
+    rng = np.random.default_rng(0)
+    old = np.concatenate([rng.normal((0, 0), 0.1, (20, 2)), rng.normal((5, 0), 0.1, (20, 2))])
+    labels = np.repeat([0, 1], 20)
+    centroids = np.stack([old[:20].mean(0), old[20:].mean(0)]).astype(np.float32)
+    clusterer = Clusterer(Fixed(), centroids, cluster_radii(old, labels, centroids, 0.95))
+    near = rng.normal((5, 0), 0.05, (3, 2))
+    far = rng.normal((0, 6), 0.1, (6, 2))
+    points = np.concatenate([old, near, far])
+    rows = [{"id": f"r{i}", "text": f"{x},{y}"} for i, (x, y) in enumerate(points)]
+    old_labels = {f"r{i}": int(c) for i, c in enumerate(labels)}
+    ext, got, info = extend_clusters(clusterer, rows, old_labels, min_cluster_size=4, quantile=0.95, k_max=4,
+                                     n_init=2, seed=0)  # fmt: skip
+    assert ext.k == 3 and info["new_clusters"] == [2]
+    assert (got[:40] == labels).all() and info["disagreement"] == 0.0
+    assert (got[43:] == 2).all() and len(ext.radii) == 3
+    assert (got[40:43] == 1).sum() >= 2  # the near rows join the cluster they are near (one may fall past its radius)
+
+
+@pytest.mark.slow
+def test_rows_added_to_one_cluster_update_its_expert_and_reuse_the_others_byte_for_byte(
+    data: dict[str, Any], previous: Path, tmp_path: Path
+) -> None:
+    grown = "arithmetic"
+    rows = [r for s in data["skills"] for r in data["by"][s][4:22]] + data["by"][grown][22:28]
+    cfg = _cfg(tmp_path, _write(tmp_path / "v2.jsonl", rows), data["eval"], "build.incremental=always",
+               f"build.previous={previous}")  # fmt: skip
+    _build(cfg)
+    old, new = _hashes(previous), _hashes(tmp_path)
+    assert set(old) == set(new)
+    lifecycle = json.loads((tmp_path / "reports" / "lifecycle.json").read_text())
+    assert lifecycle["mode"] == "incremental" and lifecycle["new_rows"] == 6
+    status = {e["id"]: e["status"] for e in lifecycle["experts"]}
+    updated = [e for e, s in status.items() if s == "updated" and e != "shared"]
+    assert len(updated) == 1 and status["shared"] == "updated"
+    assert [e for e, s in status.items() if s == "reused"] == [e for e in new if e not in (*updated, "shared")]
+    for eid in new:
+        if status[eid] == "reused":
+            assert new[eid]["sha256"] == old[eid]["sha256"], f"{eid} changed"
+        else:  # fine-tuned from the previous weights: different, and its lineage names the old ones
+            assert new[eid]["sha256"] != old[eid]["sha256"]
+            assert new[eid]["parents"][0]["sha256"] == old[eid]["sha256"]
+            assert new[eid]["lifecycle"] == "updated"
+    (grown_expert,) = updated
+    entry = next(e for e in lifecycle["experts"] if e["id"] == grown_expert)
+    assert entry["new_rows"] == 6 and entry["steps"] == proportional(4, 6, 18) and entry["loss_before"] is not None
+    router = json.loads((tmp_path / "artifacts" / "mole" / "train_metrics.json").read_text())
+    assert router["warm_start"]["method"] == "previous" and router["warm_start"]["refit_steps"] == 1
+
+
+@pytest.mark.slow
+def test_rows_of_a_new_skill_make_exactly_one_new_expert(data: dict[str, Any], tmp_path: Path) -> None:
+    held_out, kept = data["skills"][0], data["skills"][1:]
+    first = tmp_path / "first"
+    rows = [r for s in kept for r in data["by"][s][4:22]]
+    _build(_cfg(first, _write(tmp_path / "v1.jsonl", rows), data["eval"], "cluster.k=5"))
+    second = tmp_path / "second"
+    rows += data["by"][held_out][4:22]
+    cfg = _cfg(second, _write(tmp_path / "v3.jsonl", rows), data["eval"], "build.incremental=always",
+               f"build.previous={first}")  # fmt: skip
+    _build(cfg, until="train_experts")
+    lifecycle = json.loads((second / "reports" / "lifecycle.json").read_text())
+    added = [e for e in lifecycle["experts"] if e["status"] == "added"]
+    assert lifecycle["mode"] == "incremental" and lifecycle["k"] == 6
+    assert [e["id"] for e in added] == ["expert_05"] and added[0]["rows"] >= 4
+    assigned = [json.loads(line) for line in (second / "data/clusters/assignments.jsonl").read_text().splitlines()]
+    domains = {a["domain"] for a in assigned if a["cluster"] == 5}
+    assert domains == {held_out}
+
+
+@pytest.mark.slow
+def test_mostly_new_rows_fall_back_to_a_full_build_saying_why(
+    data: dict[str, Any], previous: Path, tmp_path: Path
+) -> None:
+    rows = [r for s in data["skills"] for r in data["by"][s][4:40]]  # 36 per skill: half of them new, plus eval
+    rows += [{**r, "prompt": r["prompt"] + " Please."} for r in data["by"][data["skills"][0]][4:22]]
+    source = _write(tmp_path / "v4.jsonl", rows)
+    cfg = _cfg(tmp_path, source, data["eval"], "build.incremental=auto", f"build.previous={previous}", "cluster.k=6")
+    _build(cfg, until="cluster")
+    plan = json.loads((tmp_path / "data/clusters/incremental.json").read_text())
+    assert plan["mode"] == "full" and "build.max_new_fraction=0.5" in plan["reason"]
+    assert json.loads((tmp_path / "data/clusters/report.json").read_text())["k_rule"] != "incremental"
+    always = _cfg(tmp_path, source, data["eval"], "build.incremental=always", f"build.previous={previous}")
+    from mole import stages
+
+    with pytest.raises(ValueError, match="build.incremental=always: .* rows are new"):
+        stages.cluster(always)
+
+
+def test_build_from_and_full_contradict_each_other(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from mole.cli import app
+
+    res = CliRunner().invoke(app, ["build", "--preset", "tiny", "--from", str(tmp_path), "--full"])
+    assert res.exit_code == 2 and "--from and --full" in res.output
+
+
+def test_build_incremental_is_checked_naming_the_field() -> None:
+    from mole.config import ConfigError
+
+    with pytest.raises(ConfigError, match="build.incremental: value 'sometimes' is invalid"):
+        load_config(None, overrides=["build.incremental=sometimes"])
