@@ -46,13 +46,16 @@ def experts_table(index: Path, *, name: str) -> None:
     create_table_artifact(rows, key=_key(name, "experts"), description="per-expert training metrics")
 
 
-def lifecycle_table(path: Path, *, name: str) -> None:
-    """One row per adapter of reports/lifecycle.json: reused / updated / added (or trained in a full build), rows,
-    steps, loss before and after; the description says full or incremental, and why."""
-    if not path.is_file():
+def lifecycle_table(config: BuildConfig, *, name: str) -> None:
+    """One row per adapter of reports/lifecycle.json: reused / updated / added (or trained in a full build), then
+    retired or merged by merge-prune, rows, steps, loss before and after; the description says full or incremental,
+    and why."""
+    from mole.training.lifecycle import lifecycle_report
+
+    doc = lifecycle_report(config)
+    if doc is None:
         return
-    doc = json.loads(path.read_text(encoding="utf-8"))
-    keys = ("id", "status", "cluster", "rows", "new_rows", "steps", "loss_before", "loss_after")
+    keys = ("id", "status", "trained_as", "cluster", "rows", "new_rows", "steps", "loss_before", "loss_after")
     rows = [{k: _round(e.get(k)) for k in keys} | {"sha256": (e.get("sha256") or "")[:12]} for e in doc["experts"]]
     desc = f"{doc.get('mode')} build" + (f" from {doc['from']}" if doc.get("from") else "")
     desc += f": {doc['reason']}" if doc.get("reason") else ""

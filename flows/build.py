@@ -174,12 +174,12 @@ def _build(config: BuildConfig, live_run: str | None) -> dict[str, Any]:
         experts = _call(_fresh(tasks.index_experts, config, "train-experts"), config, entries)
         workspace.record_stage_time(config, "train-experts", time.perf_counter() - t0)
     artifacts.experts_table(index, name=name)
-    artifacts.lifecycle_table(workspace.eval_paths(config)["lifecycle"], name=name)
     model = _call(_fresh(tasks.train_router, config), config, experts, live_run=live_run)
     reports = workspace.eval_paths(config)
     report = _call(_fresh(tasks.evaluate, config), config, model)
     merged = _call(_fresh(tasks.merge_prune, config), config, report)
     artifacts.evaluation_table(reports["eval"], name=name)
+    artifacts.lifecycle_table(config, name=name)  # after merge-prune: retired and merged experts too
     if config.tracking.enabled:  # reachable before DVC commits and pushes anything for a build it can't register
         _call(tasks.check_tracking, config, merged)
     versions = _call(tasks.with_retries(tasks.record_outputs, config), config, merged) if config.dvc.enabled else None

@@ -17,7 +17,6 @@ from typing import Any
 from flows import cache
 from mole.config import BuildConfig
 from mole.nn.lineage import brief
-from mole.workspace import eval_paths
 
 logger = logging.getLogger(__name__)
 
@@ -106,10 +105,11 @@ LIFECYCLE_TAG = "mole.lifecycle"  # JSON {mode, reason, from, experts: {id: reus
 def lifecycle_tags(cfg: BuildConfig) -> dict[str, str]:
     """A build's lifecycle tags from reports/lifecycle.json: full or incremental (and why, and from what), and
     what became of each expert; ``mole.lifecycle.<status>`` lists the ids of each status. None before it existed."""
-    path = eval_paths(cfg)["lifecycle"]
-    if not path.is_file():
+    from mole.training.lifecycle import lifecycle_report
+
+    doc = lifecycle_report(cfg)
+    if doc is None:
         return {}
-    doc = json.loads(path.read_text(encoding="utf-8"))
     statuses = {e["id"]: e["status"] for e in doc.get("experts", [])}
     table = {"mode": doc.get("mode"), "reason": doc.get("reason"), "from": doc.get("from"), "experts": statuses}
     tags = {LIFECYCLE_TAG: json.dumps(table, separators=(",", ":")), "mole.build_mode": str(doc.get("mode"))}
@@ -136,7 +136,8 @@ def expert_records(cfg: BuildConfig) -> list[dict[str, Any]]:
         m = json.loads(metrics_file.read_text(encoding="utf-8")) if metrics_file.exists() else {}
         params = {k: e[k] for k in ("id", "cluster", "rows", "steps", "path", "reused") if k in e}
         params |= {k: m[k] for k in ("lr", "batch_size", "max_length", "r", "lora_alpha", "target_modules") if k in m}
-        scalars = {k: float(m.get(k, e.get(k))) for k in ("tokens_per_s", "seconds", "final_loss") if k in m or k in e}
+        found = {k: m.get(k, e.get(k)) for k in ("tokens_per_s", "seconds", "final_loss")}
+        scalars = {k: float(v) for k, v in found.items() if v is not None}  # none for a reused (untrained) expert
         records.append({"id": e["id"], "params": flatten(params), "loss": m.get("loss", []), "metrics": scalars})
     return records
 

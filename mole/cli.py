@@ -205,11 +205,16 @@ def deploy(
     name: Annotated[str, typer.Option(help="Deployment name.")] = "scheduled-retrain",
     cron: Annotated[str, typer.Option(help="Retraining schedule (cron, UTC).")] = "0 3 * * 1",
     pool: Annotated[str | None, typer.Option(help="Register on this work pool instead of serving here.")] = None,
+    full: Annotated[
+        bool, typer.Option("--full", help="Every run a full build (else incremental from the champion, when one fits).")
+    ] = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Deploy the scheduled retraining with this config: served from this process, or registered on a work pool."""
     setup_logging(verbose)
     cfg = config_or_exit(config, preset, set_)
+    mode = "never" if full else ("always" if cfg.build.incremental == "always" else "auto")
+    cfg = cfg.model_copy(update={"build": cfg.build.model_copy(update={"incremental": mode})})
     prefect_env()
     from flows.build import build_mole
 

@@ -31,7 +31,8 @@ from mole.routing.diagnostics import row_routing
 from mole.routing.train import joint_train
 from mole.routing.warm_start import eval_loss
 from mole.sections import MergeConfig
-from mole.workspace import eval_paths, load_prepared, mole_paths
+from mole.training.lifecycle import under_floor, utilization_history
+from mole.workspace import UTILIZATION_FILE, eval_paths, load_prepared, mole_paths
 
 logger = logging.getLogger(__name__)
 Decision = dict[str, Any]
@@ -116,31 +117,43 @@ def utilization(model: MoLEModel, rows: Rows, *, batch_size: int = 8, max_length
     return u / u.sum()
 
 
-def plan(util: np.ndarray, sim: np.ndarray, cfg: MergeConfig, *, ids: list[str] | None = None) -> list[Decision]:
+def plan(
+    util: np.ndarray,
+    sim: np.ndarray,
+    cfg: MergeConfig,
+    *,
+    ids: list[str] | None = None,
+    streak: np.ndarray | None = None,
+) -> list[Decision]:
     """Decide what to prune and merge, each decision with the numbers behind it.
 
-    Experts used less than ``cfg.utilization_floor`` are pruned, least used first, keeping at least one; a pruned
-    expert's clusters go to the most similar kept expert (``clusters_to``). Then the most similar kept pairs with
-    cosine >= ``cfg.similarity_ceiling`` merge greedily, each expert at most once, weighted by utilization.
-    Experts are referred to by index; ``ids`` adds their names.
+    Experts used less than ``cfg.utilization_floor`` in at least ``cfg.retire_after`` builds in a row (``streak``)
+    are pruned, least used first, keeping at least one; a pruned expert's clusters go to the most similar kept
+    expert (``clusters_to``). Then the most similar kept pairs with cosine >= ``cfg.similarity_ceiling`` merge
+    greedily, each expert at most once, weighted by utilization. Experts are referred to by index; ``ids`` adds
+    their names.
 
     Args:
         util: (E,) utilization. sim: (E, E) similarity. cfg: the merge section. ids: expert names.
+        streak: (E,) builds in a row, this one included, each expert stayed under the floor (:func:`under_floor`);
+            None: this build's alone (1 under the floor, else 0).
 
     Returns:
         Prune decisions, then merge decisions.
     """
     name = (lambda i: ids[i]) if ids is not None else str
+    if streak is None:
+        streak = (np.asarray(util) < cfg.utilization_floor).astype(int)
     order = sorted(range(len(util)), key=lambda i: (util[i], i))
-    pruned = [i for i in order if util[i] < cfg.utilization_floor][: len(util) - 1]  # keep at least one expert
+    low = [i for i in order if util[i] < cfg.utilization_floor and streak[i] >= cfg.retire_after]
+    pruned = low[: len(util) - 1]  # keep at least one expert
     alive = [i for i in range(len(util)) if i not in pruned]
     decisions: list[Decision] = []
     for i in pruned:
         to = max(alive, key=lambda j: (sim[i, j], -j))
         u, f = float(util[i]), cfg.utilization_floor
-        decisions.append(
-            {"action": "prune", "expert": i, "id": name(i), "utilization": u, "floor": f, "clusters_to": to}
-        )
+        decisions.append({"action": "prune", "expert": i, "id": name(i), "utilization": u, "floor": f,
+                          "builds_under_floor": int(streak[i]), "clusters_to": to})  # fmt: skip
     pairs = sorted(((float(sim[a, b]), a, b) for a in alive for b in alive if a < b), key=lambda t: (-t[0], t[1:]))
     used: set[int] = set()
     for s, a, b in pairs:
@@ -260,7 +273,8 @@ def run_merge_prune(cfg: BuildConfig) -> dict[str, Any]:
     """Stage ``merge-prune``: plan, build and re-fit a candidate, keep it only if eval loss rises < tolerance.
 
     Accepted: artifacts/mole moves to ``cfg.merge.keep_dir`` and the candidate takes its place (renames).
-    Rejected or failed: artifacts/mole is untouched and the candidate is removed. Writes reports/merge_prune.json.
+    Rejected or failed: artifacts/mole keeps its model (only its utilization.json gains this build's utilization) and
+    the candidate is removed. Writes reports/merge_prune.json.
     """
     src = mole_paths(cfg)["dir"]
     if not (src / SPEC_FILE).exists():  # the model dir is all it reads: evaluate checked it against its experts
@@ -270,7 +284,10 @@ def run_merge_prune(cfg: BuildConfig) -> dict[str, Any]:
     kw = {"batch_size": cfg.evaluate.batch_size, "max_length": cfg.experts.max_length}
     model = MoLEModel.from_pretrained(src, trust_remote_code=cfg.base_model.trust_remote_code)
     util, sim = utilization(model, evals, **kw), expert_similarity(model)
-    decisions = plan(util, sim, cfg.merge, ids=model.spec.expert_ids)
+    history = utilization_history(cfg, model.spec.expert_ids, util)
+    streak = under_floor(history, model.spec.expert_ids, cfg.merge.utilization_floor)
+    write_json(src / UTILIZATION_FILE, {"floor": cfg.merge.utilization_floor, "history": history})
+    decisions = plan(util, sim, cfg.merge, ids=model.spec.expert_ids, streak=streak)
     report = {"decisions": decisions, "utilization": util.tolist(), "similarity": sim.round(6).tolist()}
     report |= {"expert_ids_before": model.spec.expert_ids, "experts_before": model.spec.num_experts}
     report |= {"adapter_mb_before": _adapter_mb(src), "config": cfg.merge.model_dump(mode="json")}

@@ -214,6 +214,12 @@ class MergeConfig(Section):
     """Data-driven pruning and merging of experts (stage ``merge-prune``)."""
 
     utilization_floor: float = Field(0.02, ge=0.0, lt=1.0, description="prune experts routed less than this")
+    retire_after: int = Field(
+        1,
+        ge=1,
+        description="prune (retire) an expert only once it stayed under the floor this many builds in a row (this "
+        "one and the incremental builds it descends from; utilization.json in the model dir keeps the history)",
+    )
     similarity_ceiling: float = Field(0.9, ge=-1.0, le=1.0, description="merge expert pairs at least this similar")
     refit_steps: int = Field(10, ge=0, description="router re-fit steps after a change")
     refit_lr: float = Field(1e-3, gt=0, description="gate learning rate of the re-fit")

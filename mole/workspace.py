@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 
 SPEC_FILE = "mole_config.json"  # a MoLE model dir's spec; its other files are named in mole.nn.model
 STAGE_TIMES = ".mole/stage_times.json"  # workspace-relative: each stage's wall time in its latest run
+UTILIZATION_FILE = "utilization.json"  # in a model dir: each expert's utilization in this build and those before
 PREVIOUS = "artifacts/previous"  # workspace-relative: the previous build's model an incremental build starts from
 GALLERY = "artifacts/gallery"  # workspace-relative: imported peft adapters (mole add-expert), one dir per name
 

@@ -224,17 +224,25 @@ def _wait_final(stack: Stack, run_id: Any) -> Any:
             time.sleep(2)
 
 
-@pytest.fixture(scope="module")
-def finished(stack: Stack) -> dict[str, Any]:
-    """The tiny build triggered through the Prefect API and run by the worker to a final state."""
-    from mole.config import load_config
+def _demo_files(root: Path) -> dict[str, Path]:
+    """Demo rows as local files: a fixed eval file, the first week's training rows, and the second week's (the
+    first week's plus 4 new rows of each of two skills), so the retrain changes exactly two clusters."""
+    from mole.data.demo import generate_demo_corpus
 
-    ws, remote = stack.root / "workspace", stack.root / "dvc-remote"
-    overrides = [f"workspace={ws}", f"dvc.remote={remote}", f"tracking.uri={stack.mlflow}"]
-    # The tiny preset's random model beats its baseline or not by chance; the baseline rule of the gate has its own
-    # test (test_registry), and this run must end with a champion to serve.
-    overrides.append("tracking.require_beats_baseline=false")
-    cfg = load_config(None, preset="tiny", overrides=overrides)
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in generate_demo_corpus(rows_per_skill=28, seed=0):
+        by.setdefault(r["domain"], []).append(r)
+    skills = sorted(by)
+    week1 = [r for s in skills for r in by[s][4:24]]
+    week2 = week1 + [r for s in skills[:2] for r in by[s][24:28]]
+    files = {"eval": [r for s in skills for r in by[s][:4]], "week1": week1, "week2": week2}
+    for name, rows in files.items():
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return {name: root / f"{name}.jsonl" for name in files}
+
+
+def _trigger(stack: Stack, cfg: Any) -> tuple[Any, Any, float]:
+    """A run of the deployment with ``cfg`` as its parameter, run by the worker to a final state."""
     t0 = time.monotonic()
     with _client(stack.api) as c:
         dep = c.read_deployment_by_name(DEPLOYMENT)
@@ -242,7 +250,46 @@ def finished(stack: Stack) -> dict[str, Any]:
     run = _wait_final(stack, run.id)
     elapsed = time.monotonic() - t0
     print(f"flow run {run.name} ({run.id}): {run.state.name} in {elapsed:.0f}s")
-    return {"run": run, "deployment": dep, "cfg": cfg, "ws": ws, "remote": remote, "seconds": elapsed}
+    return run, dep, elapsed
+
+
+def _week_config(stack: Stack, data: Path, evals: Path) -> Any:
+    from mole.config import load_config
+
+    ws, remote = stack.root / "workspace", stack.root / "dvc-remote"
+    overrides = [f"workspace={ws}", f"dvc.remote={remote}", f"tracking.uri={stack.mlflow}"]
+    overrides += [f"data.source={data}", f"data.eval_source={evals}", "cluster.k=6", "build.incremental=auto"]
+    # The tiny preset's random model beats its baseline or not by chance; the baseline rule of the gate has its own
+    # test (test_registry), and the first run must end with a champion to serve and to start the second from. Its
+    # experts stay one per cluster (no merge), as an incremental build needs.
+    overrides += ["tracking.require_beats_baseline=false", "merge.utilization_floor=0", "merge.similarity_ceiling=1"]
+    return load_config(None, preset="tiny", overrides=overrides)
+
+
+@pytest.fixture(scope="module")
+def finished(stack: Stack) -> dict[str, Any]:
+    """The first week's tiny build triggered through the Prefect API and run by the worker to a final state (a full
+    build: no champion yet)."""
+    files = _demo_files(stack.root)
+    cfg = _week_config(stack, files["week1"], files["eval"])
+    run, dep, elapsed = _trigger(stack, cfg)
+    return {"run": run, "deployment": dep, "cfg": cfg, "ws": Path(cfg.workspace), "remote": Path(cfg.dvc.remote),
+            "seconds": elapsed, "files": files}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def second(stack: Stack, finished: dict[str, Any]) -> dict[str, Any]:
+    """The second week's run: the same deployment and workspace, 8 more rows; it starts from the champion."""
+    assert finished["run"].state.is_completed(), finished["run"].state.message
+    lifecycle = finished["ws"] / "reports" / "lifecycle.json"
+    first = json.loads(lifecycle.read_text(encoding="utf-8"))
+    from mole.nn.lineage import model_experts
+
+    experts = model_experts(finished["ws"] / "artifacts" / "mole").values()
+    champion = {e["id"]: e["sha256"] for e in experts if e["kind"] == "expert"}  # the shared adapter aside
+    cfg = _week_config(stack, finished["files"]["week2"], finished["files"]["eval"])
+    run, _, elapsed = _trigger(stack, cfg)
+    return {"run": run, "cfg": cfg, "first": first, "champion": champion, "seconds": elapsed}
 
 
 def test_worker_runs_the_deployment_to_completion(stack: Stack, finished: dict[str, Any]) -> None:
@@ -296,3 +343,40 @@ def test_champion_loads_in_a_fresh_process_and_completes_prompts(stack: Stack, f
 
     built = MoLEModel.from_pretrained(finished["ws"] / "artifacts" / "mole")
     assert completions == built.generate_text(PROMPTS, max_new_tokens=8), completions
+
+
+def test_the_second_scheduled_run_is_incremental_and_its_lifecycle_artifact_says_so(
+    stack: Stack, second: dict[str, Any]
+) -> None:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    run = second["run"]
+    assert run.state.is_completed(), f"{run.state.message}\n--- worker log ---\n{_tail(stack.logs['prefect-worker'])}"
+    assert second["first"]["mode"] == "full", second["first"]  # no champion before the first run
+    ws = Path(second["cfg"].workspace)
+    doc = json.loads((ws / "reports" / "lifecycle.json").read_text(encoding="utf-8"))
+    name = second["cfg"].tracking.model_name
+    assert doc["mode"] == "incremental" and doc["from"] == f"models:/{name}@champion", doc
+    assert doc["new_rows"] == 8, doc
+    champion = second["champion"]  # expert id -> content hash, in the champion's model
+    experts = {e["id"]: e for e in doc["experts"] if e["id"] in champion}
+    status = {i: e["status"] for i, e in experts.items()}
+    assert set(experts) == set(champion), (sorted(experts), sorted(champion))
+    assert "updated" in status.values() and "reused" in status.values(), status
+    assert "added" not in status.values(), status  # the new rows are of known skills
+    for i, e in experts.items():  # reused byte for byte: the champion's adapter, unchanged
+        assert (e["sha256"] == champion[i]) == (e["status"] == "reused"), (i, e, champion[i])
+    assert sum(e["new_rows"] or 0 for e in experts.values() if e["status"] == "updated") == 8, experts
+
+    key = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-") + "-lifecycle"
+    with _client(stack.api) as c:
+        found = c.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])
+            )
+        )
+    assert len(found) == 1, [a.key for a in found]
+    table = found[0].data if isinstance(found[0].data, list) else json.loads(found[0].data)
+    shown = {row["id"]: row["status"] for row in table}
+    assert {i: shown[i] for i in status} == status, shown
+    assert "incremental build from models:/" in (found[0].description or ""), found[0].description

@@ -142,7 +142,7 @@ def test_rows_of_a_new_skill_make_exactly_one_new_expert(data: dict[str, Any], t
     rows += data["by"][held_out][4:22]
     cfg = _cfg(second, _write(tmp_path / "v3.jsonl", rows), data["eval"], "build.incremental=always",
                f"build.previous={first}")  # fmt: skip
-    _build(cfg, until="train_experts")
+    _build(cfg)
     lifecycle = json.loads((second / "reports" / "lifecycle.json").read_text())
     added = [e for e in lifecycle["experts"] if e["status"] == "added"]
     assert lifecycle["mode"] == "incremental" and lifecycle["k"] == 6
@@ -150,6 +150,10 @@ def test_rows_of_a_new_skill_make_exactly_one_new_expert(data: dict[str, Any], t
     assigned = [json.loads(line) for line in (second / "data/clusters/assignments.jsonl").read_text().splitlines()]
     domains = {a["domain"] for a in assigned if a["cluster"] == 5}
     assert domains == {held_out}
+    # The router keeps the previous gate rows of the five experts and fits a sixth for the new one.
+    router = json.loads((second / "artifacts" / "mole" / "train_metrics.json").read_text())
+    warm = router["warm_start"]
+    assert warm["method"] == "previous" and warm["kept_rows"] == 5 and warm["added_rows"] == [5], warm
 
 
 @pytest.mark.slow
@@ -185,3 +189,72 @@ def test_build_incremental_is_checked_naming_the_field() -> None:
 
     with pytest.raises(ConfigError, match="build.incremental: value 'sometimes' is invalid"):
         load_config(None, overrides=["build.incremental=sometimes"])
+
+
+def test_a_reused_experts_missing_timings_are_left_out_of_its_tracking_record(tmp_path: Path) -> None:
+    """A reused expert was not trained in this build: its index entry has no seconds and no tokens/s (None). The
+    registry's per-expert record leaves them out rather than failing the register step."""
+    from flows.lineage import expert_records
+    from mole.workspace import experts_paths
+
+    cfg = load_config(None, preset="tiny", overrides=[f"workspace={tmp_path}"])
+    adapter = tmp_path / "experts" / "expert_00"
+    adapter.mkdir(parents=True)
+    (adapter / "train_metrics.json").write_text(json.dumps({"final_loss": 2.5, "loss": [3.0, 2.5], "r": 8}))
+    index = experts_paths(cfg)["index"]
+    index.parent.mkdir(parents=True, exist_ok=True)
+    entry = {"id": "expert_00", "cluster": 0, "path": "experts/expert_00", "seconds": None, "tokens_per_s": None,
+             "reused": True}  # fmt: skip
+    index.write_text(json.dumps({"experts": [entry]}))
+    (record,) = expert_records(cfg)
+    assert record["metrics"] == {"final_loss": 2.5} and record["params"]["reused"] == "True", record
+
+
+def test_under_floor_counts_the_builds_in_a_row_each_expert_stayed_under_it() -> None:
+    from mole.merge import plan
+    from mole.sections import MergeConfig
+    from mole.training.lifecycle import under_floor
+
+    history = [{"utilization": {"a": 0.01, "b": 0.01, "c": 0.5}}, {"utilization": {"a": 0.01, "b": 0.3, "c": 0.01}},
+               {"utilization": {"a": 0.01, "b": 0.01, "c": 0.01, "d": 0.97}}]  # fmt: skip
+    streak = under_floor(history, ["a", "b", "c", "d"], 0.02)
+    assert streak.tolist() == [3, 1, 2, 0]
+    util, sim = np.array([0.01, 0.01, 0.01, 0.97]), np.eye(4)
+    for after, pruned in ((1, ["a", "b", "c"]), (2, ["a", "c"]), (3, ["a"]), (4, [])):
+        cfg = MergeConfig(utilization_floor=0.02, retire_after=after, similarity_ceiling=1.0)
+        decisions = plan(util, sim, cfg, ids=["a", "b", "c", "d"], streak=streak)
+        assert sorted(d["id"] for d in decisions if d["action"] == "prune") == pruned, after
+
+
+def test_an_expert_under_the_floor_for_retire_after_builds_is_retired_and_the_lifecycle_says_so(
+    data: dict[str, Any], previous: Path, tmp_path: Path
+) -> None:
+    """merge.retire_after = 2: the full build's merge-prune only records utilization (one build under the floor);
+    the incremental build after it, where the experts are under the floor a second time, retires them (all but the
+    most used: a floor of 0.5 holds every expert of six under it) and lifecycle.json says retired, after 2 builds."""
+    import shutil
+
+    from mole.merge import run_merge_prune
+    from mole.training.lifecycle import lifecycle_report
+    from mole.workspace import UTILIZATION_FILE
+
+    merge = ["merge.utilization_floor=0.5", "merge.similarity_ceiling=1", "merge.tolerance=100", "merge.refit_steps=0"]
+    first = tmp_path / "first"
+    shutil.copytree(previous, first)
+    cfg1 = _cfg(first, first / "data" / "v1.jsonl", data["eval"], "cluster.k=6", "merge.retire_after=2", *merge)
+    shutil.copy(data["root"] / "v1.jsonl", cfg1.data.source)
+    assert run_merge_prune(cfg1)["decisions"] == 0  # under the floor once: nothing retired yet
+    history = json.loads((first / "artifacts" / "mole" / UTILIZATION_FILE).read_text())["history"]
+    assert len(history) == 1 and len(history[0]["utilization"]) == 6
+
+    for after, retired in ((3, 0), (2, 5)):
+        ws = tmp_path / f"after{after}"
+        cfg = _cfg(ws, data["root"] / "v1.jsonl", data["eval"], "build.incremental=always", f"build.previous={first}",
+                   f"merge.retire_after={after}", *merge)  # fmt: skip
+        _build(cfg)
+        out = run_merge_prune(cfg)
+        doc = lifecycle_report(cfg)
+        gone = [e for e in doc["experts"] if e["status"] == "retired"]
+        assert out["decisions"] == retired and len(gone) == retired, (after, out)
+        assert all(e["builds_under_floor"] == 2 and e["trained_as"] == "reused" for e in gone), gone
+        assert len(json.loads((ws / "artifacts" / "mole" / UTILIZATION_FILE).read_text())["history"]) == 2

@@ -252,7 +252,9 @@ def test_a_merge_that_raises_eval_loss_is_rejected_and_leaves_the_model_untouche
     (d,) = report["decisions"]
     assert d["action"] == "merge" and d["experts"] == [0, 1] and d["weights"] == [0.5, 0.5]  # both unused
     assert 0 < d["similarity"] < MergeConfig().similarity_ceiling and d["ceiling"] == -0.99  # a dissimilar pair
-    assert _snapshot(tmp_path / "artifacts/mole") == before
+    after = _snapshot(tmp_path / "artifacts/mole")
+    history = json.loads(after.pop("utilization.json"))["history"]  # the one file added: this build's utilization
+    assert after == before and [list(h["utilization"].values()) for h in history] == [report["utilization"]]
     assert sorted(p.name for p in (tmp_path / "artifacts").iterdir()) == ["mole"]  # no temp dir, no keep_dir
 
 
@@ -266,7 +268,9 @@ def test_an_accepted_prune_replaces_the_model_and_keeps_the_original(tmp_path: P
     before = _snapshot(tmp_path / "artifacts/mole")
     summary = run_merge_prune(cfg)
     assert summary["accepted"] is True and summary["experts_before"] == 4 and summary["experts_after"] == 3
-    assert _snapshot(keep) == before  # the original moved, byte for byte; the stale keep_dir is gone
+    kept, history = _snapshot(keep), (tmp_path / "artifacts/mole/utilization.json").read_bytes()
+    assert kept.pop("utilization.json") == history  # written before planning, carried into the pruned model
+    assert kept == before  # the original moved, byte for byte; the stale keep_dir is gone
     new = MoLEModel.from_pretrained(tmp_path / "artifacts/mole")
     assert new.spec.expert_ids == ["expert_00", "expert_02", "expert_03"]
     assert json.loads((tmp_path / "artifacts/mole/train_metrics.json").read_text()) == {"note": "carried"}

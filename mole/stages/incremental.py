@@ -23,12 +23,12 @@ from mole.config import BuildConfig
 from mole.io import atomic_dir, read_json, read_jsonl, write_json, write_jsonl
 from mole.nn.spec import read_spec
 from mole.training.lora import SHARED_APPLIED, expert_id
-from mole.workspace import PREVIOUS, SPEC_FILE, cluster_paths
+from mole.workspace import PREVIOUS, SPEC_FILE, UTILIZATION_FILE, cluster_paths
 
 logger = logging.getLogger(__name__)
 
 SOURCE = "source.json"  # in artifacts/previous: which build it was copied from
-MODEL_FILES = (SPEC_FILE, "router.safetensors", "experts", "clusterer", "train_metrics.json")
+MODEL_FILES = (SPEC_FILE, "router.safetensors", "experts", "clusterer", "train_metrics.json", UTILIZATION_FILE)
 
 
 class NotIncremental(Exception):

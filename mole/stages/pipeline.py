@@ -28,6 +28,7 @@ from mole.io import atomic_dir, read_jsonl, write_json, write_jsonl
 from mole.merge import run_merge_prune
 from mole.nn.model import MoLEModel
 from mole.routing.diagnostics import routing_agreement, row_routing
+from mole.routing.extend import extend_gates
 from mole.routing.train import joint_train
 from mole.routing.warm_start import warm_start_gates
 from mole.stages.incremental import plan_clusters, write_incremental_clusters
@@ -214,12 +215,17 @@ def train_router(cfg: BuildConfig, progress: Any = None) -> dict[str, Any]:
     gates = previous_gates(cfg, model.spec, plan) if plan else None
     if model.spec.num_experts == 1:  # k = 1: no mixture, every token goes to the one expert whatever the gate says
         logger.info("one expert (k = 1): no routing to warm-start or learn")
-    elif gates is not None:  # incremental, the same experts: the previous gates, then a brief re-fit
-        model.routers.load_state_dict(gates)
+    elif gates is not None:  # incremental: the previous gates (and rows fitted for new experts), a brief re-fit
+        extended = extend_gates(
+            model, gates, train, train_experts_idx, c=r.warm_start_c, batch_size=r.batch_size, max_length=max_len,
+            max_tokens=r.warm_start_tokens, max_rows=r.warm_start_rows, seed=cfg.seed,
+        ) if next(iter(gates.values())).shape[0] < model.spec.num_experts else {}  # fmt: skip
+        if not extended:
+            model.routers.load_state_dict(gates)
         r = r.model_copy(
             update={"steps": proportional(r.steps, plan["new_rows"] + plan["removed_rows"], plan["old_rows"])}
         )
-        metrics["warm_start"] = {"method": "previous", "from": plan["from"], "refit_steps": r.steps}
+        metrics["warm_start"] = {"method": "previous", "from": plan["from"], "refit_steps": r.steps, **extended}
     elif r.warm_start:
         metrics["warm_start"] = warm_start_gates(
             model, train[: r.warm_start_rows], train_experts_idx[: r.warm_start_rows], method=r.warm_start_method,

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from mole.config import BuildConfig
-from mole.workspace import cluster_paths, eval_paths, experts_paths, mole_paths, prepared_paths
+from mole.workspace import UTILIZATION_FILE, cluster_paths, eval_paths, experts_paths, mole_paths, prepared_paths
 
 
 @dataclass(frozen=True)
@@ -125,12 +125,14 @@ STAGES: dict[str, Stage] = {
         Stage(
             "merge-prune", "merge_prune",
             "Prune unused and merge similar experts when eval loss allows; the result is evaluated too.",
-            reads=(*COMMON, "experts.max_length", "router", "evaluate", "merge"), code=("mole/merge.py", "mole/stages"),
+            reads=(*COMMON, "experts.max_length", "router", "evaluate", "merge"),
+            code=("mole/merge.py", "mole/training/lifecycle.py", "mole/stages"),
             inputs=("${data.out_dir}", "${router.out_dir}/train_metrics.json", "${evaluate.out_dir}/loss_curves.png",
                     "${evaluate.out_dir}/routing_heatmap.png"),
             outputs=(
                 *(Output(f"${{router.out_dir}}/{f}", persist=True)
                   for f in ("mole_config.json", "router.safetensors", "experts")),
+                Output(f"${{router.out_dir}}/{UTILIZATION_FILE}", persist=True),
                 *(Output(f"${{evaluate.out_dir}}/{f}", persist=True) for f in ("eval.md", "model_card.md")),
                 Output("${evaluate.out_dir}/eval.json", persist=True),
                 Output("${evaluate.out_dir}/metrics.json", "metrics", persist=True),

@@ -21,13 +21,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from mole.config import BuildConfig
 from mole.io import atomic_dir, load_safetensors, read_json, write_json
 from mole.nn.adapters import CONFIG, WEIGHTS, stable_config
-from mole.nn.lineage import adapter_digest
+from mole.nn.lineage import adapter_digest, made_by
 from mole.nn.spec import read_spec
 from mole.training.lora import BASELINE_ID, METRICS, SHARED_ID, Job, seal_adapter
-from mole.workspace import cluster_paths, eval_paths
+from mole.workspace import UTILIZATION_FILE, cluster_paths, eval_paths
+
+HISTORY_KEPT = 52  # builds of utilization history a model dir keeps (a year of weekly retrains)
 
 
 def read_plan(cfg: BuildConfig) -> dict[str, Any] | None:
@@ -154,12 +158,67 @@ def incremental_lineage(records: dict[str, dict], index: dict[str, Any], plan: d
 
 
 def previous_gates(cfg: BuildConfig, spec: Any, plan: dict[str, Any]) -> dict[str, Any] | None:
-    """The previous build's router state when this build has the same experts (ids, top-k, pooling) and its gates
-    fit: the gate rows of kept experts stay; None when an expert was added (the gates are warm-started anew)."""
+    """The previous build's router state when its experts are this build's first ones (same ids, pooling and
+    shared expert): their gate rows stay, and rows for experts added since are fitted (``extend_gates``); None
+    when the experts differ otherwise (the gates are warm-started anew)."""
     prev = cfg.path(plan["previous_dir"])
     if not (prev / "router.safetensors").is_file():
         return None
     old = read_spec(prev)
-    if (old.expert_ids, old.top_k, old.pool, old.shared) != (spec.expert_ids, spec.top_k, spec.pool, spec.shared):
+    n = len(old.expert_ids)
+    if (old.expert_ids, old.pool, old.shared) != (spec.expert_ids[:n], spec.pool, spec.shared) or n < 2:
         return None
     return load_safetensors(prev / "router.safetensors")
+
+
+def under_floor(history: list[dict[str, Any]], ids: list[str], floor: float) -> np.ndarray:
+    """(E,) how many of the last builds in ``history`` (oldest first, each ``{"utilization": {id: u}}``) in a row
+    each expert of ``ids`` was used less than ``floor``; a build without the expert ends its run."""
+    out = np.zeros(len(ids), dtype=int)
+    for i, eid in enumerate(ids):
+        for entry in reversed(history):
+            u = entry.get("utilization", {}).get(eid)
+            if u is None or u >= floor:
+                break
+            out[i] += 1
+    return out
+
+
+def utilization_history(cfg: BuildConfig, ids: list[str], util: np.ndarray) -> list[dict[str, Any]]:
+    """This build's utilization after the history its previous build left (its model dir's utilization.json, when
+    this build is incremental: the experts keep their ids and clusters; a full build starts a new history)."""
+    history: list[dict[str, Any]] = []
+    plan_ = incremental_plan(cfg)
+    if plan_ is not None:
+        prev = cfg.path(plan_["previous_dir"]) / UTILIZATION_FILE
+        if prev.is_file():
+            history = json.loads(prev.read_text(encoding="utf-8")).get("history", [])
+    entry = {"made_by": made_by(cfg, "merge-prune"), "utilization": dict(zip(ids, map(float, util), strict=True))}
+    return [*history, entry][-HISTORY_KEPT:]
+
+
+def lifecycle_report(cfg: BuildConfig) -> dict[str, Any] | None:
+    """reports/lifecycle.json with what an accepted merge-prune then did to the build's experts: a pruned expert is
+    ``retired`` (with its utilization and how many builds in a row it stayed under the floor), a merged one
+    ``merged`` (with its partner); its status before is kept as ``trained_as``. None when there is no lifecycle.json.
+    """
+    paths = eval_paths(cfg)
+    if not paths["lifecycle"].is_file():
+        return None
+    doc = json.loads(paths["lifecycle"].read_text(encoding="utf-8"))
+    report = json.loads(paths["merge_prune"].read_text(encoding="utf-8")) if paths["merge_prune"].is_file() else {}
+    ids = {e["id"] for e in doc.get("experts", [])}
+    if not report.get("accepted") or not set(report.get("expert_ids_before", [])) <= ids:  # none, or another build's
+        return doc
+    fate: dict[str, dict[str, Any]] = {}
+    for d in report["decisions"]:
+        if d["action"] == "prune":
+            fate[d["id"]] = {"status": "retired", "utilization": d["utilization"],
+                             "builds_under_floor": d.get("builds_under_floor", 1)}  # fmt: skip
+        else:
+            a, b = d["ids"]
+            fate[a], fate[b] = {"status": "merged", "merged_with": b}, {"status": "merged", "merged_with": a}
+    for e in doc["experts"]:
+        if e["id"] in fate:
+            e.update({"trained_as": e["status"], **fate[e["id"]]})
+    return doc

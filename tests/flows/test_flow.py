@@ -193,6 +193,7 @@ def test_prefect_deploy_registers_the_scheduled_retrain_deployment(deployed: Non
         assert step["directory"] == str(REPO)
         schema = dep.parameter_openapi_schema
         assert "config" in schema["properties"] and "BuildConfig" in json.dumps(schema)
+        assert dep.parameters["config"]["build"]["incremental"] == "auto"  # retrains start from the champion
         with pytest.raises(Exception, match="(?i)validat"):  # the server checks parameters against the schema
             c.create_flow_run_from_deployment(dep.id, parameters={"config": {"cluster": {"k": 0}}})
     # The server's scheduler turns the cron into scheduled runs (its loop for recently changed deployments runs
@@ -266,8 +267,17 @@ def test_mole_deploy_prints_user_names_literally(prefect_api: str, deployed: Non
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert res.returncode == 0, res.stdout + res.stderr
     assert f"deployment {name!r}" in " ".join((res.stdout + res.stderr).split()), res.stdout + res.stderr
+    full = subprocess.run([mole, "deploy", *TINY, "--name", "every-time-full", "--pool", "mole-process", "--full"],
+                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert full.returncode == 0, full.stdout + full.stderr
     with _client() as c:
-        c.delete_deployment(c.read_deployment_by_name(f"build-mole/{name}").id)
+        # A scheduled retrain is incremental from the champion unless deployed with --full (params.yaml: never).
+        modes = {}
+        for n in (name, "every-time-full"):
+            dep = c.read_deployment_by_name(f"build-mole/{n}")
+            modes[n] = dep.parameters["config"]["build"]["incremental"]
+            c.delete_deployment(dep.id)
+    assert modes == {name: "auto", "every-time-full": "never"}, modes
     bad = subprocess.run([mole, "deploy", *TINY, "--name", "a/b", "--pool", "mole-process"], env=env,
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     text = " ".join((bad.stdout + bad.stderr).split())

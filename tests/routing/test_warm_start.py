@@ -9,7 +9,7 @@ import torch
 
 from mole.data.tokenize import eval_batches
 from mole.nn.model import MoLEModel
-from mole.routing import warm_start
+from mole.routing import extend, warm_start
 from mole.routing.warm_start import eval_loss, warm_start_gates
 
 ROWS = [{"prompt": f"Add {a} and {b}.\nAnswer:", "completion": str(a + b)} for a in range(4) for b in range(3)]
@@ -114,3 +114,37 @@ def test_auto_from_one_pass_scores_each_rule_as_fitting_it_alone_does(make_mole:
         assert round(loss, 5) == pytest.approx(out["heldout_loss"][rule], abs=1e-5)
         if out["method"] == rule:
             assert alone[detail] == out[detail]
+
+
+def test_extend_gates_keeps_the_previous_rows_exactly_and_fits_a_row_that_wins_the_new_experts_tokens(
+    make_mole: Callable[[], MoLEModel],
+) -> None:
+    """An incremental build's router: the previous build's gate rows (two experts) stay bit for bit; the row of the
+    expert added since is fitted against them, so more tokens go to their own expert than with a blank row."""
+    model = make_mole()
+    warm_start.fit_logistic_gates(model, ROWS, EXPERTS, c=1.0, batch_size=4, max_length=32, max_tokens=10**6)
+    previous = {k: v[:2].clone() for k, v in model.routers.state_dict().items()}  # a router of experts 0 and 1
+    kw = {"batch_size": 4, "max_length": 32, "max_tokens": 10**6}
+    x, labels = warm_start.block_inputs(model, ROWS, EXPERTS, **kw)
+
+    def accuracy() -> float:  # of the new expert's tokens, the fraction its row wins, averaged over blocks
+        new = labels == 2
+        with torch.no_grad():
+            gates = zip(model.routers, x, strict=True)
+            hits = [(r.gate(torch.from_numpy(s[new])).argmax(-1).numpy() == 2).mean() for r, s in gates]
+        return float(sum(hits) / len(hits))
+
+    for router in model.routers:  # a blank row for the new expert (where the fit starts): what it must beat
+        with torch.no_grad():
+            router.gate.weight[2:].zero_()
+            router.gate.bias[2:].zero_()
+    blank = accuracy()
+    # The new expert's rows come last and max_rows is small: rows are taken in turn from each expert's.
+    order = sorted(range(len(ROWS)), key=lambda i: EXPERTS[i] == 2)
+    out = extend.extend_gates(model, previous, [ROWS[i] for i in order], [EXPERTS[i] for i in order], c=1.0,
+                                  max_rows=9, **kw)  # fmt: skip
+    assert out["kept_rows"] == 2 and out["added_rows"] == [2]
+    state = model.routers.state_dict()
+    for key, old in previous.items():
+        assert torch.equal(state[key][:2], old), key
+    assert accuracy() > blank + 0.1, (accuracy(), blank)
