@@ -42,6 +42,11 @@ bench: $(STAMP) fetch-base
 bench-quality: $(STAMP) fetch-base
 	$(BIN)/python -m bench.quality
 
+## bench-lifecycle: incremental builds against full rebuilds (more rows of some skills; a skill the first build lacked)
+.PHONY: bench-lifecycle
+bench-lifecycle: $(STAMP) fetch-base
+	$(BIN)/python -m bench.lifecycle
+
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports && $(BIN)/mole dvc-yaml --check
 

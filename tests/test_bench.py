@@ -94,3 +94,20 @@ def test_readme_tables_are_the_committed_results() -> None:
     assert render(text) == text, "README.md's benchmark tables differ from bench/results: run python -m bench.readme"
     headline_rows = json.loads((REPO / "bench/results/quick/summary.json").read_text())["headline"]
     assert all(h["metric"] in text for h in headline_rows)
+
+
+def test_lifecycle_files_grow_only_the_named_skills_and_hold_one_out(tmp_path: Path) -> None:
+    from bench.lifecycle import EVAL_PER_SKILL, demo_files
+
+    files = demo_files(tmp_path, rows_per_skill=10, grow=0.1, grow_skills=2)
+
+    def read(name: str) -> list[dict]:
+        return [json.loads(line) for line in files[name].read_text().splitlines()]
+
+    week1, week2, evals, without = read("week1"), read("week2"), read("eval"), read("without")
+    ids = {json.dumps(r, sort_keys=True) for r in week1}
+    new = [r for r in week2 if json.dumps(r, sort_keys=True) not in ids]
+    assert len(week1) == 60 and len(week2) == 66 and len(new) == 6  # 10 % more rows in all, week1 kept whole
+    assert {r["domain"] for r in new} == set(files["grown"]) and len(files["grown"]) == 2
+    assert len(evals) == 6 * EVAL_PER_SKILL and not {json.dumps(r, sort_keys=True) for r in evals} & ids
+    assert files["held_out"] not in {r["domain"] for r in without} and len(without) == 50
