@@ -17,7 +17,7 @@ from mole.cluster.clustering import Clusterer, cluster_radii
 from mole.cluster.incremental import extend_clusters
 from mole.config import BuildConfig, load_config
 from mole.data.demo import generate_demo_corpus
-from mole.training.lifecycle import proportional
+from mole.training.lifecycle import continued_lr, proportional
 
 # Light settings: fixed k, few steps, no multitask baseline, a short joint phase.
 LIGHT = ["experts.steps=4", "experts.shared_steps=4", "experts.multitask_baseline=false", "router.steps=2",
@@ -101,6 +101,30 @@ def test_far_rows_of_a_new_kind_make_one_new_cluster_and_near_rows_join_theirs()
     assert (got[40:43] == 1).sum() >= 2  # the near rows join the cluster they are near (one may fall past its radius)
 
 
+def test_far_rows_at_the_edges_of_old_clusters_make_no_new_cluster() -> None:
+    """Outliers of two old clusters (past their radii, around each): no grouping of them is as tight as an old
+    cluster and each group sits inside an old cluster, so they join their nearest clusters instead."""
+    from mole.cluster.embed import TfidfEmbedder
+
+    class Fixed(TfidfEmbedder):
+        def encode(self, texts: list[str]) -> np.ndarray:
+            return np.array([[float(v) for v in t.split(",")] for t in texts], dtype=np.float32)
+
+    rng = np.random.default_rng(0)
+    old = np.concatenate([rng.normal((0, 0), 0.1, (20, 2)), rng.normal((5, 0), 0.1, (20, 2))])
+    labels = np.repeat([0, 1], 20)
+    centroids = np.stack([old[:20].mean(0), old[20:].mean(0)]).astype(np.float32)
+    clusterer = Clusterer(Fixed(), centroids, cluster_radii(old, labels, centroids, 0.95))
+    ring = np.array([(0, 1), (1, 0), (0, -1), (-1, 0)], dtype=np.float32)  # one step out, all around
+    points = np.concatenate([old, ring, ring + (5, 0)])
+    rows = [{"id": f"r{i}", "text": f"{x},{y}"} for i, (x, y) in enumerate(points)]
+    old_labels = {f"r{i}": int(c) for i, c in enumerate(labels)}
+    ext, got, info = extend_clusters(clusterer, rows, old_labels, min_cluster_size=4, quantile=0.95, k_max=4,
+                                     n_init=2, seed=0)  # fmt: skip
+    assert info["far_rows"] == 8 and info["new_clusters"] == [] and ext.k == 2
+    assert got[40:44].tolist() == [0] * 4 and got[44:].tolist() == [1] * 4
+
+
 @pytest.mark.slow
 def test_rows_added_to_one_cluster_update_its_expert_and_reuse_the_others_byte_for_byte(
     data: dict[str, Any], previous: Path, tmp_path: Path
@@ -128,6 +152,13 @@ def test_rows_added_to_one_cluster_update_its_expert_and_reuse_the_others_byte_f
     (grown_expert,) = updated
     entry = next(e for e in lifecycle["experts"] if e["id"] == grown_expert)
     assert entry["new_rows"] == 6 and entry["steps"] == proportional(4, 6, 18) and entry["loss_before"] is not None
+    # Fine-tuned where a schedule stretched over the rows now would stand, not restarted at the peak lr.
+    e = cfg.experts
+    lr = {a: json.loads((tmp_path / "artifacts" / "experts" / a / "train_metrics.json").read_text())["lr"]
+          for a in (grown_expert, "shared")}  # fmt: skip
+    scale = e.expert_lr_scale if e.shared == "cotrained" else 1.0
+    assert lr[grown_expert] == pytest.approx(e.lr * continued_lr(6, 18) * scale)
+    assert lr["shared"] == pytest.approx(e.lr * continued_lr(6, 108)) and continued_lr(6, 18) == 0.25
     router = json.loads((tmp_path / "artifacts" / "mole" / "train_metrics.json").read_text())
     assert router["warm_start"]["method"] == "previous" and router["warm_start"]["refit_steps"] == 1
 

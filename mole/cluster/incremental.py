@@ -66,11 +66,11 @@ def extend_clusters(
                         quantile=quantile, max_radius=float(np.max(radii)))  # fmt: skip
         for g in range(int(groups.max()) + 1):
             members = far[groups == g]
-            if len(members) < min_cluster_size:
-                continue
+            center = x[members].mean(0)
+            if len(members) < min_cluster_size or (((center - centroids) ** 2).sum(-1) <= radii).any():
+                continue  # too few, or centred inside an old cluster: that cluster's outliers, not a new kind of row
             c = k_old + len(added)
             labels[members] = c
-            center = x[members].mean(0)
             new_centroids.append(center.astype(np.float32))
             new_radii.append(float(np.quantile(((x[members] - center) ** 2).sum(-1), quantile)))
             added.append(c)
@@ -91,7 +91,8 @@ def extend_clusters(
 def _group(x: np.ndarray, *, min_cluster_size: int, k_max: int, n_init: int, seed: int, quantile: float,
            max_radius: float) -> np.ndarray:  # fmt: skip
     """Cluster the far rows among themselves into the fewest groups each as tight as the loosest old cluster (its
-    radius at most ``max_radius``), so that one new kind of row makes one new cluster, as a full build would."""
+    radius at most ``max_radius``), so that one new kind of row makes one new cluster, as a full build would.
+    All -1 when no such grouping exists: far rows scattered at the edges of old clusters form no cluster."""
     top = min(k_max, len(x) // min_cluster_size)
     labels = np.zeros(len(x), dtype=np.int64)
     for k in range(1, top + 1):
@@ -99,5 +100,5 @@ def _group(x: np.ndarray, *, min_cluster_size: int, k_max: int, n_init: int, see
             labels, _ = kmeans(x, k, n_init=n_init, seed=seed)
         centers = np.stack([x[labels == g].mean(0) for g in range(k)])
         if (cluster_radii(x, labels, centers, quantile) <= max_radius).all():
-            break
-    return labels
+            return labels
+    return np.full(len(x), -1, dtype=np.int64)

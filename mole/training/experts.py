@@ -177,7 +177,7 @@ def _run_job(
                 raise FileNotFoundError(f"{job.name}: the shared adapter {cfg.path(dep)} is not trained yet")
         logger.info("%s: training on %d rows for %d steps", job.name, len(job.rows), job.steps)
         step_cb = None if progress is None else lambda s, t, loss: progress(job.name, s, t, loss)
-        e = cfg.experts
+        e = cfg.experts if job.lr_scale == 1.0 else cfg.experts.model_copy(update={"lr": cfg.experts.lr * job.lr_scale})
         dirs = {k: cfg.path(v) if v else None for k, v in (("init_from", job.init_from), ("under", job.under))}
         trained = train_lora(*get_base(), job.rows, lora=job.lora or e.lora, cfg=e, steps=job.steps, out_dir=out_dir,
                              seed=job.seed, fingerprint=fingerprint, progress=step_cb, **dirs)  # fmt: skip

@@ -51,9 +51,20 @@ def proportional(steps: int, new: int, old: int) -> int:
     return max(1, min(steps, math.ceil(steps * new / max(1, old))))
 
 
+def continued_lr(changed: int, old: int) -> float:
+    """The lr multiplier of an adapter fine-tuned from its previous weights on ``old`` + ``changed`` rows.
+
+    Training ends with the lr decayed linearly to about 0; restarting at the peak lr (with a fresh optimizer) would
+    jolt a trained adapter away from what it learned. So the fine-tune continues as if the schedule had been
+    stretched over the rows now: at ``changed / (old + changed)`` of the peak, decaying again to 0.
+    """
+    return changed / max(1, old + changed)
+
+
 def incremental_jobs(cfg: BuildConfig, jobs: list[Job], plan: dict[str, Any]) -> list[Job]:
     """The full build's ``jobs`` turned into an incremental build's, as the plan says (module docstring)."""
     e, prev = cfg.experts, plan["previous_dir"]
+    expert_scale = e.expert_lr_scale if e.shared == "cotrained" else 1.0  # experts' lr in a full build
     out = []
     for job in jobs:
         digest = None
@@ -63,23 +74,24 @@ def incremental_jobs(cfg: BuildConfig, jobs: list[Job], plan: dict[str, Any]) ->
             src = f"{prev}/experts/{job.name}"
             digest = adapter_digest(cfg.path(src))
             if job.kind == "shared":
-                changed = plan["new_rows"] + plan["removed_rows"]
-                steps = proportional(e.shared_steps, changed, plan["old_rows"])
+                changed, old = plan["new_rows"] + plan["removed_rows"], plan["old_rows"]
+                steps, scale = proportional(e.shared_steps, changed, old), continued_lr(changed, old)
             else:
                 c = plan["clusters"][str(job.cluster)]
-                changed = c["new_rows"] + c["removed_rows"]
-                steps = proportional(e.steps, changed, c["old_rows"])
+                changed, old = c["new_rows"] + c["removed_rows"], c["old_rows"]
+                steps, scale = proportional(e.steps, changed, old), continued_lr(changed, old) * expert_scale
             job = replace(job, steps=steps if changed else 0, init_from=src if changed else None, parent=digest,
-                          copy_from=None if changed else src, status="updated" if changed else "reused")  # fmt: skip
+                          copy_from=None if changed else src, status="updated" if changed else "reused",
+                          lr_scale=scale if changed else 1.0)  # fmt: skip
         elif job.cluster is not None:
             job = replace(job, status="added")
         elif job.kind == BASELINE_ID and (cfg.path(prev) / "baseline" / WEIGHTS).is_file():
             src = f"{prev}/baseline"
             prev_r = read_json(cfg.path(src) / CONFIG).get("r")
             if prev_r == (job.lora.r if job.lora else e.lora.r):
-                changed = plan["new_rows"] + plan["removed_rows"]
-                steps = proportional(job.steps, changed, plan["old_rows"])
-                job = replace(job, steps=steps, init_from=src, parent=adapter_digest(cfg.path(src)), status="updated")
+                changed, old = plan["new_rows"] + plan["removed_rows"], plan["old_rows"]
+                job = replace(job, steps=proportional(job.steps, changed, old), init_from=src, status="updated",
+                              parent=adapter_digest(cfg.path(src)), lr_scale=continued_lr(changed, old))  # fmt: skip
         out.append(job)
     if SHARED_ID in {j.name for j in out}:  # experts on top of the shared adapter build on the updated one
         shared = next(j for j in out if j.name == SHARED_ID)

@@ -257,6 +257,7 @@ class Job:
     parent: str | None = None
     copy_from: str | None = None
     status: str | None = None  # reused | updated | added (incremental builds); None in a full build
+    lr_scale: float = 1.0  # its lr is experts.lr times this (an updated adapter continues a decayed schedule)
 
     @property
     def parent_dir(self) -> str | None:
@@ -269,6 +270,8 @@ class Job:
             extra |= {"parent": self.parent, "copy": self.copy_from is not None}
         if self.lora is not None:
             extra["lora"] = self.lora.model_dump(mode="json")
+        if self.lr_scale != 1.0:
+            extra["lr_scale"] = self.lr_scale
         row_ids = [r["id"] for r in self.rows]
         return adapter_fingerprint(cfg, kind=self.kind, seed=self.seed, steps=self.steps, row_ids=row_ids, extra=extra)
 
