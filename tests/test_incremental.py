@@ -172,12 +172,13 @@ def test_rows_of_a_new_skill_make_exactly_one_new_expert(data: dict[str, Any], t
     second = tmp_path / "second"
     rows += data["by"][held_out][4:22]
     cfg = _cfg(second, _write(tmp_path / "v3.jsonl", rows), data["eval"], "build.incremental=always",
-               f"build.previous={first}")  # fmt: skip
+               f"build.previous={first}", "experts.shared_steps=6")  # fmt: skip
     _build(cfg)
     lifecycle = json.loads((second / "reports" / "lifecycle.json").read_text())
     added = [e for e in lifecycle["experts"] if e["status"] == "added"]
     assert lifecycle["mode"] == "incremental" and lifecycle["k"] == 6
     assert [e["id"] for e in added] == ["expert_05"] and added[0]["rows"] >= 4
+    assert added[0]["steps"] == 6 > cfg.experts.steps  # a kind of row nothing learned yet: the shared adapter's steps
     assigned = [json.loads(line) for line in (second / "data/clusters/assignments.jsonl").read_text().splitlines()]
     domains = {a["domain"] for a in assigned if a["cluster"] == 5}
     assert domains == {held_out}

@@ -83,8 +83,8 @@ def incremental_jobs(cfg: BuildConfig, jobs: list[Job], plan: dict[str, Any]) ->
             job = replace(job, steps=steps if changed else 0, init_from=src if changed else None, parent=digest,
                           copy_from=None if changed else src, status="updated" if changed else "reused",
                           lr_scale=scale if changed else 1.0)  # fmt: skip
-        elif job.cluster is not None:
-            job = replace(job, status="added")
+        elif job.cluster is not None:  # a kind of row nothing was trained on: as many steps as the shared adapter had
+            job = replace(job, status="added", steps=max(job.steps, e.shared_steps if e.shared != "none" else 0))
         elif job.kind == BASELINE_ID and (cfg.path(prev) / "baseline" / WEIGHTS).is_file():
             src = f"{prev}/baseline"
             prev_r = read_json(cfg.path(src) / CONFIG).get("r")
