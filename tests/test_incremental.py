@@ -76,7 +76,8 @@ def test_fine_tuning_steps_are_proportional_to_the_new_rows() -> None:
     assert proportional(8, 40, 18) == 8
 
 
-def test_far_rows_of_a_new_kind_make_one_new_cluster_and_near_rows_join_theirs() -> None:
+def _two_clusters() -> tuple[np.random.Generator, np.ndarray, np.ndarray, Clusterer]:
+    """Two old 2-D clusters of 20 rows, at (0, 0) and (5, 0), and their clusterer (rows embed as their text "x,y")."""
     from mole.cluster.embed import TfidfEmbedder
 
     class Fixed(TfidfEmbedder):  # embeddings given by the row text "x,y"
@@ -87,14 +88,21 @@ def test_far_rows_of_a_new_kind_make_one_new_cluster_and_near_rows_join_theirs()
     old = np.concatenate([rng.normal((0, 0), 0.1, (20, 2)), rng.normal((5, 0), 0.1, (20, 2))])
     labels = np.repeat([0, 1], 20)
     centroids = np.stack([old[:20].mean(0), old[20:].mean(0)]).astype(np.float32)
-    clusterer = Clusterer(Fixed(), centroids, cluster_radii(old, labels, centroids, 0.95))
-    near = rng.normal((5, 0), 0.05, (3, 2))
-    far = rng.normal((0, 6), 0.1, (6, 2))
-    points = np.concatenate([old, near, far])
+    return rng, old, labels, Clusterer(Fixed(), centroids, cluster_radii(old, labels, centroids, 0.95))
+
+
+def _extend(clusterer: Clusterer, points: np.ndarray, labels: np.ndarray) -> tuple[Clusterer, np.ndarray, dict]:
+    """``extend_clusters`` over rows at ``points``, the first ``len(labels)`` of them old rows with those labels."""
     rows = [{"id": f"r{i}", "text": f"{x},{y}"} for i, (x, y) in enumerate(points)]
     old_labels = {f"r{i}": int(c) for i, c in enumerate(labels)}
-    ext, got, info = extend_clusters(clusterer, rows, old_labels, min_cluster_size=4, quantile=0.95, k_max=4,
-                                     n_init=2, seed=0)  # fmt: skip
+    return extend_clusters(clusterer, rows, old_labels, min_cluster_size=4, quantile=0.95, k_max=4, n_init=2, seed=0)
+
+
+def test_far_rows_of_a_new_kind_make_one_new_cluster_and_near_rows_join_theirs() -> None:
+    rng, old, labels, clusterer = _two_clusters()
+    near = rng.normal((5, 0), 0.05, (3, 2))
+    far = rng.normal((0, 6), 0.1, (6, 2))
+    ext, got, info = _extend(clusterer, np.concatenate([old, near, far]), labels)
     assert ext.k == 3 and info["new_clusters"] == [2]
     assert (got[:40] == labels).all() and info["disagreement"] == 0.0
     assert (got[43:] == 2).all() and len(ext.radii) == 3
@@ -104,23 +112,9 @@ def test_far_rows_of_a_new_kind_make_one_new_cluster_and_near_rows_join_theirs()
 def test_far_rows_at_the_edges_of_old_clusters_make_no_new_cluster() -> None:
     """Outliers of two old clusters (past their radii, around each): no grouping of them is as tight as an old
     cluster and each group sits inside an old cluster, so they join their nearest clusters instead."""
-    from mole.cluster.embed import TfidfEmbedder
-
-    class Fixed(TfidfEmbedder):
-        def encode(self, texts: list[str]) -> np.ndarray:
-            return np.array([[float(v) for v in t.split(",")] for t in texts], dtype=np.float32)
-
-    rng = np.random.default_rng(0)
-    old = np.concatenate([rng.normal((0, 0), 0.1, (20, 2)), rng.normal((5, 0), 0.1, (20, 2))])
-    labels = np.repeat([0, 1], 20)
-    centroids = np.stack([old[:20].mean(0), old[20:].mean(0)]).astype(np.float32)
-    clusterer = Clusterer(Fixed(), centroids, cluster_radii(old, labels, centroids, 0.95))
+    _, old, labels, clusterer = _two_clusters()
     ring = np.array([(0, 1), (1, 0), (0, -1), (-1, 0)], dtype=np.float32)  # one step out, all around
-    points = np.concatenate([old, ring, ring + (5, 0)])
-    rows = [{"id": f"r{i}", "text": f"{x},{y}"} for i, (x, y) in enumerate(points)]
-    old_labels = {f"r{i}": int(c) for i, c in enumerate(labels)}
-    ext, got, info = extend_clusters(clusterer, rows, old_labels, min_cluster_size=4, quantile=0.95, k_max=4,
-                                     n_init=2, seed=0)  # fmt: skip
+    ext, got, info = _extend(clusterer, np.concatenate([old, ring, ring + (5, 0)]), labels)
     assert info["far_rows"] == 8 and info["new_clusters"] == [] and ext.k == 2
     assert got[40:44].tolist() == [0] * 4 and got[44:].tolist() == [1] * 4
 

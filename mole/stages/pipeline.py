@@ -216,11 +216,12 @@ def train_router(cfg: BuildConfig, progress: Any = None) -> dict[str, Any]:
     if model.spec.num_experts == 1:  # k = 1: no mixture, every token goes to the one expert whatever the gate says
         logger.info("one expert (k = 1): no routing to warm-start or learn")
     elif gates is not None:  # incremental: the previous gates (and rows fitted for new experts), a brief re-fit
-        extended = extend_gates(
-            model, gates, train, train_experts_idx, c=r.warm_start_c, batch_size=r.batch_size, max_length=max_len,
-            max_tokens=r.warm_start_tokens, max_rows=r.warm_start_rows, seed=cfg.seed,
-        ) if next(iter(gates.values())).shape[0] < model.spec.num_experts else {}  # fmt: skip
-        if not extended:
+        extended: dict[str, Any] = {}
+        if next(iter(gates.values())).shape[0] < model.spec.num_experts:  # experts were added: fit their rows
+            extended = extend_gates(model, gates, train, train_experts_idx, c=r.warm_start_c, batch_size=r.batch_size,
+                                    max_length=max_len, max_tokens=r.warm_start_tokens, max_rows=r.warm_start_rows,
+                                    seed=cfg.seed)  # fmt: skip
+        else:
             model.routers.load_state_dict(gates)
         r = r.model_copy(
             update={"steps": proportional(r.steps, plan["new_rows"] + plan["removed_rows"], plan["old_rows"])}

@@ -18,10 +18,12 @@ from typer.testing import CliRunner
 
 from flows.lineage import EXPERT_TAG, EXPERTS_TAG
 from flows.registry import register_build
+from flows.versions import download_version, has_alias
 from mole import stages, workspace
 from mole.cli import app
 from mole.config import BuildConfig, load_config
 from mole.nn.lineage import adapter_digest, brief, compare, model_experts
+from mole.stages.incremental import model_dir_of, stage_previous
 from tests.servers import free_port, mlflow_server
 
 # isort: split
@@ -145,6 +147,21 @@ def test_a_version_that_is_not_there_is_named(built: dict, server: str, ref: str
     res = _diff(server, f"models:/{NAME}/1", ref.format(name=NAME))
     assert res.exit_code == code, res.output
     assert message.format(name=NAME, uri=server) in " ".join(res.stderr.split())
+
+
+def test_a_registered_version_can_be_the_previous_build_of_an_incremental_one(
+    built: dict[str, Any], server: str, tmp_path: Path
+) -> None:
+    cfg, version = built["cfg"], built["v1"]["version"]
+    tags = MlflowClient(server, registry_uri=server).get_model_version(NAME, version).tags
+    assert tags["mole.build_mode"] == "full" and json.loads(tags["mole.lifecycle"])["reason"]
+    assert has_alias(NAME, "challenger", uri=server) and not has_alias(NAME, "nope", uri=server)
+    ref = f"models:/{NAME}/{version}"
+    label, local = download_version(ref, uri=server, dest=tmp_path / "download")
+    assert label == f"{NAME} version {version}"
+    staged = stage_previous(cfg.model_copy(update={"workspace": str(tmp_path / "ws")}), model_dir_of(local), ref)
+    assert (staged / "clusterer" / "assignments.jsonl").is_file() and (staged / "experts" / "expert_00").is_dir()
+    assert json.loads((staged / "source.json").read_text())["ref"] == ref
 
 
 def test_an_unreachable_tracking_server_is_named(built: dict) -> None:

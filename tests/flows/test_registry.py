@@ -469,24 +469,6 @@ def test_mlflow_models_serve_answers_invocations(first: dict, server: Server, tm
         stop(proc)
 
 
-def test_a_registered_version_can_be_the_previous_build_of_an_incremental_one(
-    first: dict[str, Any], built: BuildConfig, client: MlflowClient, tmp_path: Path
-) -> None:
-    from flows.versions import download_version, has_alias
-    from mole.stages.incremental import model_dir_of, stage_previous
-
-    tags = client.get_model_version(NAME, first["version"]).tags
-    assert tags["mole.build_mode"] == "full" and json.loads(tags["mole.lifecycle"])["reason"]
-    assert has_alias(NAME, "challenger", uri=built.tracking.uri) and not has_alias(NAME, "nope", uri=built.tracking.uri)
-    ref = f"models:/{NAME}/{first['version']}"
-    label, local = download_version(ref, uri=built.tracking.uri, dest=tmp_path / "download")
-    assert label == f"{NAME} version {first['version']}"
-    cfg = built.model_copy(update={"workspace": str(tmp_path / "ws")})
-    staged = stage_previous(cfg, model_dir_of(local), ref)
-    assert (staged / "clusterer" / "assignments.jsonl").is_file() and (staged / "experts" / "expert_00").is_dir()
-    assert json.loads((staged / "source.json").read_text())["ref"] == ref
-
-
 def test_server_down_fails_clearly_and_registers_nothing(
     first: dict, built: BuildConfig, server: Server, client: MlflowClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
