@@ -81,9 +81,10 @@ def decide(cfg: BuildConfig, champion: Any, build: dict[str, Any], *, rescore: C
         rescore: champion -> its metric on this build's eval rows; called only when the eval sets differ.
 
     Returns:
-        The Decision: never promote a build that does not beat its own multitask LoRA baseline (when
-        ``tracking.require_beats_baseline``); otherwise promote when there is no champion, or when the relative
-        improvement exceeds the margin.
+        The Decision: promote when there is no champion, or when the relative improvement over the champion exceeds
+        the margin; but never a build that does not beat its own multitask LoRA baseline (when
+        ``tracking.require_beats_baseline``), full or incremental alike, though its comparison with the champion is
+        still made and recorded.
     """
     from mole.eval.verdict import verdict
 
@@ -91,9 +92,9 @@ def decide(cfg: BuildConfig, champion: Any, build: dict[str, Any], *, rescore: C
     beats = verdict(build["report"])["beats_baseline"] if build.get("report") else None
     common = {"metric": t.metric, "value": value, "margin": t.promotion_margin, "beats_baseline": beats}
     refusal = baseline_refusal(cfg, build.get("report") or {})
-    if refusal is not None:
-        return Decision(False, refusal, **common, champion_version=None if champion is None else str(champion.version))
     if champion is None:
+        if refusal is not None:
+            return Decision(False, refusal, **common)
         return Decision(True, "first version with a metric: no champion yet", **common)
     tags = champion.tags
     same_set = tags.get("mole.eval_set_hash") == build["eval_set_hash"] and tags.get("mole.metric") == t.metric
@@ -102,12 +103,13 @@ def decide(cfg: BuildConfig, champion: Any, build: dict[str, Any], *, rescore: C
     else:
         old, source = float(rescore(champion)), "rescored"
     gain = relative_improvement(value, old, greater_is_better=t.greater_is_better)
-    promote = gain > t.promotion_margin
+    promote = gain > t.promotion_margin and refusal is None
     how = "same eval set" if source == "tag" else "champion re-scored on this build's eval rows"
-    reason = (
-        f"{t.metric} {value:.6g} vs champion v{champion.version} {old:.6g} ({how}): relative improvement "
-        f"{gain:+.3%} {'>' if promote else '<='} margin {t.promotion_margin:.3%}; "
-        f"{'promoted to champion' if promote else 'stays challenger'}"
-    )
+    versus = (f"{t.metric} {value:.6g} vs champion v{champion.version} {old:.6g} ({how}): relative improvement "
+              f"{gain:+.3%} {'>' if gain > t.promotion_margin else '<='} margin {t.promotion_margin:.3%}")  # fmt: skip
+    if refusal is not None:  # the champion is still compared with (its numbers go to the tags), but cannot win
+        reason = f"{refusal}; {versus}"
+    else:
+        reason = f"{versus}; {'promoted to champion' if promote else 'stays challenger'}"
     return Decision(promote, reason, **common, champion_version=str(champion.version), champion_value=old,
                     champion_source=source, improvement=gain)  # fmt: skip

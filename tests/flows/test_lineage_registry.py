@@ -22,6 +22,9 @@ from flows.versions import download_version, has_alias
 from mole import stages, workspace
 from mole.cli import app
 from mole.config import BuildConfig, load_config
+from mole.data.demo import generate_demo_corpus
+from mole.eval.verdict import verdict
+from mole.io import write_jsonl
 from mole.nn.lineage import adapter_digest, brief, compare, model_experts
 from mole.stages.incremental import model_dir_of, stage_previous
 from tests.servers import free_port, mlflow_server
@@ -162,6 +165,50 @@ def test_a_registered_version_can_be_the_previous_build_of_an_incremental_one(
     staged = stage_previous(cfg.model_copy(update={"workspace": str(tmp_path / "ws")}), model_dir_of(local), ref)
     assert (staged / "clusterer" / "assignments.jsonl").is_file() and (staged / "experts" / "expert_00").is_dir()
     assert json.loads((staged / "source.json").read_text())["ref"] == ref
+
+
+@pytest.mark.e2e
+def test_the_gate_refuses_an_incremental_build_that_loses_to_its_baseline(
+    built: dict[str, Any], server: str, tmp_path: Path
+) -> None:
+    """An incremental build from a registered version meets the promotion gate as a full build does: it is compared
+    with the champion on the same eval rows, and with tracking.require_beats_baseline on, a build whose mole loses
+    to its own multitask_lora stays challenger, saying why."""
+    cfg = built["cfg"]
+    train, evals = workspace.load_prepared(cfg)
+    skill = train[0]["domain"]
+    extra = [r for r in generate_demo_corpus(rows_per_skill=40, seed=7) if r["domain"] == skill]
+    known = {(r["prompt"], r["completion"]) for r in [*train, *evals]}
+    extra = [r for r in extra if (r["prompt"], r["completion"]) not in known][:3]
+    source, eval_source = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    write_jsonl(source, [*train, *extra])
+    write_jsonl(eval_source, evals)
+    ref = f"models:/{NAME}/{built['v1']['version']}"
+    overrides = [f"workspace={tmp_path / 'ws'}", f"tracking.uri={server}", *OVERRIDES, f"data.source={source}",
+                 f"data.eval_source={eval_source}", "build.incremental=always", f"build.previous={ref}",
+                 "experts.multitask_steps=120", "tracking.require_beats_baseline=true"]  # fmt: skip
+    inc = load_config(None, preset="tiny", overrides=overrides)
+    _, local = download_version(ref, uri=server, dest=tmp_path / "download")
+    stage_previous(inc, model_dir_of(local), ref)  # what the build flow's fetch-previous task does
+    for stage in (stages.prepare, stages.cluster, stages.train_experts, stages.train_router, stages.evaluate):
+        stage(inc)
+    lifecycle = json.loads((inc.path("reports") / "lifecycle.json").read_text())
+    assert lifecycle["mode"] == "incremental" and lifecycle["new_rows"] == 3, lifecycle
+    assert {e["status"] for e in lifecycle["experts"]} >= {"reused", "updated"}, lifecycle["experts"]
+    v = verdict(json.loads((inc.path(inc.evaluate.out_dir) / "eval.json").read_text()))
+    assert v["beats_baseline"] is False, f"precondition: the longer baseline wins, got {v}"
+    client = MlflowClient(server, registry_uri=server)
+    champion = client.get_model_version_by_alias(NAME, "champion")
+    res = register_build(inc, flow_run_id="flow-run-incremental-loses")
+    tags = client.get_model_version(NAME, res["version"]).tags
+    assert tags["mole.build_mode"] == "incremental" and not res["champion"] and res["aliases"] == ["challenger"]
+    assert tags["mole.promotion.beats_baseline"] == "false" and tags["mole.promotion.decision"] == "challenger"
+    assert "does not beat its own baseline multitask_lora" in tags["mole.promotion.reason"]
+    # Compared with the champion on the same rows: the champion's value as it was tagged on this eval set.
+    assert tags["mole.promotion.champion_version"] == champion.version
+    assert tags["mole.promotion.champion_source"] == "tag"
+    assert float(tags["mole.promotion.champion_value"]) == pytest.approx(float(champion.tags["mole.promotion.value"]))
+    assert client.get_model_version_by_alias(NAME, "champion").version == champion.version
 
 
 def test_an_unreachable_tracking_server_is_named(built: dict) -> None:

@@ -50,6 +50,22 @@ def test_gate_rescores_a_champion_measured_on_other_eval_rows() -> None:
     assert "re-scored" in d.reason
 
 
+def test_gate_refuses_a_build_that_loses_to_its_baseline_yet_records_the_champion_comparison() -> None:
+    """Better than the champion but worse than its own baseline: challenger, with both comparisons in its tags."""
+    champ = FakeVersion("2", {"mole.eval_set_hash": "e", "mole.metric": "loss", "mole.metric_value": "2.0"})
+    report = {"variants": {"mole": {"loss": 1.5, "exact_match": None},
+                           "multitask_lora": {"loss": 1.4, "exact_match": None}}}  # fmt: skip
+    build = {"value": 1.5, "eval_set_hash": "e", "report": report}
+    on = decide(_gate_cfg(require_beats_baseline=True), champ, build, rescore=lambda v: pytest.fail("rescored"))
+    assert not on.promote and on.beats_baseline is False and on.tags()["mole.promotion.decision"] == "challenger"
+    assert on.champion_version == "2" and on.champion_value == 2.0 and on.champion_source == "tag"
+    assert on.improvement == pytest.approx(0.25)
+    assert on.reason.startswith("mole does not beat its own baseline multitask_lora (loss 1.5000 vs 1.4000")
+    assert "vs champion v2 2 (same eval set): relative improvement +25.000%" in on.reason
+    off = decide(_gate_cfg(require_beats_baseline=False), champ, build, rescore=lambda v: pytest.fail("rescored"))
+    assert off.promote and off.beats_baseline is False and "promoted to champion" in off.reason
+
+
 def test_run_description_never_writes_a_none_url() -> None:
     from flows.comparison import run_tags, valid_url
 
