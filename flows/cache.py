@@ -17,6 +17,7 @@ from typing import Any
 from mole.config import BuildConfig
 from mole.stages.registry import STAGES
 from mole.training.lora import BASELINE_ID
+from mole.workspace import GALLERY
 
 CHUNK = 1 << 20
 EXPERT_READS = ("seed", "base_model", "experts")  # what one expert's adapter depends on (the baseline reads more)
@@ -58,6 +59,12 @@ def source_hash(cfg: BuildConfig) -> str:
     return "+".join(parts)
 
 
+def gallery_hash(cfg: BuildConfig) -> str | None:
+    """Content of the gallery experts ``experts.gallery`` names (train-router reads them); None without any."""
+    names = cfg.experts.gallery
+    return content_hash([cfg.path(GALLERY) / n for n in names], root=cfg.path(GALLERY)) if names else None
+
+
 def _fingerprint(value: Any) -> Any:
     """What of an upstream result enters the key: its content hash when it has one."""
     if isinstance(value, dict):
@@ -71,7 +78,8 @@ def stage_key(stage: str, *, reads: tuple[str, ...] | None = None) -> Callable[[
     """A Prefect ``cache_key_fn`` for the task of registered stage ``stage`` (first parameter ``config``).
 
     The key covers the config keys the stage reads (``STAGES[stage].reads``, or ``reads``), the code, the
-    upstream results' content hashes, and for ``prepare`` the raw data source.
+    upstream results' content hashes, for ``prepare`` the raw data source and for ``train-router`` the gallery
+    experts it adds to the bank.
     """
     keys = STAGES[stage].reads if reads is None else reads
 
@@ -83,7 +91,7 @@ def stage_key(stage: str, *, reads: tuple[str, ...] | None = None) -> Callable[[
             "config": cfg.section_hash(*keys),
             "code": code_version(),
             "upstream": {k: _fingerprint(v) for k, v in sorted(parameters.items()) if k not in UNKEYED},
-            "data": source_hash(cfg) if stage == "prepare" else None,
+            "data": source_hash(cfg) if stage == "prepare" else gallery_hash(cfg) if stage == "train-router" else None,
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 

@@ -65,7 +65,7 @@ EXAMPLES = {
     "predict": 'mole predict -m models:/mole@champion --prompt "Unit conversion: 25000 m equals how many km?"',
     "explain": 'mole explain -m artifacts/mole --prompt "Reverse the word: drawer" --out routing.html',
     "diff": "mole diff models:/mole/3 models:/mole/4",
-    "add-expert": "mole add-expert ~/adapters/legal-lora --name legal",
+    "add-expert": "mole add-expert ~/adapters/legal-lora --name legal --rows legal.jsonl",
     "bench": "mole bench --cases forward,generate",
     "show-config": "mole show-config --preset tiny --set cluster.k=3 --sources",
 }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -114,6 +114,9 @@ class LoraSection(Section):
         )
 
 
+GALLERY_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # an expert's name in the gallery (mole add-expert --name)
+
+
 class ExpertsConfig(Section):
     """One LoRA expert per cluster, plus the multitask LoRA baseline (stage ``train-experts``)."""
 
@@ -159,6 +162,12 @@ class ExpertsConfig(Section):
     )
     multitask_r: int | None = Field(
         None, ge=1, description="rank of the multitask baseline; null = the rank MoLE applies per token"
+    )
+    gallery: list[Annotated[str, Field(pattern=GALLERY_NAME)]] = Field(
+        default_factory=list,
+        description="experts of the workspace's gallery (mole add-expert) that join the bank beside the trained "
+        "ones, by name: never trained by the build; their gate rows are warm-started from the rows given to "
+        "add-expert --rows, else from the train rows each serves better than the row's own expert",
     )
     out_dir: str = "artifacts/experts"
     baseline_dir: str = "artifacts/baselines/multitask_lora"

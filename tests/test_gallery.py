@@ -86,7 +86,7 @@ def test_add_expert_copies_the_adapter_with_its_lineage(cfg: BuildConfig, base: 
     res = add_expert(cfg, src, "legal", base=base)
     dest = gallery.gallery_dir(cfg) / "legal"
     assert res == {"name": "legal", "path": str(dest), "sha256": adapter_digest(src), "r": 4, "lora_alpha": 16.0,
-                   "modules": 4}  # fmt: skip
+                   "modules": 4, "rows": None}  # fmt: skip
     assert (dest / WEIGHTS).read_bytes() == (src / WEIGHTS).read_bytes()
     record = json.loads((dest / LINEAGE).read_text())
     assert record["kind"] == "gallery" and record["made_by"] == {"stage": "add-expert", "source": str(src.resolve())}
@@ -94,6 +94,24 @@ def test_add_expert_copies_the_adapter_with_its_lineage(cfg: BuildConfig, base: 
     with pytest.raises(FileExistsError, match=f"{dest}: the gallery already has an expert named 'legal'"):
         add_expert(cfg, src, "legal", base=base)
     assert _listing(cfg) == ["legal", f"legal/{CONFIG}", f"legal/{WEIGHTS}", f"legal/{LINEAGE}"]
+
+
+def test_add_expert_keeps_the_rows_it_is_for_and_names_a_bad_rows_file(
+    cfg: BuildConfig, base: torch.nn.Module, tmp_path: Path
+) -> None:
+    from mole.data.prepare import DataError
+
+    src = peft_adapter(tmp_path / "a", r=4)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p", "completion": "c"}\n{"prompt": 3\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad.jsonl:2"):
+        add_expert(cfg, src, "a", rows=bad, base=base)
+    assert _listing(cfg) == []  # refused before anything was written
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps({"prompt": f"p{i}", "completion": "c"}) + "\n" for i in (1, 2, 2)), "utf-8")
+    assert add_expert(cfg, src, "a", rows=good, base=base)["rows"] == 2  # the duplicate dropped, as prepare does
+    kept = [json.loads(line) for line in (gallery.gallery_dir(cfg) / "a" / gallery.ROWS).read_text().splitlines()]
+    assert [r["prompt"] for r in kept] == ["p1", "p2"] and all(r["id"] for r in kept)
 
 
 def _edit(src: Path, *, config: dict | None = None, tensors: dict | None = None) -> Path:
@@ -168,8 +186,12 @@ def test_the_add_expert_command(tmp_path: Path) -> None:
     ws, good = tmp_path / "ws", peft_adapter(tmp_path / "good", r=2)
     bad = _edit(peft_adapter(tmp_path / "bad"), config={"base_model_name_or_path": "org/other-model"})
     args = ["--preset", "tiny", "--set", f"workspace={ws}"]
-    res = CliRunner().invoke(app, ["add-expert", str(good), "--name", "good", *args], env={"COLUMNS": "200"})
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt": "p", "completion": "c"}) + "\n", encoding="utf-8")
+    res = CliRunner().invoke(app, ["add-expert", str(good), "--name", "good", "--rows", str(rows), *args],
+                             env={"COLUMNS": "200"})  # fmt: skip
     assert res.exit_code == 0, res.output
+    assert (ws / "artifacts" / "gallery" / "good" / gallery.ROWS).read_text().count("\n") == 1
     assert adapter_digest(good) in res.stdout and (ws / "artifacts" / "gallery" / "good" / LINEAGE).is_file()
     res = CliRunner().invoke(app, ["add-expert", str(bad), "-n", "bad", *args], env={"COLUMNS": "200"})
     assert res.exit_code == 1 and "base_model_name_or_path: 'org/other-model'" in " ".join(res.stderr.split())

@@ -97,15 +97,20 @@ def _check_fits(cfg: BuildConfig, prev: Path) -> dict[str, int]:
                         "not those of experts.lora")  # fmt: skip
     if (spec.shared is not None) != (cfg.experts.shared in SHARED_APPLIED):
         problems.append(f"experts.shared={cfg.experts.shared!r} does not match its shared expert ({spec.shared})")
-    if spec.expert_ids != [expert_id(c) for c in spec.clusters] or sorted(spec.clusters) != list(
-        range(len(spec.clusters))
+    # Its trained experts one per cluster (gallery experts, serving none, come after them and are this build's own).
+    trained = [(eid, c) for eid, c in zip(spec.expert_ids, spec.clusters, strict=False) if c != []]
+    clusters = [c for _, c in trained]
+    if (
+        len(spec.clusters) != len(spec.expert_ids)
+        or not all(isinstance(c, int) and eid == expert_id(c) for eid, c in trained)
+        or sorted(clusters) != list(range(len(trained)))
     ):
-        problems.append(f"its experts {spec.expert_ids} are not one per cluster (merged or pruned)")
+        problems.append(f"its experts {[eid for eid, _ in trained]} are not one per cluster (merged or pruned)")
     if not (prev / "clusterer" / "assignments.jsonl").is_file():
         problems.append("it has no saved clusterer with its rows' assignments")
     if problems:
         raise NotIncremental("the previous model does not fit this build: " + "; ".join(problems))
-    return {c: i for i, c in enumerate(spec.clusters)}
+    return {c: i for i, c in enumerate(clusters)}
 
 
 def plan_clusters(cfg: BuildConfig, train: list[dict[str, Any]]) -> tuple[dict[str, Any], Any]:

@@ -29,10 +29,12 @@ from mole.merge import run_merge_prune
 from mole.nn.model import MoLEModel
 from mole.routing.diagnostics import routing_agreement, row_routing
 from mole.routing.extend import extend_gates
+from mole.routing.gallery import never_route, warm_start_rows
 from mole.routing.train import joint_train
 from mole.routing.warm_start import warm_start_gates
 from mole.stages.incremental import plan_clusters, write_incremental_clusters
 from mole.training.experts import SHARED_APPLIED, built_adapters, current_index, expert_lineage, run_train_experts
+from mole.training.gallery import gallery_experts, gallery_lineage
 from mole.training.lifecycle import incremental_lineage, incremental_plan, kept_slots, previous_gates, proportional
 from mole.workspace import (
     check_writable,
@@ -181,17 +183,18 @@ def train_router(cfg: BuildConfig, progress: Any = None) -> dict[str, Any]:
     clusters = {a["id"]: a["cluster"] for a in read_jsonl(cpaths["assignments"])}
     eval_clusters = {a["id"]: a["cluster"] for a in read_jsonl(cpaths["eval_assignments"])}
     expert_of = {e["cluster"]: i for i, e in enumerate(index)}
+    gallery = gallery_experts(cfg)  # imported experts: after the trained ones in the bank, never trained here
     base, tok = load_configured_base(cfg)
     model = MoLEModel.from_experts(
         base=base,
         tokenizer=tok,
-        expert_dirs=[cfg.path(e["path"]) for e in index],
-        expert_ids=[e["id"] for e in index],
+        expert_dirs=[*(cfg.path(e["path"]) for e in index), *(g["path"] for g in gallery)],
+        expert_ids=[*(e["id"] for e in index), *(g["name"] for g in gallery)],
         base_ref=base_ref(cfg),
         top_k=cfg.router.top_k,
         routing=cfg.router.routing,
         path=cfg.router.path,
-        clusters=[e["cluster"] for e in index],
+        clusters=[*(e["cluster"] for e in index), *([] for _ in gallery)],
         shared_dir=cfg.path(shared["path"]) if shared and full_index.get("shared_mode") in SHARED_APPLIED else None,
         pool=cfg.router.pool,
     )
@@ -199,8 +202,10 @@ def train_router(cfg: BuildConfig, progress: Any = None) -> dict[str, Any]:
     plan = incremental_plan(cfg)
     if plan is not None:  # their parents: the previous build's experts
         lineage = incremental_lineage(lineage, full_index, plan)
+    lineage |= gallery_lineage(cfg, gallery)
     model.lineage = {eid: lineage[eid] for eid in [*model.spec.expert_ids, model.spec.shared] if eid in lineage}
     kept = kept_slots(cfg, full_index, model.spec.expert_ids, model.shared_index) if plan else {}
+    kept |= {len(index) + j: g["path"] for j, g in enumerate(gallery)}  # the joint phase keeps them as imported
     r, max_len = cfg.router, cfg.experts.max_length
     stats = prepared_paths(cfg)["stats"]
     if stats.exists():
@@ -213,12 +218,19 @@ def train_router(cfg: BuildConfig, progress: Any = None) -> dict[str, Any]:
     metrics: dict[str, Any] = {"built_from": built_adapters(full_index), "warm_start": None,
                                "top_k": {"configured": r.top_k, "used": model.spec.top_k}}  # fmt: skip
     gates = previous_gates(cfg, model.spec, plan) if plan else None
+    n_ws = r.warm_start_rows
+    ws_rows, ws_experts = train[:n_ws], train_experts_idx[:n_ws]
+    if gallery and model.spec.num_experts > 1:  # the gallery experts' rows join the warm start's
+        ws_rows, ws_experts, metrics["gallery"] = warm_start_rows(
+            model, gallery, ws_rows, ws_experts, batch_size=r.batch_size, max_length=max_len
+        )
     if model.spec.num_experts == 1:  # k = 1: no mixture, every token goes to the one expert whatever the gate says
         logger.info("one expert (k = 1): no routing to warm-start or learn")
     elif gates is not None:  # incremental: the previous gates (and rows fitted for new experts), a brief re-fit
         extended: dict[str, Any] = {}
         if next(iter(gates.values())).shape[0] < model.spec.num_experts:  # experts were added: fit their rows
-            extended = extend_gates(model, gates, train, train_experts_idx, c=r.warm_start_c, batch_size=r.batch_size,
+            extended = extend_gates(model, gates, [*ws_rows, *train[n_ws:]], [*ws_experts, *train_experts_idx[n_ws:]],
+                                    c=r.warm_start_c, batch_size=r.batch_size,
                                     max_length=max_len, max_tokens=r.warm_start_tokens, max_rows=r.warm_start_rows,
                                     seed=cfg.seed)  # fmt: skip
         else:
@@ -229,10 +241,13 @@ def train_router(cfg: BuildConfig, progress: Any = None) -> dict[str, Any]:
         metrics["warm_start"] = {"method": "previous", "from": plan["from"], "refit_steps": r.steps, **extended}
     elif r.warm_start:
         metrics["warm_start"] = warm_start_gates(
-            model, train[: r.warm_start_rows], train_experts_idx[: r.warm_start_rows], method=r.warm_start_method,
+            model, ws_rows, ws_experts, method=r.warm_start_method,
             c=r.warm_start_c, batch_size=r.batch_size, max_length=max_len, max_tokens=r.warm_start_tokens,
             seed=cfg.seed, progress=progress,
         )  # fmt: skip
+    unserved = [g["slot"] for g in metrics.get("gallery", {}).values() if g["source"] == "none"]
+    if unserved:
+        never_route(model, unserved)
     metrics["agreement_before_training"] = routing_agreement(
         row_routing(model, evals, batch_size=r.batch_size, max_length=max_len)[1], eval_experts_idx
     )

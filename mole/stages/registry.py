@@ -104,7 +104,7 @@ STAGES: dict[str, Stage] = {
             "train-router", "train_router",
             "Build the MoLE model, warm-start the routers and fine-tune routers and experts jointly.",
             reads=(*COMMON, "experts", "router"), dvc_params=("evaluate", "merge"),
-            code=("mole/routing", "mole/nn", "mole/eval", "mole/merge.py", "mole/stages"),
+            code=("mole/routing", "mole/nn", "mole/eval", "mole/merge.py", "mole/training/gallery.py", "mole/stages"),
             inputs=("${data.out_dir}", "${cluster.out_dir}", "${experts.out_dir}"),
             outputs=(Output("${router.out_dir}/train_metrics.json"), Output("${router.out_dir}/clusterer")),
             done=lambda cfg: [mole_paths(cfg)["config"]], progress=True,
