@@ -153,6 +153,12 @@ class ExpertsConfig(Section):
         description="optimizer steps of the shared LoRA (all rows); cotrained: the run's steps beyond the "
         "experts' (the run takes shared_steps + k * steps)",
     )
+    shared_update: Literal["auto", "always"] = Field(
+        "always",
+        description="incremental builds: always fine-tune the shared adapter on the changed rows; auto: only when "
+        "rows of kept clusters changed (rows of new kinds only are learned by their new experts, on the shared "
+        "adapter as it is, so the kept experts' skills stay where they were; not yet measured on the demo preset)",
+    )
     multitask_baseline: bool = True
     multitask_steps: int | None = Field(
         None,

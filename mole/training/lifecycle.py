@@ -9,7 +9,9 @@ whether its rows changed. Here that becomes the train-experts jobs:
   steps (at least 1, at most ``experts.steps``);
 - added: a new expert, trained as a full build trains one (from or on top of the shared adapter);
 - the shared adapter is fine-tuned from the previous one for ``experts.shared_steps`` × new rows / old rows steps
-  (reused when no row changed); the multitask baseline likewise when the previous build left one.
+  (reused when no row changed, and with ``experts.shared_update: auto`` (not the default) when only new clusters got
+  rows: the shared adapter is what every kept expert was trained on top of, so moving it moves the old skills' losses
+  too); the multitask baseline likewise when the previous build left one.
 """
 
 from __future__ import annotations
@@ -75,6 +77,8 @@ def incremental_jobs(cfg: BuildConfig, jobs: list[Job], plan: dict[str, Any]) ->
             digest = adapter_digest(cfg.path(src))
             if job.kind == "shared":
                 changed, old = plan["new_rows"] + plan["removed_rows"], plan["old_rows"]
+                if e.shared_update == "auto" and all(c["status"] != "updated" for c in plan["clusters"].values()):
+                    changed = 0  # rows of new kinds only: their experts learn them on the shared adapter as it is
                 steps, scale = proportional(e.shared_steps, changed, old), continued_lr(changed, old)
             else:
                 c = plan["clusters"][str(job.cluster)]

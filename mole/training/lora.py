@@ -230,7 +230,8 @@ def adapter_fingerprint(
     # what else it depends on: the baseline's own LoRA shape, the shared adapter an expert builds on.
     # `steps` is given on its own (the adapter's own count), so the section's step counts are left out too.
     unused = {"out_dir", "baseline_dir", "checkpoint_every", "multitask_baseline", "multitask_steps", "multitask_r",
-              "steps", "shared_steps", "gallery"} | ({"shared"} if kind == "shared" else set())  # fmt: skip
+              "steps", "shared_steps", "gallery", "shared_update"}  # fmt: skip
+    unused |= {"shared"} if kind == "shared" else set()
     payload = {"kind": kind, "experts": cfg.experts.model_dump(mode="json", exclude=unused), "seed": seed,
                "base_model": cfg.base_model.model_dump(mode="json"), "base_seed": cfg.seed, "steps": steps,
                "rows": sorted(row_ids), **(extra or {})}  # fmt: skip
