@@ -196,6 +196,7 @@ def test_a_truncated_expert_is_trained_again_not_reused(reference: dict, tmp_pat
     assert outputs(ws, "train-experts") == reference["outputs"]["train-experts"]
 
 
+@pytest.mark.slow  # 36 s of subprocess stages: in make test-faults (and test-slow), keeping make test under 10 minutes
 def test_train_router_and_evaluate_refuse_outputs_of_other_clusters(reference: dict, tmp_path: Path) -> None:
     """Re-clustering (other k) after train-experts: train-router names the stale experts; no KeyError, no exit 0."""
     ws = _copy(reference["before"]["train-router"], tmp_path / "ws")
