@@ -154,10 +154,10 @@ class ExpertsConfig(Section):
         "experts' (the run takes shared_steps + k * steps)",
     )
     shared_update: Literal["auto", "always"] = Field(
-        "always",
+        "auto",
         description="incremental builds: always fine-tune the shared adapter on the changed rows; auto: only when "
         "rows of kept clusters changed (rows of new kinds only are learned by their new experts, on the shared "
-        "adapter as it is, so the kept experts' skills stay where they were; not yet measured on the demo preset)",
+        "adapter as it is, so the kept experts' skills stay where they were)",
     )
     multitask_baseline: bool = True
     multitask_steps: int | None = Field(

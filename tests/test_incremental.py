@@ -166,7 +166,7 @@ def test_rows_of_a_new_skill_make_exactly_one_new_expert(data: dict[str, Any], t
     second = tmp_path / "second"
     rows += data["by"][held_out][4:22]
     cfg = _cfg(second, _write(tmp_path / "v3.jsonl", rows), data["eval"], "build.incremental=always",
-               f"build.previous={first}", "experts.shared_steps=6", "experts.shared_update=auto")  # fmt: skip
+               f"build.previous={first}", "experts.shared_steps=6")  # fmt: skip
     _build(cfg)
     lifecycle = json.loads((second / "reports" / "lifecycle.json").read_text())
     added = [e for e in lifecycle["experts"] if e["status"] == "added"]
@@ -174,7 +174,7 @@ def test_rows_of_a_new_skill_make_exactly_one_new_expert(data: dict[str, Any], t
     assert [e["id"] for e in added] == ["expert_05"] and added[0]["rows"] >= 4
     assert added[0]["steps"] == 6 > cfg.experts.steps  # a kind of row nothing learned yet: the shared adapter's steps
     # Only a new kind of row: every kept expert and the shared adapter they were trained on stay as they were
-    # (experts.shared_update=auto), so the old skills' losses do not move with them.
+    # (experts.shared_update: auto), so the old skills' losses do not move with them.
     assert {e["id"]: e["status"] for e in lifecycle["experts"] if e["status"] != "added"} == {
         **{f"expert_{i:02d}": "reused" for i in range(5)},
         "shared": "reused",

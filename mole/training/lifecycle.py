@@ -9,7 +9,7 @@ whether its rows changed. Here that becomes the train-experts jobs:
   steps (at least 1, at most ``experts.steps``);
 - added: a new expert, trained as a full build trains one (from or on top of the shared adapter);
 - the shared adapter is fine-tuned from the previous one for ``experts.shared_steps`` × new rows / old rows steps
-  (reused when no row changed, and with ``experts.shared_update: auto`` (not the default) when only new clusters got
+  (reused when no row changed, and with ``experts.shared_update: auto``, the default, when only new clusters got
   rows: the shared adapter is what every kept expert was trained on top of, so moving it moves the old skills' losses
   too); the multitask baseline likewise when the previous build left one.
 """
