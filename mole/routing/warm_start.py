@@ -37,6 +37,12 @@ def _features(hidden: torch.Tensor, mask: torch.Tensor, pool: str) -> torch.Tens
     return (hidden * m).cumsum(1) / m.cumsum(1).clamp(min=1.0)
 
 
+# The logistic warm start's solver: Newton-CG converges in about 10 iterations on these strongly regularised fits,
+# where L-BFGS took 100-290 (demo preset, 30 blocks of 6,444 tokens x 576 features: 98 s for L-BFGS; on 4 of the
+# blocks 2.3 s against 13.8 s, with the same training accuracy and coefficients within 0.003 of L-BFGS's).
+SOLVER = "newton-cg"
+
+
 @dataclass
 class BlockInputs:
     """What one pass over the warm-start rows, each routed to its own expert, gives both rules, per block.
@@ -194,7 +200,7 @@ def fit_gate(router: TokenTopKRouter, x: np.ndarray, labels: np.ndarray, *, c: f
 
     scaler = StandardScaler().fit(x)
     z = scaler.transform(x)
-    clf = LogisticRegression(C=c, max_iter=500, random_state=seed).fit(z, labels)
+    clf = LogisticRegression(C=c, solver=SOLVER, max_iter=500, random_state=seed).fit(z, labels)
     coef, intercept = clf.coef_, clf.intercept_
     if router.num_experts == 2:  # binary: sklearn gives one logit for class 1; the softmax of [0, t] is its sigmoid
         coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.array([0.0, intercept[0]])

@@ -242,7 +242,7 @@ def test_logistic_gate_separates_tokens_the_nearest_mean_rule_cannot(e: int) -> 
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    from mole.routing.warm_start import fit_gate
+    from mole.routing.warm_start import SOLVER, fit_gate
 
     g = torch.Generator().manual_seed(0)
     d, n = 24, 400
@@ -268,7 +268,8 @@ def test_logistic_gate_separates_tokens_the_nearest_mean_rule_cannot(e: int) -> 
     assert accuracy(logistic) >= 0.85 and train_acc >= 0.85, (accuracy(logistic), train_acc)
     assert accuracy(nearest) < accuracy(logistic) - 0.2, (accuracy(nearest), accuracy(logistic))
     scaler = StandardScaler().fit(h.numpy())
-    clf = LogisticRegression(C=1.0, max_iter=500, random_state=0).fit(scaler.transform(h.numpy()), labels.numpy())
+    clf = LogisticRegression(C=1.0, solver=SOLVER, max_iter=500, random_state=0)
+    clf.fit(scaler.transform(h.numpy()), labels.numpy())
     expected = torch.from_numpy(clf.predict_proba(scaler.transform(test_h.numpy()))).float()
     torch.testing.assert_close(logistic(test_h[None]).logits[0].softmax(-1), expected, atol=1e-4, rtol=1e-3)
 
