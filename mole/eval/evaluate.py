@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 import gc
 import json
 import logging
@@ -282,6 +283,17 @@ def _collect() -> None:
         torch.cuda.empty_cache()
 
 
+def same_routes(fixed: dict[str, list[int]]) -> dict[str, str]:
+    """Variant -> the earlier variant (in ``fixed``'s order) whose fixed per-row experts are the same, for each
+    variant that repeats one (cluster routing on clusters the router's groups match row for row, as on the demo)."""
+    out: dict[str, str] = {}
+    for i, (name, experts) in enumerate(fixed.items()):
+        first = next((n for n, e in list(fixed.items())[:i] if e == experts and n not in out), None)
+        if first is not None:
+            out[name] = first
+    return out
+
+
 def _evaluate_mole(
     cfg: BuildConfig, mole_dir: Path, base: nn.Module, rows: Rows, clusters: list[int], groups: list[int]
 ) -> dict[str, Any]:
@@ -301,9 +313,15 @@ def _evaluate_mole(
         logger.warning("cluster_routing: %s has no clusterer/; skipping the variant", mole_dir)
     routes: dict[str, Route | None] = {name: fixed_route(rows, experts) for name, experts in fixed.items()}
     routes["mole"] = None
+    repeats = same_routes(fixed)
     ev = cfg.evaluate
     variants, routed = {}, RoutedScorer(model, model.tokenizer)  # the mole variant's scoring pass gives its routing
     for name, route in routes.items():
+        same = repeats.get(name)
+        if same is not None:  # the same expert for every row: the same scores and answers, not computed twice
+            logger.info("%s routes every row as %s does: its scores are %s's", name, same, same)
+            variants[name] = copy.deepcopy(variants[same])
+            continue
         gen = mole_generator(model, max_new_tokens=ev.max_new_tokens, route=route)
         scorer = ModelScorer(model, model.tokenizer, route) if route is not None else routed
         variants[name] = evaluate_variant(name, scorer, rows, clusters, **variant_kwargs(cfg), generate=gen)

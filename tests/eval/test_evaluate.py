@@ -21,6 +21,7 @@ from mole.eval.evaluate import (
     normalize_answer,
     reporting,
     run_evaluate,
+    same_routes,
 )
 from mole.io import read_jsonl
 
@@ -362,3 +363,36 @@ def test_the_baseline_on_the_shared_base_scores_as_on_a_fresh_one_and_gives_the_
                              generate=hf_generator(fresh, tok, max_new_tokens=cfg.evaluate.max_new_tokens))  # fmt: skip
     assert shared["loss"] == pytest.approx(alone["loss"], abs=1e-6)
     assert [r["completion"] for r in shared["per_row"]] == [r["completion"] for r in alone["per_row"]]
+
+
+def test_a_variant_that_routes_every_row_as_an_earlier_one_is_not_scored_again() -> None:
+    assert same_routes({"oracle_experts": [0, 1, 1], "cluster_routing": [0, 1, 1]}) == {
+        "cluster_routing": "oracle_experts"
+    }
+    assert same_routes({"oracle_experts": [0, 1, 1], "cluster_routing": [0, 1, 0]}) == {}
+    assert same_routes({"a": [2], "b": [2], "c": [2]}) == {"b": "a", "c": "a"}
+
+
+def test_cluster_routing_repeating_the_oracle_gets_its_scores(
+    built: tuple[BuildConfig, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With cluster routing made to pick each row's own expert, it is not scored again and equals the oracle."""
+    import mole.eval.evaluate as ev
+    from mole.nn.model import MoLEModel
+
+    cfg, _ = built
+    _, _, groups, _ = ev.eval_inputs(cfg)
+
+    def own_experts(self: MoLEModel, texts: list[str]) -> torch.Tensor:
+        expert_of = self.spec.expert_of_cluster()
+        return torch.tensor([expert_of[g] for g in groups])
+
+    monkeypatch.setattr(MoLEModel, "route_by_cluster", own_experts)
+    scored: list[str] = []
+    evaluate_variant_ = ev.evaluate_variant
+    monkeypatch.setattr(
+        ev, "evaluate_variant", lambda name, *a, **k: (scored.append(name), evaluate_variant_(name, *a, **k))[1]
+    )
+    report = run_evaluate(cfg)
+    assert "cluster_routing" not in scored and "oracle_experts" in scored and "mole" in scored
+    assert report["variants"]["cluster_routing"] == report["variants"]["oracle_experts"]
