@@ -107,8 +107,7 @@ def _copy(src: Path, dst: Path) -> Path:
 
 
 FIRST_RUN = [
-    pytest.param(s, where, marks=[] if (s, where) in {("prepare", "last"), ("train-experts", "middle")}
-                 else [pytest.mark.slow])
+    pytest.param(s, where, marks=[] if (s, where) == ("prepare", "last") else [pytest.mark.slow])
     for s in ORDER for where in ("first", "middle", "last")
 ]  # fmt: skip
 

@@ -22,7 +22,6 @@ from peft import LoraConfig, get_peft_model
 from mole import stages
 from mole.base import load_base
 from mole.config import load_config
-from mole.data.demo import generate_demo_corpus
 from mole.data.tokenize import eval_batches
 from mole.nn.adapters import adapter_keys, adapter_scale, read_adapter
 from mole.nn.lineage import adapter_digest, model_experts
@@ -30,16 +29,12 @@ from mole.nn.model import MoLEModel
 from mole.routing.diagnostics import row_routing
 from mole.training.gallery import add_expert, gallery_dir
 from tests.test_gallery import peft_adapter
+from tests.test_incremental import demo_by_skill, write_rows
 
 TRAINED, ABSENT = ("arithmetic", "unit_conversion", "date_arithmetic", "string_manipulation"), "json_extraction"
 LIGHT = ["experts.steps=8", "experts.shared_steps=8", "experts.multitask_baseline=false", "router.steps=4",
          "cluster.k=4", "cluster.embedder=tfidf", "merge.refit_steps=0"]  # fmt: skip
 GALLERY = ["tuned", "given", "junk"]
-
-
-def _write(path: Path, rows: list[dict[str, Any]]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 def tuned_adapter(directory: Path, rows: list[dict[str, Any]], *, steps: int = 12) -> Path:
@@ -62,15 +57,13 @@ def tuned_adapter(directory: Path, rows: list[dict[str, Any]], *, steps: int = 1
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("gallery_build")
-    by: dict[str, list[dict[str, Any]]] = {}
-    for r in generate_demo_corpus(rows_per_skill=30, seed=0):
-        by.setdefault(r["domain"], []).append(r)
-    source = _write(root / "train.jsonl", [r for s in TRAINED for r in by[s][:20]])
-    evals = _write(root / "eval.jsonl", [r for s in (*TRAINED, ABSENT) for r in by[s][24:30]])
+    by = demo_by_skill(30)
+    source = write_rows(root / "train.jsonl", [r for s in TRAINED for r in by[s][:20]])
+    evals = write_rows(root / "eval.jsonl", [r for s in (*TRAINED, ABSENT) for r in by[s][24:30]])
     cfg = load_config(None, preset="tiny", overrides=[f"workspace={root / 'ws'}", f"data.source={source}",
                                                        f"data.eval_source={evals}", *LIGHT])  # fmt: skip
     add_expert(cfg, tuned_adapter(root / "tuned", by[TRAINED[0]][:20]), "tuned")
-    given_rows = _write(root / "given_rows.jsonl", by[ABSENT][:20])
+    given_rows = write_rows(root / "given_rows.jsonl", by[ABSENT][:20])
     add_expert(cfg, tuned_adapter(root / "given", by[ABSENT][:20]), "given", rows=given_rows)
     add_expert(cfg, peft_adapter(root / "junk"), "junk")
     cfg = cfg.model_copy(update={"experts": cfg.experts.model_copy(update={"gallery": GALLERY})})
@@ -153,7 +146,7 @@ def test_a_model_with_gallery_experts_is_the_previous_build_of_an_incremental_on
     """Gallery experts serve no cluster: a previous model with them still fits an incremental build, which keeps
     their gate rows with the trained experts' (the same experts in the same slots) and them as imported."""
     cfg, by = built["cfg"], built["by"]
-    source = _write(tmp_path / "train.jsonl", [r for s in TRAINED for r in by[s][:20]] + by[TRAINED[1]][20:24])
+    source = write_rows(tmp_path / "train.jsonl", [r for s in TRAINED for r in by[s][:20]] + by[TRAINED[1]][20:24])
     ws = tmp_path / "ws"
     shutil.copytree(gallery_dir(cfg), ws / "artifacts" / "gallery")
     inc = cfg.model_copy(update={"workspace": str(ws), "data": cfg.data.model_copy(update={"source": str(source)}),

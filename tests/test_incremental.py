@@ -24,20 +24,27 @@ LIGHT = ["experts.steps=4", "experts.shared_steps=4", "experts.multitask_baselin
          "router.warm_start_method=means", "router.warm_start_rows=48", "merge.refit_steps=0"]  # fmt: skip
 
 
-def _write(path: Path, rows: list[dict[str, Any]]) -> Path:
+def write_rows(path: Path, rows: list[dict[str, Any]]) -> Path:
+    """``rows`` as a JSONL data file at ``path``."""
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+def demo_by_skill(rows_per_skill: int) -> dict[str, list[dict[str, Any]]]:
+    """The demo corpus's rows, by skill."""
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in generate_demo_corpus(rows_per_skill=rows_per_skill, seed=0):
+        by.setdefault(r["domain"], []).append(r)
+    return by
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Demo rows by skill, and a fixed eval file (so the train rows of two builds differ only as a test says)."""
     root = tmp_path_factory.mktemp("data")
-    by: dict[str, list[dict[str, Any]]] = {}
-    for r in generate_demo_corpus(rows_per_skill=40, seed=0):
-        by.setdefault(r["domain"], []).append(r)
+    by = demo_by_skill(40)
     skills = sorted(by)
-    evals = _write(root / "eval.jsonl", [r for s in skills for r in by[s][:4]])
+    evals = write_rows(root / "eval.jsonl", [r for s in skills for r in by[s][:4]])
     return {"root": root, "by": by, "skills": skills, "eval": evals}
 
 
@@ -66,7 +73,7 @@ def previous(data: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> 
     """A full build on 18 rows of each of the six skills."""
     ws = tmp_path_factory.mktemp("previous")
     rows = [r for s in data["skills"] for r in data["by"][s][4:22]]
-    _build(_cfg(ws, _write(data["root"] / "v1.jsonl", rows), data["eval"], "cluster.k=6"))
+    _build(_cfg(ws, write_rows(data["root"] / "v1.jsonl", rows), data["eval"], "cluster.k=6"))
     return ws
 
 
@@ -125,7 +132,7 @@ def test_rows_added_to_one_cluster_update_its_expert_and_reuse_the_others_byte_f
 ) -> None:
     grown = "arithmetic"
     rows = [r for s in data["skills"] for r in data["by"][s][4:22]] + data["by"][grown][22:28]
-    cfg = _cfg(tmp_path, _write(tmp_path / "v2.jsonl", rows), data["eval"], "build.incremental=always",
+    cfg = _cfg(tmp_path, write_rows(tmp_path / "v2.jsonl", rows), data["eval"], "build.incremental=always",
                f"build.previous={previous}")  # fmt: skip
     _build(cfg)
     old, new = _hashes(previous), _hashes(tmp_path)
@@ -162,10 +169,10 @@ def test_rows_of_a_new_skill_make_exactly_one_new_expert(data: dict[str, Any], t
     held_out, kept = data["skills"][0], data["skills"][1:]
     first = tmp_path / "first"
     rows = [r for s in kept for r in data["by"][s][4:22]]
-    _build(_cfg(first, _write(tmp_path / "v1.jsonl", rows), data["eval"], "cluster.k=5"))
+    _build(_cfg(first, write_rows(tmp_path / "v1.jsonl", rows), data["eval"], "cluster.k=5"))
     second = tmp_path / "second"
     rows += data["by"][held_out][4:22]
-    cfg = _cfg(second, _write(tmp_path / "v3.jsonl", rows), data["eval"], "build.incremental=always",
+    cfg = _cfg(second, write_rows(tmp_path / "v3.jsonl", rows), data["eval"], "build.incremental=always",
                f"build.previous={first}", "experts.shared_steps=6")  # fmt: skip
     _build(cfg)
     lifecycle = json.loads((second / "reports" / "lifecycle.json").read_text())
@@ -196,7 +203,7 @@ def test_mostly_new_rows_fall_back_to_a_full_build_saying_why(
 ) -> None:
     rows = [r for s in data["skills"] for r in data["by"][s][4:40]]  # 36 per skill: half of them new, plus eval
     rows += [{**r, "prompt": r["prompt"] + " Please."} for r in data["by"][data["skills"][0]][4:22]]
-    source = _write(tmp_path / "v4.jsonl", rows)
+    source = write_rows(tmp_path / "v4.jsonl", rows)
     cfg = _cfg(tmp_path, source, data["eval"], "build.incremental=auto", f"build.previous={previous}", "cluster.k=6")
     _build(cfg, until="cluster")
     plan = json.loads((tmp_path / "data/clusters/incremental.json").read_text())

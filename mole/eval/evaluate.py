@@ -45,6 +45,7 @@ from mole.eval.metrics import (
     mole_generator,
     render_markdown,
     routing_stats,
+    same_routes,
     true_groups,
 )
 from mole.eval.plots import per_cluster_loss, variant_bars
@@ -281,17 +282,6 @@ def _collect() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def same_routes(fixed: dict[str, list[int]]) -> dict[str, str]:
-    """Variant -> the earlier variant (in ``fixed``'s order) whose fixed per-row experts are the same, for each
-    variant that repeats one (cluster routing on clusters the router's groups match row for row, as on the demo)."""
-    out: dict[str, str] = {}
-    for i, (name, experts) in enumerate(fixed.items()):
-        first = next((n for n, e in list(fixed.items())[:i] if e == experts and n not in out), None)
-        if first is not None:
-            out[name] = first
-    return out
 
 
 def _evaluate_mole(

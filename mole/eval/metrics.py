@@ -113,6 +113,17 @@ def mole_generator(model: MoLEModel, *, max_new_tokens: int, route: Route | None
     return generate
 
 
+def same_routes(fixed: dict[str, list[int]]) -> dict[str, str]:
+    """Variant -> the earlier variant (in ``fixed``'s order) whose fixed per-row experts are the same, for each
+    variant that repeats one (cluster routing on clusters the router's groups match row for row, as on the demo)."""
+    out: dict[str, str] = {}
+    for i, (name, experts) in enumerate(fixed.items()):
+        first = next((n for n, e in list(fixed.items())[:i] if e == experts and n not in out), None)
+        if first is not None:
+            out[name] = first
+    return out
+
+
 def fixed_route(rows: Rows, experts: list[int]) -> Route:
     """A :data:`Route` sending each of ``rows`` (by ``id``) to its given expert, for any batch of them."""
     by_id = {r["id"]: e for r, e in zip(rows, experts, strict=True)}

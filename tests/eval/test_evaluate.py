@@ -21,8 +21,8 @@ from mole.eval.evaluate import (
     normalize_answer,
     reporting,
     run_evaluate,
-    same_routes,
 )
+from mole.eval.metrics import same_routes
 from mole.io import read_jsonl
 
 VARIANTS = ("base", "multitask_lora", "oracle_experts", "cluster_routing", "mole")
