@@ -116,12 +116,11 @@ def mole_generator(model: MoLEModel, *, max_new_tokens: int, route: Route | None
 def same_routes(fixed: dict[str, list[int]]) -> dict[str, str]:
     """Variant -> the earlier variant (in ``fixed``'s order) whose fixed per-row experts are the same, for each
     variant that repeats one (cluster routing on clusters the router's groups match row for row, as on the demo)."""
+    first: dict[tuple[int, ...], str] = {}
     out: dict[str, str] = {}
-    for i, (name, experts) in enumerate(fixed.items()):
-        first = next((n for n, e in list(fixed.items())[:i] if e == experts and n not in out), None)
-        if first is not None:
-            out[name] = first
-    return out
+    for name, experts in fixed.items():
+        out[name] = first.setdefault(tuple(experts), name)
+    return {name: earlier for name, earlier in out.items() if earlier != name}
 
 
 def fixed_route(rows: Rows, experts: list[int]) -> Route:

@@ -218,9 +218,10 @@ def train_router(cfg: BuildConfig, progress: Any = None) -> dict[str, Any]:
     metrics: dict[str, Any] = {"built_from": built_adapters(full_index), "warm_start": None,
                                "top_k": {"configured": r.top_k, "used": model.spec.top_k}}  # fmt: skip
     gates = previous_gates(cfg, model.spec, plan) if plan else None
+    extending = gates is not None and next(iter(gates.values())).shape[0] < model.spec.num_experts
     n_ws = r.warm_start_rows
     ws_rows, ws_experts = train[:n_ws], train_experts_idx[:n_ws]
-    if gallery and model.spec.num_experts > 1:  # the gallery experts' rows join the warm start's
+    if gallery and (extending or (gates is None and r.warm_start)):  # gate rows are fitted: gallery rows join
         ws_rows, ws_experts, metrics["gallery"] = warm_start_rows(
             model, gallery, ws_rows, ws_experts, batch_size=r.batch_size, max_length=max_len
         )
@@ -228,7 +229,7 @@ def train_router(cfg: BuildConfig, progress: Any = None) -> dict[str, Any]:
         logger.info("one expert (k = 1): no routing to warm-start or learn")
     elif gates is not None:  # incremental: the previous gates (and rows fitted for new experts), a brief re-fit
         extended: dict[str, Any] = {}
-        if next(iter(gates.values())).shape[0] < model.spec.num_experts:  # experts were added: fit their rows
+        if extending:  # experts were added: fit their rows
             extended = extend_gates(model, gates, [*ws_rows, *train[n_ws:]], [*ws_experts, *train_experts_idx[n_ws:]],
                                     c=r.warm_start_c, batch_size=r.batch_size,
                                     max_length=max_len, max_tokens=r.warm_start_tokens, max_rows=r.warm_start_rows,
