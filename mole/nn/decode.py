@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from mole.nn.layer import MoLELinear
+from mole.nn.router import first_tokens
 
 
 @contextlib.contextmanager
@@ -57,3 +58,23 @@ def compile_blocks(blocks: nn.ModuleList, **options: Any) -> None:
     options.setdefault("dynamic", True)
     for block in blocks:
         block.forward = torch.compile(block.forward, **options)
+
+
+class FirstTokens:
+    """Marks the first ``n`` real tokens of every sequence, block by block, across the forwards of a decode.
+
+    A fresh forward starts every sequence; a continued one (a KV cache holds earlier tokens) carries on from the
+    real tokens each sequence had, until every sequence is past its first ``n`` (then nothing is marked or counted).
+    """
+
+    def __init__(self, n: int, blocks: int) -> None:
+        self.n = n
+        self._seen: list[torch.Tensor | None] = [None] * blocks  # (B,) real tokens so far, while some are under n
+
+    def mark(self, b: int, shape: torch.Size, mask: torch.Tensor | None, continued: bool) -> torch.Tensor | None:
+        """(B, T) bool, True at the first ``n`` real tokens among these of block ``b``; None when there are none."""
+        if continued and self._seen[b] is None:
+            return None
+        first, seen = first_tokens(self.n, shape, mask, self._seen[b] if continued else None)
+        self._seen[b] = seen if seen.numel() and int(seen.min()) < self.n else None
+        return first

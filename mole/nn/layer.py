@@ -26,6 +26,7 @@ class RoutingState:
     """Shared, per-forward routing of one transformer block, read by every MoLELinear of that block."""
 
     output: RouterOutput | None = None
+    sink: torch.Tensor | None = None  # (B, T) bool: tokens that get the shared expert only (MoLESpec.sink_tokens)
 
 
 class MoLELinear(nn.Module):
@@ -78,6 +79,7 @@ class MoLELinear(nn.Module):
         self.path: PathChoice = path
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._unmerged: nn.Parameter | None = None  # the base weight while a merged one stands in for it
+        self._routed: tuple[torch.Tensor, torch.Tensor] | None = None  # merged routed columns and weights
         w = base_layer.weight
         # Follow the base layer; a quantised base (integer storage) gets float32 adapters, as peft does.
         dtype = w.dtype if w.is_floating_point() else torch.float32
@@ -113,7 +115,7 @@ class MoLELinear(nn.Module):
             (B, T, d_out) in the base layer's output dtype.
         """
         if self.merged:  # the routed mixture is folded into the base weight (see ``merge``)
-            return self.base_layer(x)
+            return self._merged_forward(x)
         routing = self.state.output
         if routing is None:
             raise RuntimeError(
@@ -193,12 +195,28 @@ class MoLELinear(nn.Module):
         delta = (self.lora_B[:, cols] * w_cols) @ self.lora_A[cols]  # (d_out, d_in)
         self._unmerged = w
         self.base_layer.weight = nn.Parameter(w + delta.to(w.dtype), requires_grad=False)
+        routed = slots[slots < self.num_experts]  # the routed slots, for the sink tokens (``_merged_forward``)
+        keep = (routed[:, None] * self.r + torch.arange(self.r, device=slots.device)).flatten()
+        self._routed = (keep, mix[routed].repeat_interleave(self.r).to(self.lora_B.dtype)) if keep.numel() else None
+
+    def _merged_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The merged base linear, with the routed experts taken back out at the state's sink tokens (exact: the
+        merged routed deltas, ``scale * sum_i w_i B_i A_i x``, subtracted there; the shared expert stays)."""
+        y, sink = self.base_layer(x), self.state.sink
+        if sink is None or self._routed is None or sink.numel() != x.shape[:-1].numel():
+            return y
+        rows = sink.reshape(-1).to(x.device).nonzero()[:, 0]  # (M,)
+        cols, w = self._routed
+        xs = x.reshape(-1, self.in_features)[rows].to(self.lora_A.dtype)  # (M, d_in)
+        delta = ((xs @ self.lora_A[cols].t()) * w) @ self.lora_B[:, cols].t()  # (M, d_out)
+        y2 = y.reshape(-1, self.out_features)
+        return y2.index_put((rows,), y2[rows] - delta.to(y.dtype)).view(y.shape)
 
     def unmerge(self) -> None:
         """Put back the base weight ``merge`` replaced (the very same tensor)."""
         if self._unmerged is not None:
             self.base_layer.weight = self._unmerged
-            self._unmerged = None
+            self._unmerged = self._routed = None
 
     @property
     def merged(self) -> bool:

@@ -26,7 +26,7 @@ from mole.cluster.clustering import Clusterer
 from mole.data.tokenize import completions, encode_prompts, row_nll
 from mole.io import atomic_dir, load_safetensors
 from mole.nn.adapters import adapter_keys, adapter_scale, fit_rank, read_adapter, write_adapter
-from mole.nn.decode import compile_blocks, merged, one_expert
+from mole.nn.decode import FirstTokens, compile_blocks, merged, one_expert
 from mole.nn.layer import MoLELinear, RoutingState
 from mole.nn.lineage import read_lineage, write_lineage
 from mole.nn.router import RouterOutput, TokenTopKRouter, forced_routing
@@ -51,6 +51,7 @@ class MoLEModel(nn.Module):
         self.routers.to(next(base.parameters()).device)
         self.states = [RoutingState() for _ in blocks]
         self._carry: list[Any] = [None] * len(blocks)  # prefix pooling: each block's running logits, for decoding
+        self._first = FirstTokens(spec.sink_tokens, len(blocks)) if spec.sink_tokens else None
         self.bank: dict[str, MoLELinear] = {}
         self._forced: torch.Tensor | None = None  # (B,) expert per sequence, when routing is forced
         self._mask: torch.Tensor | None = None  # (B, T) attention mask of the current full forward
@@ -84,21 +85,23 @@ class MoLEModel(nn.Module):
 
     def _make_hook(self, b: int):  # noqa: ANN202 - a closure over the block index
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]  # (B, T, D)
+            mask = self._mask if self._mask is not None and self._mask.shape == hidden.shape[:2] else None
+            # the KV cache a decoder layer receives: `past_key_values` up to transformers 5.2x, `cache` since
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            continued = cache is not None and cache.get_seq_length(b) > 0  # a decode step after earlier tokens
+            # the sink tokens (spec.sink_tokens): only the shared expert, also where the experts are merged
+            first = self._first.mark(b, hidden.shape[:2], mask, continued) if self._first is not None else None
+            self.states[b].sink = first
             if self._layers[0].merged:  # the experts are in the base weights (``merged``): nothing to route
                 return
-            hidden = args[0] if args else kwargs["hidden_states"]  # (B, T, D)
             if self._forced is not None:
-                out = forced_routing(
-                    self._forced.to(hidden.device), seq_len=hidden.shape[1], num_experts=self.spec.num_experts
-                )
+                out = forced_routing(self._forced.to(hidden.device), seq_len=hidden.shape[1],
+                                     num_experts=self.spec.num_experts)  # fmt: skip
             else:
-                mask = self._mask if self._mask is not None and self._mask.shape == hidden.shape[:2] else None
-                # the KV cache a decoder layer receives: `past_key_values` up to transformers 5.2x, `cache` since
-                cache = kwargs.get("cache", kwargs.get("past_key_values"))
-                continued = cache is not None and cache.get_seq_length(b) > 0  # a decode step after earlier tokens
                 out = self.routers[b](hidden, mask, self._carry[b] if continued else None)
                 self._carry[b] = out.carry
-            self.states[b].output = out
+            self.states[b].output = out = out if first is None else out.without_experts(first)
             if self._outputs is not None:
                 self._outputs.append(out)
 
@@ -245,8 +248,7 @@ class MoLEModel(nn.Module):
 
     # ------------------------------------------------------------------------------------- experts in / out
     @property
-    def shared_index(self) -> int | None:
-        """The bank slot of the shared expert (after the E routed ones), or None without one."""
+    def shared_index(self) -> int | None:  # the bank slot of the shared expert (after the E routed ones), or None
         return self.spec.num_experts if self.spec.shared is not None else None
 
     def load_expert(self, i: int, directory: str | Path) -> None:
@@ -360,6 +362,7 @@ class MoLEModel(nn.Module):
         shared_dir: Path | None = None,
         shared_id: str = "shared",
         pool: str = "token",
+        sink_tokens: int = 0,
     ) -> MoLEModel:
         """Build a bank from trained peft adapter dirs (all with the same r, alpha and target modules).
 
@@ -380,6 +383,7 @@ class MoLEModel(nn.Module):
             clusters=list(clusters) if clusters is not None else list(range(len(expert_dirs))),
             shared=shared_id if shared_dir is not None else None,
             pool=pool,
+            sink_tokens=sink_tokens,
         )
         model = cls(base=base, tokenizer=tokenizer, spec=spec)
         for i, d in enumerate(expert_dirs):

@@ -18,7 +18,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from mole.nn.layer import MoLELinear, RoutingState
-from mole.nn.router import forced_routing
+from mole.nn.router import first_tokens, forced_routing
 from mole.sections import LoraSection
 
 PEFT_PREFIX = "base_model.model."
@@ -66,12 +66,21 @@ class PackedBank:
         num_experts: E.
         modules: names (relative to ``model``) of the linears to adapt, e.g. from :func:`peft_init`.
         shared: give the bank a shared slot beneath every expert (see :meth:`set_shared`).
+        sink_tokens: the first this many real tokens of every sequence get no routed expert (the shared slot only).
     """
 
     def __init__(
-        self, model: nn.Module, lora: LoraSection, *, num_experts: int, modules: list[str], shared: bool = False
+        self,
+        model: nn.Module,
+        lora: LoraSection,
+        *,
+        num_experts: int,
+        modules: list[str],
+        shared: bool = False,
+        sink_tokens: int = 0,
     ) -> None:
         self.model, self.lora, self.num_experts, self.modules = model, lora, num_experts, modules
+        self.sink_tokens = sink_tokens
         self.shared = shared  # a shared slot under every expert, loaded by set_shared and never stepped
         self.state = RoutingState()
         self.layers: dict[str, MoLELinear] = {}
@@ -153,14 +162,19 @@ class PackedBank:
                 else:
                     view.grad = grad[sl] if part == "A" else grad[:, sl]
 
-    def route(self, experts: torch.Tensor, *, seq_len: int) -> None:
+    def route(self, experts: torch.Tensor, *, seq_len: int, mask: torch.Tensor | None = None) -> None:
         """Send every token of sequence b to expert ``experts[b]`` in every layer for the next forward.
 
         Args:
             experts: (B,) long bank index per sequence.
             seq_len: T.
+            mask: (B, T) 1 for real tokens, 0 for padding (where the first ``sink_tokens`` real tokens are); None: all
+                real.
         """
-        self.state.output = forced_routing(experts, seq_len=seq_len, num_experts=self.num_experts)
+        out = forced_routing(experts, seq_len=seq_len, num_experts=self.num_experts)
+        if self.sink_tokens:
+            out = out.without_experts(first_tokens(self.sink_tokens, out.indices.shape[:2], mask)[0])
+        self.state.output = out
 
     def zero_grad(self) -> None:
         """Drop the bank gradients (the next backward starts from nothing)."""

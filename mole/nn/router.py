@@ -61,6 +61,16 @@ class RouterOutput:
         self._weights, self._aux, self._z, self._mask = weights, aux_loss, z_loss, mask
         self._mix: dict[tuple, torch.Tensor] = {}
 
+    def without_experts(self, where: torch.Tensor) -> RouterOutput:
+        """This routing with the routed experts' weights zeroed at the tokens ``where`` (B, T) is true: there only
+        the shared expert (if any) applies. Indices, logits and losses are kept."""
+        where = where.to(self.topk_weights.device)
+        w = self.topk_weights.masked_fill(where[..., None], 0.0)  # (B, T, K)
+        weights = None if self._weights is None else self._weights.masked_fill(where[..., None], 0.0)
+        aux, z = (None, None) if self.logits is not None else (self._aux, self._z)
+        return RouterOutput(weights, self.indices, w, self.logits, aux, z, self.carry, num_experts=self.num_experts,
+                            mask=self._mask)  # fmt: skip
+
     @property
     def weights(self) -> torch.Tensor:
         if self._weights is None:
@@ -119,6 +129,29 @@ class RouterOutput:
 
 
 POOLS = ("token", "prefix")
+
+
+def first_tokens(
+    n: int, shape: torch.Size, mask: torch.Tensor | None, seen: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which tokens are among the first ``n`` real tokens of their sequence, and how many real tokens each sequence
+    has had after these.
+
+    Args:
+        n: how many first tokens.
+        shape: (B, T) of the tokens of this forward.
+        mask: (B, T) 1 for real tokens, 0 for padding (left or right); None: all real.
+        seen: (B,) real tokens of each sequence before these (a continued sequence: decoding with a KV cache), or
+            None (these start the sequences).
+
+    Returns:
+        ``(first (B, T) bool, seen (B,) long)``; padding is never among the first tokens.
+    """
+    real = torch.ones(shape, dtype=torch.long) if mask is None else mask.long()
+    before = real.cumsum(1) - real  # (B, T) real tokens before each token
+    if seen is not None:
+        before = before + seen.to(before.device)[:, None]
+    return (before < n) & (real > 0), before[:, -1] + real[:, -1]
 
 
 def prefix_mean(

@@ -38,6 +38,9 @@ class MoLESpec:
     prompt_suffix: str | None = None
     # How a token router pools gate logits: "token" (its own) or "prefix" (running mean over the sequence so far).
     pool: str = "token"
+    # The first this many real tokens of every sequence get no routed expert, only the shared one (experts.sink_tokens:
+    # the experts were co-trained so); 0 in models built before the option.
+    sink_tokens: int = 0
 
     def templated(self, prompt: str) -> str:
         """``prompt`` as the model was trained on it: ending with ``prompt_suffix`` (added when missing)."""

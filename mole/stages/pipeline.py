@@ -197,6 +197,7 @@ def train_router(cfg: BuildConfig, progress: Any = None) -> dict[str, Any]:
         clusters=[*(e["cluster"] for e in index), *([] for _ in gallery)],
         shared_dir=cfg.path(shared["path"]) if shared and full_index.get("shared_mode") in SHARED_APPLIED else None,
         pool=cfg.router.pool,
+        sink_tokens=int(full_index.get("sink_tokens", 0)),
     )
     lineage = expert_lineage(cfg, full_index)  # the experts' parents: the adapters of experts.json
     plan = incremental_plan(cfg)

@@ -56,6 +56,8 @@ def run_fingerprint(cfg: BuildConfig, groups: dict[int, list[str]]) -> str:
     """
     payload = {"clusters": {str(c): sorted(ids) for c, ids in sorted(groups.items())},
                "steps": cotrain_steps(cfg, len(groups))}  # fmt: skip
+    if cfg.experts.sink_tokens:  # (0 leaves the fingerprints of runs from before the option as they were)
+        payload["sink_tokens"] = cfg.experts.sink_tokens
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -125,7 +127,8 @@ def train_cotrained(
         shared_init, peft_config = peft_init(model, lora, seed=seed)
         inits = [peft_init(model, lora, seed=seed + 1 + i)[0] for i in range(num_experts)]
         torch.manual_seed(seed)  # dropout draws
-        with PackedBank(model, lora, num_experts=num_experts, modules=list(shared_init), shared=True) as bank:
+        with PackedBank(model, lora, num_experts=num_experts, modules=list(shared_init), shared=True,
+                        sink_tokens=cfg.sink_tokens) as bank:  # fmt: skip
             bank.set_shared(shared_init)
             for i, tensors in enumerate(inits):
                 bank.set_expert(i, tensors)

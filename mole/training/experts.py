@@ -237,6 +237,7 @@ def write_index(cfg: BuildConfig, entries: list[dict[str, Any]]) -> dict[str, An
         _mark_baseline_not_trained(cfg.path(cfg.experts.baseline_dir))
     index = {"k": len(groups), "base_model": cfg.base_model.name, "lora": cfg.experts.lora.model_dump(mode="json")}
     index |= {"shared_mode": cfg.experts.shared, "shared": shared, "training": mole_training(cfg, len(groups))}
+    index["sink_tokens"] = cfg.experts.sink_tokens if cfg.experts.shared == "cotrained" else 0
     write_json(experts_dir / "experts.json", {**index, "experts": experts, "baseline": baseline})
     write_lifecycle(cfg, read_plan(cfg), [*([shared] if shared else []), *experts, *([baseline] if baseline else [])])
     return {

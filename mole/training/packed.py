@@ -235,7 +235,7 @@ def token_losses(model: Any, bank: PackedBank, batch: dict[str, torch.Tensor], e
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     target = labels[:, 1:]  # (b, T-1)
     keep = target != IGNORE
-    bank.route(experts, seq_len=ids.shape[1])
+    bank.route(experts, seq_len=ids.shape[1], mask=mask)
     head, decoder, cfg = model.get_output_embeddings(), model.get_decoder(), model.config
     plain_head = isinstance(head, torch.nn.Linear) and decoder is not None and decoder is not model
     if plain_head and all(getattr(cfg, a, None) in (None, 1.0) for a in ("final_logit_softcapping", "logit_scale")):
