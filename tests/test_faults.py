@@ -127,8 +127,8 @@ def test_a_stage_killed_on_its_first_run_reruns_to_the_same_outputs(
     assert leftovers(ws) == []
 
 
-SWAPS = [pytest.param(s, marks=[] if s == "train-router" else [pytest.mark.slow])
-         for s in ORDER]  # fmt: skip
+# every swap kill is in make test-faults (and test-slow); make test keeps one kill of each stage's first run
+SWAPS = [pytest.param(s, marks=[pytest.mark.slow]) for s in ORDER]
 
 
 @pytest.mark.parametrize("stage", SWAPS)
@@ -186,6 +186,7 @@ def test_a_damaged_input_is_named_and_nothing_is_written(
         assert (ws / rel).exists() == (reference["before"][stage] / rel).exists()
 
 
+@pytest.mark.slow  # a train-experts rerun: in make test-faults, keeping make test under 10 minutes
 def test_a_truncated_expert_is_trained_again_not_reused(reference: dict, tmp_path: Path) -> None:
     ws = _copy(reference["before"]["train-router"], tmp_path / "ws")
     weights = ws / "artifacts" / "experts" / "expert_00" / "adapter_model.safetensors"

@@ -193,6 +193,7 @@ def test_failed_push_names_the_command(recorded: dict) -> None:
         versioning.dvc(ws, "remote", "add", "--force", "--default", "mole", str(ws / ".dvc" / "remote-storage"))
 
 
+@pytest.mark.slow  # a whole tiny build: in make test-slow, keeping make test under 10 minutes
 def test_build_without_multitask_baseline_is_recorded(tmp_path: Path) -> None:
     """experts.multitask_baseline=false: the baseline out holds only NOT_TRAINED.json (an adapter an earlier build
     left there is gone, so evaluate reports no stale baseline), and `dvc commit` finds every out."""

@@ -258,6 +258,7 @@ def test_mole_trigger_starts_a_run_of_the_deployment_with_the_resolved_config(
     assert res.returncode == 2 and "PREFECT_API_URL" in res.stdout + res.stderr
 
 
+@pytest.mark.slow  # a second deployment through the CLI: in make test-slow, keeping make test under 10 minutes
 def test_mole_deploy_prints_user_names_literally(prefect_api: str, deployed: None) -> None:
     """A deployment name with rich markup in it is printed as typed, not styled away."""
     mole = str(Path(sys.executable).parent / "mole")
