@@ -51,8 +51,11 @@ def batch_routing(
     each row's (prompt) tokens of the top-k weights and of the gate logits, each (B, L, E) on the CPU. The weights
     leave out the tokens routed to no expert (the sink tokens, ``MoLESpec.sink_tokens``): each row's sum to 1."""
     mask = token_mask(batch, prompt_only).to(routing[0].logits.device)[..., None]  # (B, T, 1)
-    routed = [mask * (o.weights.sum(-1, keepdim=True) > 0) for o in routing]  # (B, T, 1) each
-    weights = torch.stack([(o.weights * m).sum(1) / m.sum(1).clamp(min=1) for o, m in zip(routing, routed)], 1).cpu()
+    parts = []
+    for o in routing:
+        routed = mask * (o.weights.sum(-1, keepdim=True) > 0)  # (B, T, 1)
+        parts.append((o.weights * routed).sum(1) / routed.sum(1).clamp(min=1))
+    weights = torch.stack(parts, 1).cpu()
     logits = torch.stack([(o.logits * mask).sum(1) / mask.sum(1) for o in routing], 1).cpu()
     return weights, logits
 

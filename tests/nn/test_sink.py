@@ -108,3 +108,16 @@ def test_the_packed_bank_routes_the_first_tokens_to_the_shared_slot() -> None:
         mix = bank.state.output.mix(slots=3, scale=1.0)  # (B, T, S): the routed slots, then the shared one
     assert mix[..., :2].sum(-1).tolist() == [[0, 0, 1, 1], [0, 0, 1, 1]]
     assert mix[..., 2].tolist() == [[1, 1, 1, 1]] * 2
+
+
+def test_routing_diagnostics_leave_the_sink_tokens_out() -> None:
+    """Per-row mean routing weights count only the routed tokens: with the sink they still sum to 1 per block."""
+    from mole.routing.diagnostics import batch_routing
+
+    model = _model(1)
+    with torch.no_grad():
+        res = model(IDS, MASK)
+    batch = {"attention_mask": MASK, "labels": IDS}  # every real token a label: the whole row counts
+    weights, _ = batch_routing(res.routing, batch, prompt_only=True)  # (B, L, E)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:2]))
+    assert res.routing[0].weights[0, 0].sum() == 0  # (the first token itself routed to no expert)
