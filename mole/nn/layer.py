@@ -115,7 +115,7 @@ class MoLELinear(nn.Module):
             (B, T, d_out) in the base layer's output dtype.
         """
         if self.merged:  # the routed mixture is folded into the base weight (see ``merge``)
-            return self._merged_forward(x)
+            return self.base_layer(x) if self.state.sink is None else self._merged_forward(x)
         routing = self.state.output
         if routing is None:
             raise RuntimeError(
@@ -203,7 +203,7 @@ class MoLELinear(nn.Module):
         """The merged base linear, with the routed experts taken back out at the state's sink tokens (exact: the
         merged routed deltas, ``scale * sum_i w_i B_i A_i x``, subtracted there; the shared expert stays)."""
         y, sink = self.base_layer(x), self.state.sink
-        if sink is None or self._routed is None or sink.numel() != x.shape[:-1].numel():
+        if self._routed is None or sink.numel() != x.shape[:-1].numel():
             return y
         rows = sink.reshape(-1).to(x.device).nonzero()[:, 0]  # (M,)
         cols, w = self._routed

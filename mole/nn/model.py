@@ -85,15 +85,17 @@ class MoLEModel(nn.Module):
 
     def _make_hook(self, b: int):  # noqa: ANN202 - a closure over the block index
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            hidden = args[0] if args else kwargs["hidden_states"]  # (B, T, D)
-            mask = self._mask if self._mask is not None and self._mask.shape == hidden.shape[:2] else None
-            # the KV cache a decoder layer receives: `past_key_values` up to transformers 5.2x, `cache` since
-            cache = kwargs.get("cache", kwargs.get("past_key_values"))
-            continued = cache is not None and cache.get_seq_length(b) > 0  # a decode step after earlier tokens
-            # the sink tokens (spec.sink_tokens): only the shared expert, also where the experts are merged
-            first = self._first.mark(b, hidden.shape[:2], mask, continued) if self._first is not None else None
+            hidden, first = args[0] if args else kwargs["hidden_states"], None  # (B, T, D)
+            merged = self._layers[0].merged  # the experts are in the base weights (``merged``): nothing to route
+            if self._first is not None or not (merged or self._forced is not None):  # the router or the sink
+                mask = self._mask if self._mask is not None and self._mask.shape == hidden.shape[:2] else None
+                # the KV cache a decoder layer receives: `past_key_values` up to transformers 5.2x, `cache` since
+                cache = kwargs.get("cache", kwargs.get("past_key_values"))
+                continued = cache is not None and cache.get_seq_length(b) > 0  # a decode step after earlier tokens
+                # the sink tokens (spec.sink_tokens): only the shared expert, also where the experts are merged
+                first = self._first.mark(b, hidden.shape[:2], mask, continued) if self._first is not None else None
             self.states[b].sink = first
-            if self._layers[0].merged:  # the experts are in the base weights (``merged``): nothing to route
+            if merged:
                 return
             if self._forced is not None:
                 out = forced_routing(self._forced.to(hidden.device), seq_len=hidden.shape[1],
@@ -378,13 +380,11 @@ class MoLEModel(nn.Module):
             lora_alpha=float(config["lora_alpha"]),
             target_modules=sorted(targets if isinstance(targets, list) else [targets]),
             top_k=min(top_k, len(expert_dirs)),
-            routing=routing,
-            path=path,
+            routing=routing, path=path,
             clusters=list(clusters) if clusters is not None else list(range(len(expert_dirs))),
             shared=shared_id if shared_dir is not None else None,
-            pool=pool,
-            sink_tokens=sink_tokens,
-        )
+            pool=pool, sink_tokens=sink_tokens,
+        )  # fmt: skip
         model = cls(base=base, tokenizer=tokenizer, spec=spec)
         for i, d in enumerate(expert_dirs):
             model.load_expert(i, d)
