@@ -127,7 +127,7 @@ def test_a_stage_killed_on_its_first_run_reruns_to_the_same_outputs(
     assert leftovers(ws) == []
 
 
-# every swap kill is in make test-faults (and test-slow); make test keeps one kill of each stage's first run
+# every swap kill is in make test-faults (and test-slow); make test keeps the kill of prepare's first run (FIRST_RUN)
 SWAPS = [pytest.param(s, marks=[pytest.mark.slow]) for s in ORDER]
 
 
