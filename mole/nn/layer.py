@@ -78,8 +78,11 @@ class MoLELinear(nn.Module):
         self.state = state
         self.path: PathChoice = path
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self._unmerged: nn.Parameter | None = None  # the base weight while a merged one stands in for it
+        self._drops = dropout > 0
+        # The base weight while a merged one stands in for it, in a tuple: a Parameter attribute would register it.
+        self._unmerged: tuple[nn.Parameter] | None = None
         self._routed: tuple[torch.Tensor, torch.Tensor] | None = None  # merged routed columns and weights
+        self._bt: tuple | None = None  # the bank as blocks, for one-token steps (``_blocks``)
         w = base_layer.weight
         # Follow the base layer; a quantised base (integer storage) gets float32 adapters, as peft does.
         dtype = w.dtype if w.is_floating_point() else torch.float32
@@ -114,15 +117,23 @@ class MoLELinear(nn.Module):
         Returns:
             (B, T, d_out) in the base layer's output dtype.
         """
-        if self.merged:  # the routed mixture is folded into the base weight (see ``merge``)
-            return self.base_layer(x) if self.state.sink is None else self._merged_forward(x)
         routing = self.state.output
+        if (
+            routing is not None
+            and routing.lean
+            and self._unmerged is None
+            and x.numel() == x.shape[-1]
+            and (self.path == "sparse" or (self.path == "auto" and 2 * routing.indices.shape[-1] <= self.num_experts))
+        ):
+            return self._one_token(x, routing)  # a decode step at batch 1  # fmt: skip
+        if self._unmerged is not None:  # the routed mixture is folded into the base weight (see ``merge``)
+            return self.base_layer(x) if self.state.sink is None else self._merged_forward(x)
         if routing is None:
             raise RuntimeError(
                 "MoLELinear called with no routing: the model must set state.output (its block's router "
                 "output) before the forward pass"
             )
-        lead, indices = x.shape[:-1], routing.indices
+        indices, lead = routing.indices, x.shape[:-1]
         # Some blocks flatten (B, T) before a projection: same tokens in the same order, so only the count must agree.
         if indices.shape[:-1].numel() != lead.numel():
             raise RuntimeError(
@@ -137,6 +148,34 @@ class MoLELinear(nn.Module):
             key = shape_key(xa, slots=self.slots, top_k=k, r=self.r, d_out=self.out_features)
             path = pick(key, lead.numel(), self.num_experts, k, lambda p: self._add_experts(y2, xa, routing, p))
         return self._add_experts(y2, xa, routing, path).view(y.shape)
+
+    def _one_token(self, x: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
+        """One token through the base and its K' bank slots, outside autograd and autocast: (…, d_in) -> (…, d_out).
+
+        With no dropout and the input in the bank's dtype, the lean path (a decode step at batch 1): the slots'
+        (r, d_in) blocks of A and (r, d_out) blocks of B^T (``_blocks``) gathered, and the product added into the base
+        layer's fresh output. Every op and lookup counts there: a decode step runs this between the base's large
+        matmuls, with cold caches. Else the sparse path of ``_add_experts``.
+        """
+        blocks = self._bt
+        if blocks is None or blocks[0] != (self.lora_B.data_ptr(), self.lora_B._version):
+            blocks = self._blocks()
+        y, a3, bt3 = self.base_layer(x), blocks[1], blocks[2]
+        if x.dtype is not a3.dtype or y.dtype is not a3.dtype or (self._drops and self.training):
+            return self._add_experts(y.reshape(1, -1), x.to(a3.dtype), routing, "sparse").view(y.shape)
+        sel, w = routing.token_slots(slots=self.slots, r=self.r, scale=self.scale)  # (K',), (1, K'*r)
+        h = F.linear(x.reshape(1, -1), a3.index_select(0, sel).view(-1, a3.shape[-1])) * w  # (1, K'*r)
+        y.view(1, -1).addmm_(h, bt3.index_select(0, sel).view(-1, bt3.shape[-1]))
+        return y
+
+    @torch.no_grad()
+    def _blocks(self) -> tuple:
+        """``(key, A as (S, r, d_in) blocks, B^T as (S, r, d_out) blocks)``: a view of A and a contiguous copy of B^T,
+        made again whenever ``lora_B`` changes (``key``: its storage and in-place version), kept in ``_bt``."""
+        b = self.lora_B
+        self._bt = ((b.data_ptr(), b._version), self.lora_A.detach().view(self.slots, self.r, -1),
+                    b.detach().t().contiguous().view(self.slots, self.r, -1))  # fmt: skip
+        return self._bt
 
     def _add_experts(self, y: torch.Tensor, x: torch.Tensor, routing: RouterOutput, path: str) -> torch.Tensor:
         """Base output plus the mixed experts by ``path``: (N, d_out), (…, d_in) -> (N, d_out)."""
@@ -193,7 +232,7 @@ class MoLELinear(nn.Module):
         cols = (slots[:, None] * self.r + torch.arange(self.r, device=slots.device)).flatten()  # (used*r,)
         w_cols = mix[slots].repeat_interleave(self.r).to(self.lora_B.dtype)  # (used*r,)
         delta = (self.lora_B[:, cols] * w_cols) @ self.lora_A[cols]  # (d_out, d_in)
-        self._unmerged = w
+        self._unmerged = (w,)
         self.base_layer.weight = nn.Parameter(w + delta.to(w.dtype), requires_grad=False)
         routed = slots[slots < self.num_experts]  # the routed slots, for the sink tokens (``_merged_forward``)
         keep = (routed[:, None] * self.r + torch.arange(self.r, device=slots.device)).flatten()
@@ -215,7 +254,7 @@ class MoLELinear(nn.Module):
     def unmerge(self) -> None:
         """Put back the base weight ``merge`` replaced (the very same tensor)."""
         if self._unmerged is not None:
-            self.base_layer.weight = self._unmerged
+            self.base_layer.weight = self._unmerged[0]
             self._unmerged = self._routed = None
 
     @property

@@ -52,6 +52,7 @@ class MoLEModel(nn.Module):
         self.states = [RoutingState() for _ in blocks]
         self._carry: list[Any] = [None] * len(blocks)  # prefix pooling: each block's running logits, for decoding
         self._first = FirstTokens(spec.sink_tokens, len(blocks)) if spec.sink_tokens else None
+        self._needs_cache = spec.pool == "prefix" or self._first is not None  # whether a hook reads the KV cache
         self.bank: dict[str, MoLELinear] = {}
         self._forced: torch.Tensor | None = None  # (B,) expert per sequence, when routing is forced
         self._mask: torch.Tensor | None = None  # (B, T) attention mask of the current full forward
@@ -84,26 +85,28 @@ class MoLEModel(nn.Module):
                 self.bank[f"{prefix}.{name}"] = layer
 
     def _make_hook(self, b: int):  # noqa: ANN202 - a closure over the block index
+        router, state = self.routers[b], self.states[b]  # looked up once: a decode step pays for every lookup
+
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             hidden, first = args[0] if args else kwargs["hidden_states"], None  # (B, T, D)
             merged = self._layers[0].merged  # the experts are in the base weights (``merged``): nothing to route
             if self._first is not None or not (merged or self._forced is not None):  # the router or the sink
                 mask = self._mask if self._mask is not None and self._mask.shape == hidden.shape[:2] else None
                 # the KV cache a decoder layer receives: `past_key_values` up to transformers 5.2x, `cache` since
-                cache = kwargs.get("cache", kwargs.get("past_key_values"))
+                cache = kwargs.get("cache", kwargs.get("past_key_values")) if self._needs_cache else None
                 continued = cache is not None and cache.get_seq_length(b) > 0  # a decode step after earlier tokens
                 # the sink tokens (spec.sink_tokens): only the shared expert, also where the experts are merged
                 first = self._first.mark(b, hidden.shape[:2], mask, continued) if self._first is not None else None
-            self.states[b].sink = first
+            state.sink = first
             if merged:
                 return
             if self._forced is not None:
                 out = forced_routing(self._forced.to(hidden.device), seq_len=hidden.shape[1],
                                      num_experts=self.spec.num_experts)  # fmt: skip
             else:
-                out = self.routers[b](hidden, mask, self._carry[b] if continued else None)
+                out = router(hidden, mask, self._carry[b] if continued else None)
                 self._carry[b] = out.carry
-            self.states[b].output = out = out if first is None else out.without_experts(first)
+            state.output = out = out if first is None else out.without_experts(first)
             if self._outputs is not None:
                 self._outputs.append(out)
 
@@ -216,18 +219,12 @@ class MoLEModel(nn.Module):
         ``routing="cluster"`` each prompt is routed whole to the expert of its nearest cluster centroid;
         otherwise the token routers route every token.
         """
-
         prompts, route = self.routed_prompts(prompts, routing=routing, route=route, raw=raw)
         enc = encode_prompts(self.tokenizer, prompts)
         dev = next(self.base.parameters()).device
         kwargs.setdefault("do_sample", False)
-        out = self.generate(
-            enc["input_ids"].to(dev),
-            enc["attention_mask"].to(dev),
-            route=route,
-            max_new_tokens=max_new_tokens,
-            **kwargs,
-        )
+        out = self.generate(enc["input_ids"].to(dev), enc["attention_mask"].to(dev), route=route,
+                            max_new_tokens=max_new_tokens, **kwargs)  # fmt: skip
         return completions(self.tokenizer, prompts, out, enc["input_ids"].shape[1])
 
     @torch.no_grad()

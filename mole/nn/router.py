@@ -5,9 +5,7 @@ Shapes: B batch, T tokens, D hidden, E experts, K experts per token.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +35,8 @@ class RouterOutput:
         z_loss: scalar router z-loss, mean over unmasked tokens of ``logsumexp(logits) ** 2``.
         carry: with prefix pooling, the running (sum (B, E), count (B,)) of the per-token logits up to the last
             token, for a forward that continues these sequences (decoding with a KV cache); else None.
+        single: whether it routes one token only.
+        lean: one token, outside autograd and autocast (what the layers' leanest path needs).
     """
 
     def __init__(
@@ -57,6 +57,9 @@ class RouterOutput:
         if (aux_loss is None or z_loss is None) and logits is None:
             raise ValueError("RouterOutput needs the losses or the logits to compute them")
         self.indices, self.topk_weights, self.logits, self.carry = indices, topk_weights, logits, carry
+        self.single = indices.numel() == indices.shape[-1]  # one token
+        # one token outside autograd and autocast (a decode step at batch 1): the layers' lean path
+        self.lean = self.single and not torch.is_grad_enabled() and not _autocast_on(indices.device)
         self.num_experts = num_experts if num_experts is not None else weights.shape[-1]
         self._weights, self._aux, self._z, self._mask = weights, aux_loss, z_loss, mask
         self._mix: dict[tuple, torch.Tensor] = {}
@@ -105,6 +108,19 @@ class RouterOutput:
             if slots > self.num_experts:
                 zeros[..., self.num_experts :] = scale  # the shared slot: weight 1 for every token
             self._mix[key] = zeros.scatter(-1, self.indices, self.topk_weights * scale)  # (B, T, S)
+        return self._mix[key]
+
+    def token_slots(self, *, slots: int, r: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """A single token's chosen slots (K',) and the weight of each of their r columns times ``scale`` (1, K'*r): its
+        top-k experts, then the shared slot (weight ``scale``) when ``slots`` = E + 1 (S); computed once per block.
+        r is the rank of every expert, ``scale`` the LoRA scaling."""
+        key = ("token", slots, r, scale)
+        if key not in self._mix:
+            idx, w = self.indices.reshape(-1), self.topk_weights.reshape(-1, 1) * scale  # (K,), (K, 1)
+            if slots > self.num_experts:
+                idx = torch.cat([idx, idx.new_full((1,), self.num_experts)])
+                w = torch.cat([w, w.new_full((1, 1), scale)])
+            self._mix[key] = (idx, w.expand(-1, r).reshape(1, -1))
         return self._mix[key]
 
     def slot_columns(self, *, slots: int, r: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,15 +250,12 @@ def router_z_loss(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tens
     return (lse.square() * m).sum() / m.sum().clamp_min(1.0)
 
 
-@contextlib.contextmanager
-def _fp32(device: torch.device) -> Iterator[None]:
-    """Disable autocast on ``device`` so gate logits stay in float32 under mixed precision."""
+def _autocast_on(device: torch.device) -> bool:
+    """Whether autocast is on for ``device``'s type (False for a type autocast does not know, e.g. meta)."""
     try:
-        ctx = torch.autocast(device_type=device.type, enabled=False)
-    except RuntimeError:  # a device type autocast does not know (e.g. meta): nothing to disable
-        ctx = contextlib.nullcontext()
-    with ctx:
-        yield
+        return torch.is_autocast_enabled(device.type)
+    except RuntimeError:
+        return False
 
 
 class TokenTopKRouter(nn.Module):
@@ -290,10 +303,16 @@ class TokenTopKRouter(nn.Module):
         Returns:
             The routing, with dense (B, T, E) weights and (B, T, K) indices / top-k weights.
         """
-        w = self.gate.weight
-        b = self.gate.bias
-        with _fp32(hidden.device):
-            logits = F.linear(hidden.float(), w.float(), None if b is None else b.float())  # (B, T, E)
+        gate = self.gate
+        w, b, f32 = gate.weight, gate.bias, torch.float32
+        if w.dtype != f32:  # (every call costs in a decode step: no casts of what is float32 already)
+            w, b = w.float(), None if b is None else b.float()
+        x = hidden if hidden.dtype == f32 else hidden.float()
+        if _autocast_on(hidden.device):  # logits stay in float32 under mixed precision
+            with torch.autocast(device_type=hidden.device.type, enabled=False):
+                logits = F.linear(x, w, b)  # (B, T, E)
+        else:  # no autocast context to enter
+            logits = F.linear(x, w, b)
         new_carry = None
         if self.pool == "prefix":
             logits, new_carry = prefix_mean(logits, mask, carry)

@@ -85,6 +85,38 @@ def test_fused_paths_match_the_explicit_sum_over_experts(shared: bool, tokens: t
             _close(layer(x), want)
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_one_token_lean_path_follows_the_bank_and_autograd_and_dtypes(shared: bool) -> None:
+    layer, router, state = _layer(shared=shared, path="auto")
+    x = torch.randn(1, 1, 12)
+    with torch.no_grad():
+        state.output = routing = router(x)
+        assert routing.lean and routing.single
+        _close(layer(x), _explicit(layer, x, routing.weights))
+        layer.lora_B.mul_(-2.0)  # changed in place: the cached B^T blocks must follow
+        _close(layer(x), _explicit(layer, x, routing.weights))
+        chosen = int(routing.indices[0, 0, 0])
+        a, b = layer.expert(chosen)
+        layer.set_expert(chosen, a * 3.0, b + 1.0)
+        _close(layer(x), _explicit(layer, x, routing.weights))
+    state.output = routing = router(x)  # autograd on: not lean, gradients reach the chosen slots of the bank
+    assert routing.single and not routing.lean
+    y = layer(x)
+    y.sum().backward()
+    _close(y.detach(), _explicit(layer, x, routing.weights.detach()))
+    used = routing.indices.reshape(-1).tolist() + ([layer.shared_index] if shared else [])
+    grad_rows = layer.lora_A.grad.view(layer.slots, layer.r, -1).abs().sum((1, 2))
+    assert sorted(grad_rows.nonzero()[:, 0].tolist()) == sorted(used)
+    with torch.no_grad():  # a bf16 input to fp32 experts: the general sparse path, in the input's dtype
+        xb = x.bfloat16()
+        state.output = router(xb)
+        want = _explicit(layer, xb.float(), state.output.weights)
+        layer.base_layer.to(torch.bfloat16)
+        y = layer(xb)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), want, rtol=0.05, atol=0.1)
+
+
 def test_auto_path_is_measured_once_per_shape_and_only_without_autograd(monkeypatch: pytest.MonkeyPatch) -> None:
     paths.forget()
     timed: list[str] = []
@@ -135,6 +167,10 @@ def test_layer_merge_folds_any_weights_and_unmerge_restores_the_same_tensor(shar
             layer.merge(mix)
         layer.unmerge()
     assert not layer.merged and layer.base_layer.weight is weight and torch.equal(weight, before)
+    keys = set(layer.state_dict())
+    layer.merge(mix)  # the kept weight is not registered as a parameter of the layer while merged
+    assert set(layer.state_dict()) == keys and all(p is not weight for p in layer.parameters())
+    layer.unmerge()
     with pytest.raises(ValueError, match=r"\(16,\)"):
         layer.merge(torch.ones(3))
 
