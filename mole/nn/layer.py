@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mole.nn.paths import choose_path, pick, shape_key
+from mole.nn.paths import SPARSE_MAX_TOKENS, choose_path, pick, shape_key
 from mole.nn.router import RouterOutput
 
 PathChoice = Literal["auto", "dense", "sparse"]
@@ -118,14 +118,10 @@ class MoLELinear(nn.Module):
             (B, T, d_out) in the base layer's output dtype.
         """
         routing = self.state.output
-        if (
-            routing is not None
-            and routing.lean
-            and self._unmerged is None
-            and x.numel() == x.shape[-1]
-            and (self.path == "sparse" or (self.path == "auto" and 2 * routing.indices.shape[-1] <= self.num_experts))
-        ):
-            return self._one_token(x, routing)  # a decode step at batch 1  # fmt: skip
+        if routing is not None and routing.lean and self._unmerged is None:  # inference: the lean paths, if they fit
+            lean = self._lean_path(x, routing)
+            if lean is not None:
+                return lean
         if self._unmerged is not None:  # the routed mixture is folded into the base weight (see ``merge``)
             return self.base_layer(x) if self.state.sink is None else self._merged_forward(x)
         if routing is None:
@@ -149,23 +145,39 @@ class MoLELinear(nn.Module):
             path = pick(key, lead.numel(), self.num_experts, k, lambda p: self._add_experts(y2, xa, routing, p))
         return self._add_experts(y2, xa, routing, path).view(y.shape)
 
-    def _one_token(self, x: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
-        """One token through the base and its K' bank slots, outside autograd and autocast: (…, d_in) -> (…, d_out).
+    def _lean_path(self, x: torch.Tensor, routing: RouterOutput) -> torch.Tensor | None:
+        """The output by a lean path, or None where none applies: outside autograd and autocast (``routing.lean``),
+        with no dropout and the input in the bank's dtype, one token by its K' slots (a decode step at batch 1) or
+        many tokens by the dense bank (a prefill, an evaluation batch).
 
-        With no dropout and the input in the bank's dtype, the lean path (a decode step at batch 1): the slots'
-        (r, d_in) blocks of A and (r, d_out) blocks of B^T (``_blocks``) gathered, and the product added into the base
-        layer's fresh output. Every op and lookup counts there: a decode step runs this between the base's large
-        matmuls, with cold caches. Else the sparse path of ``_add_experts``.
+        Every op and lookup counts at decode size: a step runs this between the base's large matmuls, with cold caches.
         """
+        path, n = self.path, routing.tokens
+        if n == 1:
+            if x.numel() != x.shape[-1] or not (
+                path == "sparse" or (path == "auto" and 2 * routing.top_k <= self.num_experts)
+            ):
+                return None
+        elif not (path == "dense" or (path == "auto" and n > SPARSE_MAX_TOKENS)) or x.numel() != n * x.shape[-1]:
+            return None
         blocks = self._bt
         if blocks is None or blocks[0] != (self.lora_B.data_ptr(), self.lora_B._version):
             blocks = self._blocks()
-        y, a3, bt3 = self.base_layer(x), blocks[1], blocks[2]
-        if x.dtype is not a3.dtype or y.dtype is not a3.dtype or (self._drops and self.training):
-            return self._add_experts(y.reshape(1, -1), x.to(a3.dtype), routing, "sparse").view(y.shape)
-        sel, w = routing.token_slots(slots=self.slots, r=self.r, scale=self.scale)  # (K',), (1, K'*r)
-        h = F.linear(x.reshape(1, -1), a3.index_select(0, sel).view(-1, a3.shape[-1])) * w  # (1, K'*r)
-        y.view(1, -1).addmm_(h, bt3.index_select(0, sel).view(-1, bt3.shape[-1]))
+        a3, bt3 = blocks[1], blocks[2]
+        if x.dtype is not a3.dtype or (self._drops and self.training):
+            return None
+        y = self.base_layer(x)
+        if n == 1:  # the token's slots: whole (r, d_in) blocks of A and (r, d_out) blocks of B^T
+            sel, w = routing.token_slots(slots=self.slots, r=self.r, scale=self.scale)  # (K',), (1, K'*r)
+            h = F.linear(x.reshape(1, -1), a3.index_select(0, sel).view(-1, a3.shape[-1])) * w  # (1, K'*r)
+            b = bt3.index_select(0, sel).view(-1, bt3.shape[-1])  # (K'*r, d_out)
+        else:  # every slot, each r-slice times the token's weight
+            h = F.linear(x.reshape(n, -1), a3.view(-1, a3.shape[-1])) * routing.mix_columns(
+                slots=self.slots, r=self.r, scale=self.scale)  # (N, S*r)  # fmt: skip
+            b = bt3.view(-1, bt3.shape[-1])  # (S*r, d_out)
+        if y.dtype is not h.dtype:
+            return y + (h @ b).to(y.dtype).view(y.shape)
+        y.view(n, -1).addmm_(h, b)  # into the base layer's fresh output
         return y
 
     @torch.no_grad()

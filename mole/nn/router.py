@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mole.nn.router_losses import load_balancing_loss, router_z_loss
+
 logger = logging.getLogger(__name__)
 
 # Auto-calibrated warm start: the logit margin of a cluster's own expert over another expert, averaged over
@@ -35,8 +37,8 @@ class RouterOutput:
         z_loss: scalar router z-loss, mean over unmasked tokens of ``logsumexp(logits) ** 2``.
         carry: with prefix pooling, the running (sum (B, E), count (B,)) of the per-token logits up to the last
             token, for a forward that continues these sequences (decoding with a KV cache); else None.
-        single: whether it routes one token only.
-        lean: one token, outside autograd and autocast (what the layers' leanest path needs).
+        top_k, tokens: K and the number of tokens routed (B * T).
+        lean: made outside autograd and autocast (the layers' lean inference paths).
     """
 
     def __init__(
@@ -57,9 +59,8 @@ class RouterOutput:
         if (aux_loss is None or z_loss is None) and logits is None:
             raise ValueError("RouterOutput needs the losses or the logits to compute them")
         self.indices, self.topk_weights, self.logits, self.carry = indices, topk_weights, logits, carry
-        self.single = indices.numel() == indices.shape[-1]  # one token
-        # one token outside autograd and autocast (a decode step at batch 1): the layers' lean path
-        self.lean = self.single and not torch.is_grad_enabled() and not _autocast_on(indices.device)
+        self.top_k, self.tokens = indices.shape[-1], indices.numel() // max(indices.shape[-1], 1)
+        self.lean = not torch.is_grad_enabled() and not _autocast_on(indices.device)  # the layers' lean paths
         self.num_experts = num_experts if num_experts is not None else weights.shape[-1]
         self._weights, self._aux, self._z, self._mask = weights, aux_loss, z_loss, mask
         self._mix: dict[tuple, torch.Tensor] = {}
@@ -108,6 +109,14 @@ class RouterOutput:
             if slots > self.num_experts:
                 zeros[..., self.num_experts :] = scale  # the shared slot: weight 1 for every token
             self._mix[key] = zeros.scatter(-1, self.indices, self.topk_weights * scale)  # (B, T, S)
+        return self._mix[key]
+
+    def mix_columns(self, *, slots: int, r: int, scale: float) -> torch.Tensor:
+        """``mix`` with each slot's weight repeated over its r columns of the bank, (N, S*r); once per block."""
+        key = ("mix_columns", slots, r, scale)
+        if key not in self._mix:
+            mix = self.mix(slots=slots, scale=scale).reshape(-1, slots, 1)
+            self._mix[key] = mix.expand(-1, slots, r).reshape(-1, slots * r)
         return self._mix[key]
 
     def token_slots(self, *, slots: int, r: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,62 +201,6 @@ def prefix_mean(
         total, count = total + carry[0][:, None], count + carry[1][:, None]
     pooled = total / count.clamp(min=1.0)[..., None]  # before a sequence's first real token: 0
     return pooled, (total[:, -1].detach(), count[:, -1].detach())
-
-
-def _token_mask(mask: torch.Tensor | None, lead_shape: torch.Size, device: torch.device) -> torch.Tensor:
-    """A float32 (N,) mask over the flattened tokens (all ones when ``mask`` is None)."""
-    if mask is None:
-        return torch.ones(lead_shape.numel(), device=device, dtype=torch.float32)
-    if mask.shape != lead_shape:
-        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {tuple(lead_shape)} (one entry per token)")
-    return mask.reshape(-1).to(device=device, dtype=torch.float32)
-
-
-def load_balancing_loss(
-    probs: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor | None, num_experts: int
-) -> torch.Tensor:
-    """Switch Transformer load-balancing loss ``E * sum_i f_i * P_i``.
-
-    ``f_i`` is the fraction of the (unmasked) top-k assignments that go to expert i (so it sums to 1), and
-    ``P_i`` the mean full-softmax probability of expert i over unmasked tokens. The loss is 1.0 when
-    routing is perfectly balanced and approaches E when every token goes to one expert. Only ``P``
-    carries gradient, as in Switch.
-
-    Args:
-        probs: (B, T, E) full softmax over the gate logits.
-        indices: (B, T, K) chosen experts.
-        mask: (B, T) 1 for real tokens, 0 for padding; None counts every token.
-        num_experts: E.
-
-    Returns:
-        A float32 scalar.
-    """
-    lead = probs.shape[:-1]
-    if indices.shape[:-1] != lead:
-        raise ValueError(f"indices has shape {tuple(indices.shape)}, expected {tuple(lead)} + (K,)")
-    m = _token_mask(mask, lead, probs.device)  # (N,)
-    n = m.sum().clamp_min(1.0)
-    flat_idx = indices.reshape(-1, indices.shape[-1])  # (N, K)
-    counts = torch.zeros(flat_idx.shape[0], num_experts, device=probs.device, dtype=torch.float32)
-    counts.scatter_add_(-1, flat_idx, torch.ones_like(flat_idx, dtype=torch.float32))  # (N, E)
-    f = (counts * m[:, None]).sum(0) / (n * flat_idx.shape[-1])  # (E,)
-    p = (probs.reshape(-1, num_experts).float() * m[:, None]).sum(0) / n  # (E,)
-    return num_experts * (f * p).sum()
-
-
-def router_z_loss(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Router z-loss (ST-MoE): mean over unmasked tokens of ``logsumexp(logits) ** 2``.
-
-    Args:
-        logits: (B, T, E) gate logits.
-        mask: (B, T) 1 for real tokens, 0 for padding; None counts every token.
-
-    Returns:
-        A float32 scalar.
-    """
-    m = _token_mask(mask, logits.shape[:-1], logits.device)  # (N,)
-    lse = torch.logsumexp(logits.float(), dim=-1).reshape(-1)  # (N,)
-    return (lse.square() * m).sum() / m.sum().clamp_min(1.0)
 
 
 def _autocast_on(device: torch.device) -> bool:

@@ -73,7 +73,7 @@ def test_router_output_computes_weights_losses_and_mix_on_demand() -> None:
 
 
 @pytest.mark.parametrize("shared", [False, True])
-@pytest.mark.parametrize("tokens", [(1, 1), (3, 1), (2, 7)])
+@pytest.mark.parametrize("tokens", [(1, 1), (3, 1), (2, 7), (3, 30)])
 def test_fused_paths_match_the_explicit_sum_over_experts(shared: bool, tokens: tuple[int, int]) -> None:
     layer, router, state = _layer(shared=shared)
     x = torch.randn(*tokens, 12)
@@ -83,6 +83,14 @@ def test_fused_paths_match_the_explicit_sum_over_experts(shared: bool, tokens: t
         for path in ("dense", "sparse", "auto"):
             layer.path = path
             _close(layer(x), want)
+        layer.lora_B.mul_(-2.0)  # changed in place: every path follows the bank
+        want = _explicit(layer, x, state.output.weights)
+        for path in ("dense", "sparse", "auto"):
+            layer.path = path
+            _close(layer(x), want)
+    layer.path = "dense"  # under autograd too (the general paths)
+    state.output = router(x)
+    _close(layer(x).detach(), _explicit(layer, x, state.output.weights.detach()))
 
 
 @pytest.mark.parametrize("shared", [False, True])
@@ -91,7 +99,7 @@ def test_one_token_lean_path_follows_the_bank_and_autograd_and_dtypes(shared: bo
     x = torch.randn(1, 1, 12)
     with torch.no_grad():
         state.output = routing = router(x)
-        assert routing.lean and routing.single
+        assert routing.lean and routing.tokens == 1
         _close(layer(x), _explicit(layer, x, routing.weights))
         layer.lora_B.mul_(-2.0)  # changed in place: the cached B^T blocks must follow
         _close(layer(x), _explicit(layer, x, routing.weights))
@@ -100,7 +108,7 @@ def test_one_token_lean_path_follows_the_bank_and_autograd_and_dtypes(shared: bo
         layer.set_expert(chosen, a * 3.0, b + 1.0)
         _close(layer(x), _explicit(layer, x, routing.weights))
     state.output = routing = router(x)  # autograd on: not lean, gradients reach the chosen slots of the bank
-    assert routing.single and not routing.lean
+    assert routing.tokens == 1 and not routing.lean
     y = layer(x)
     y.sum().backward()
     _close(y.detach(), _explicit(layer, x, routing.weights.detach()))
