@@ -88,12 +88,12 @@ class MoLEModel(nn.Module):
         router, state = self.routers[b], self.states[b]  # looked up once: a decode step pays for every lookup
 
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            hidden, first = args[0] if args else kwargs["hidden_states"], None  # (B, T, D)
-            merged = self._layers[0].merged  # the experts are in the base weights (``merged``): nothing to route
-            if self._first is not None or not (merged or self._forced is not None):  # the router or the sink
-                mask = self._mask if self._mask is not None and self._mask.shape == hidden.shape[:2] else None
+            hidden, first, continued = args[0] if args else kwargs["hidden_states"], None, False  # (B, T, D)
+            merged = self._layers[0]._unmerged is not None  # the experts are in the base weights: nothing to route
+            mask = self._mask if self._mask is not None and self._mask.shape == hidden.shape[:2] else None
+            if self._needs_cache and (self._first is not None or not (merged or self._forced is not None)):
                 # the KV cache a decoder layer receives: `past_key_values` up to transformers 5.2x, `cache` since
-                cache = kwargs.get("cache", kwargs.get("past_key_values")) if self._needs_cache else None
+                cache = kwargs.get("cache", kwargs.get("past_key_values"))
                 continued = cache is not None and cache.get_seq_length(b) > 0  # a decode step after earlier tokens
                 # the sink tokens (spec.sink_tokens): only the shared expert, also where the experts are merged
                 first = self._first.mark(b, hidden.shape[:2], mask, continued) if self._first is not None else None

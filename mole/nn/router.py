@@ -38,7 +38,7 @@ class RouterOutput:
         carry: with prefix pooling, the running (sum (B, E), count (B,)) of the per-token logits up to the last
             token, for a forward that continues these sequences (decoding with a KV cache); else None.
         top_k, tokens: K and the number of tokens routed (B * T).
-        lean: made outside autograd and autocast (the layers' lean inference paths).
+        lean: made outside autograd and autocast (the layers' lean inference paths); given, or found out.
     """
 
     def __init__(
@@ -53,6 +53,7 @@ class RouterOutput:
         *,
         num_experts: int | None = None,
         mask: torch.Tensor | None = None,
+        lean: bool | None = None,
     ) -> None:
         if weights is None and num_experts is None:
             raise ValueError("RouterOutput needs the dense weights or num_experts to build them")
@@ -60,7 +61,9 @@ class RouterOutput:
             raise ValueError("RouterOutput needs the losses or the logits to compute them")
         self.indices, self.topk_weights, self.logits, self.carry = indices, topk_weights, logits, carry
         self.top_k, self.tokens = indices.shape[-1], indices.numel() // max(indices.shape[-1], 1)
-        self.lean = not torch.is_grad_enabled() and not _autocast_on(indices.device)  # the layers' lean paths
+        if lean is None:  # the layers' lean paths (the router knows already)
+            lean = not torch.is_grad_enabled() and not _autocast_on(indices.device)
+        self.lean = lean
         self.num_experts = num_experts if num_experts is not None else weights.shape[-1]
         self._weights, self._aux, self._z, self._mask = weights, aux_loss, z_loss, mask
         self._mix: dict[tuple, torch.Tensor] = {}
@@ -261,7 +264,8 @@ class TokenTopKRouter(nn.Module):
         if w.dtype != f32:  # (every call costs in a decode step: no casts of what is float32 already)
             w, b = w.float(), None if b is None else b.float()
         x = hidden if hidden.dtype == f32 else hidden.float()
-        if _autocast_on(hidden.device):  # logits stay in float32 under mixed precision
+        autocast = _autocast_on(hidden.device)
+        if autocast:  # logits stay in float32 under mixed precision
             with torch.autocast(device_type=hidden.device.type, enabled=False):
                 logits = F.linear(x, w, b)  # (B, T, E)
         else:  # no autocast context to enter
@@ -272,9 +276,8 @@ class TokenTopKRouter(nn.Module):
         top_logits, indices = logits.topk(self.top_k, dim=-1)  # (B, T, K)
         topk_weights = top_logits.softmax(dim=-1)  # (B, T, K)
         # Dense weights and losses on first access (RouterOutput): a decode step needs neither.
-        return RouterOutput(
-            None, indices, topk_weights, logits, carry=new_carry, num_experts=self.num_experts, mask=mask
-        )
+        return RouterOutput(None, indices, topk_weights, logits, carry=new_carry, num_experts=self.num_experts,
+                            mask=mask, lean=not autocast and not torch.is_grad_enabled())  # fmt: skip
 
     @torch.no_grad()
     def warm_start(self, means: torch.Tensor, overall: torch.Tensor, *, temperature: float | None = None) -> None:
