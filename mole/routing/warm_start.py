@@ -11,17 +11,18 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from mole.data.tokenize import eval_batches
+from mole.data.tokenize import eval_batches, row_nll
 from mole.nn.model import MoLEModel
 from mole.nn.router import TokenTopKRouter
 from mole.nn.spec import find_blocks
-from mole.routing.diagnostics import row_routing
+from mole.routing.diagnostics import batch_routing, routing_agreement, routing_arrays, row_routing
 
 logger = logging.getLogger(__name__)
 WARM = "warm-start"  # its name in progress calls
@@ -180,8 +181,15 @@ def logistic_gates(model: MoLEModel, data: BlockInputs, *, c: float, seed: int =
     missing = sorted(set(range(model.spec.num_experts)) - set(data.labels.tolist()))
     if missing:
         raise ValueError(f"warm start: experts {missing} have no sampled tokens; every expert needs at least one row")
-    accuracy = [fit_gate(router, x, data.labels, c=c, seed=seed)
-                for router, x in zip(model.routers, data.states, strict=True)]  # fmt: skip
+    jobs = list(zip(model.routers, data.states, strict=True))
+    workers = min(len(jobs), max(1, torch.get_num_threads()))
+    if workers == 1:
+        accuracy = [fit_gate(router, x, data.labels, c=c, seed=seed) for router, x in jobs]
+    else:  # the blocks' fits side by side, one BLAS thread each (they are too small to use more well)
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(1), ThreadPoolExecutor(workers) as pool:
+            accuracy = list(pool.map(lambda job: fit_gate(job[0], job[1], data.labels, c=c, seed=seed), jobs))
     logger.info("warm start (logistic, %d tokens): per-block token accuracy %s", len(data.labels), accuracy)
     return accuracy
 
@@ -215,16 +223,28 @@ def fit_gate(router: TokenTopKRouter, x: np.ndarray, labels: np.ndarray, *, c: f
     return round(float(clf.score(z, labels)), 4)
 
 
-@torch.no_grad()
 def eval_loss(model: MoLEModel, rows: list[dict[str, Any]], *, batch_size: int, max_length: int) -> float:
     """Token-weighted mean next-token NLL of the rows' labelled tokens under the model's own routing."""
+    return _score(model, rows, None, batch_size=batch_size, max_length=max_length)[0]
+
+
+@torch.no_grad()
+def _score(
+    model: MoLEModel, rows: list[dict[str, Any]], experts: list[int] | None, *, batch_size: int, max_length: int
+) -> tuple[float, float | None]:
+    """``eval_loss`` of the rows and, given each row's expert, the routers' agreement with them (``routing_agreement``
+    of the rows' mean gate logits), from the same pass."""
     model.eval()
     dev = next(model.base.parameters()).device
-    total, count = 0.0, 0
+    total, count, parts = 0.0, 0, []
     for _, batch in eval_batches(rows, model.tokenizer, batch_size=batch_size, max_length=max_length):
-        nll, n = model.score(*(batch[k].to(dev) for k in ("input_ids", "attention_mask", "labels")))
+        res = model(batch["input_ids"].to(dev), batch["attention_mask"].to(dev))
+        nll, n = row_nll(res.logits, batch["labels"].to(dev))
         total, count = total + float(nll.sum()), count + int(n.sum())
-    return total / max(count, 1)
+        if experts is not None:
+            parts.append(batch_routing(res.routing, batch))
+    agreement = None if experts is None else routing_agreement(routing_arrays(parts)[1], experts)
+    return total / max(count, 1), agreement
 
 
 def warm_start_gates(
@@ -253,7 +273,8 @@ def warm_start_gates(
     steps per rule fitted, one for a fixed rule).
 
     Returns:
-        {"method": the rule used, "heldout_loss": {rule: loss} (auto only), and the rule's fit details}.
+        {"method": the rule used, "heldout_loss": {rule: loss} and "heldout_agreement" (the rule's routing agreement
+        with the held-out rows' experts; auto only), and the rule's fit details}.
     """
     tell = progress or (lambda *_: None)
 
@@ -277,13 +298,15 @@ def warm_start_gates(
     if len(set(fit_experts)) < model.spec.num_experts:
         logger.warning("warm start: too few rows to hold a quarter out; comparing the rules on their own rows")
         fit_rows, fit_experts = rows, experts
-    losses, details, states = {}, {}, {}
+    losses, agreements, details, states = {}, {}, {}, {}
     tell(WARM, 0, 4, math.nan)
     data = collect(fit_rows, fit_experts, max_tokens)
     for i, rule in enumerate(("means", "logistic")):
         details[rule] = fit(rule, data, fit_rows, fit_experts)
         tell(WARM, 2 * i + 1, 4, math.nan)
-        losses[rule] = round(eval_loss(model, rows[:n_val], batch_size=batch_size, max_length=max_length), 5)
+        loss, agreements[rule] = _score(model, rows[:n_val], experts[:n_val], batch_size=batch_size,
+                                        max_length=max_length)  # fmt: skip
+        losses[rule] = round(loss, 5)
         tell(WARM, 2 * i + 2, 4, losses[rule])
         states[rule] = {k: v.clone() for k, v in model.routers.state_dict().items()}
     # The nearest-mean rule is the design's; the logistic fit replaces it only when the held-out rows show a gain
@@ -291,7 +314,7 @@ def warm_start_gates(
     best = "logistic" if losses["logistic"] < losses["means"] * (1 - AUTO_MARGIN) else "means"
     model.routers.load_state_dict(states[best])
     logger.info("warm start: held-out LM loss %s; using %s", losses, best)
-    return {"method": best, "heldout_loss": losses, **details[best]}
+    return {"method": best, "heldout_loss": losses, "heldout_agreement": agreements[best], **details[best]}
 
 
 def warm_start(

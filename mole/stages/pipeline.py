@@ -250,9 +250,16 @@ def train_router(cfg: BuildConfig, progress: Any = None) -> dict[str, Any]:
     unserved = [g["slot"] for g in metrics.get("gallery", {}).values() if g["source"] == "none"]
     if unserved:
         never_route(model, unserved)
-    metrics["agreement_before_training"] = routing_agreement(
-        row_routing(model, evals, batch_size=r.batch_size, max_length=max_len)[1], eval_experts_idx
-    )
+    held_out = (metrics["warm_start"] or {}).get("heldout_agreement")
+    if held_out is not None and not unserved:  # measured by the warm start on its held-out rows: no second pass
+        metrics["agreement_before_training"], metrics["agreement_before_training_rows"] = (
+            held_out,
+            "warm-start held-out",
+        )
+    else:
+        metrics["agreement_before_training"] = routing_agreement(
+            row_routing(model, evals, batch_size=r.batch_size, max_length=max_len)[1], eval_experts_idx
+        )
     if r.routing == "token_topk" and r.steps > 0:
         metrics["joint"] = joint_train(model, train, r, max_length=max_len, seed=cfg.seed, progress=progress,
                                        frozen=tuple(kept))  # fmt: skip
