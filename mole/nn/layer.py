@@ -160,10 +160,11 @@ class MoLELinear(nn.Module):
                 return None
         elif not (path == "dense" or (path == "auto" and n > SPARSE_MAX_TOKENS)) or x.numel() != n * x.shape[-1]:
             return None
-        blocks = self._bt
-        if blocks is None or blocks[0] != (self.lora_B.data_ptr(), self.lora_B._version):
+        blocks, a, b = self._bt, self.lora_A, self.lora_B
+        if blocks is None or b._version != blocks[1] or b.data_ptr() != blocks[0].data_ptr() or (
+                a.data_ptr() != blocks[2].data_ptr()):  # fmt: skip
             blocks = self._blocks()
-        a3, bt3 = blocks[1], blocks[2]
+        a3, bt3 = blocks[2], blocks[3]
         if x.dtype is not a3.dtype or (self._drops and self.training):
             return None
         y = self.base_layer(x)
@@ -182,11 +183,13 @@ class MoLELinear(nn.Module):
 
     @torch.no_grad()
     def _blocks(self) -> tuple:
-        """``(key, A as (S, r, d_in) blocks, B^T as (S, r, d_out) blocks)``: a view of A and a contiguous copy of B^T,
-        made again whenever ``lora_B`` changes (``key``: its storage and in-place version), kept in ``_bt``."""
-        b = self.lora_B
-        self._bt = ((b.data_ptr(), b._version), self.lora_A.detach().view(self.slots, self.r, -1),
-                    b.detach().t().contiguous().view(self.slots, self.r, -1))  # fmt: skip
+        """``(B, its version, A as (S, r, d_in) blocks, B^T as (S, r, d_out) blocks)``, kept in ``_bt``: a view of A and
+        a contiguous copy of B^T, made again when ``lora_B`` changes in place (its version counter) or either
+        parameter gets new storage. Holding views of both keeps their storage, so a new tensor cannot take its
+        address unseen. (Edits through ``.data`` bypass the version counter: change the parameters themselves, e.g.
+        with ``set_expert`` or an optimizer, as everything here does.)"""
+        a, b = self.lora_A.detach(), self.lora_B.detach()
+        self._bt = (b, b._version, a.view(self.slots, self.r, -1), b.t().contiguous().view(self.slots, self.r, -1))
         return self._bt
 
     def _add_experts(self, y: torch.Tensor, x: torch.Tensor, routing: RouterOutput, path: str) -> torch.Tensor:

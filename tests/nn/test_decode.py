@@ -107,6 +107,10 @@ def test_one_token_lean_path_follows_the_bank_and_autograd_and_dtypes(shared: bo
         a, b = layer.expert(chosen)
         layer.set_expert(chosen, a * 3.0, b + 1.0)
         _close(layer(x), _explicit(layer, x, routing.weights))
+        layer.lora_A.data = layer.lora_A.data * 0.5  # new storage, same parameters
+        _close(layer(x), _explicit(layer, x, routing.weights))
+        layer.lora_B = nn.Parameter(layer.lora_B.detach() * 2.0)  # a new parameter
+        _close(layer(x), _explicit(layer, x, routing.weights))
     state.output = routing = router(x)  # autograd on: not lean, gradients reach the chosen slots of the bank
     assert routing.tokens == 1 and not routing.lean
     y = layer(x)
