@@ -83,8 +83,11 @@ def test_warm_started_router_routes_like_the_clusterer(tiny_ws: Path) -> None:
     mole(tiny_ws, "train-experts", "--preset", "tiny")
     mole(tiny_ws, "train-router", "--preset", "tiny", "--set", "router.steps=0")
     metrics = json.loads((tiny_ws / "artifacts" / "mole" / "train_metrics.json").read_text())
-    print(f"tiny preset: warm-start agreement {metrics['agreement_before_training']:.3f}")
+    print(f"tiny preset: warm-start agreement {metrics['agreement']:.3f} on the eval rows, "
+          f"{metrics['agreement_before_training']:.3f} on the warm start's held-out rows")  # fmt: skip
+    assert metrics["agreement"] >= 0.9  # no joint steps: the eval rows' agreement is the warm start's
     assert metrics["agreement_before_training"] >= 0.9
+    assert metrics["agreement_before_training_rows"] == "warm-start held-out"  # taken from that pass, not a new one
     # warm_start_method auto: both rules were scored on the held-out quarter of the warm-start rows. With no joint
     # steps the saved model carries the rule kept, so it scores those rows as recorded for that rule.
     from mole.config import load_config

@@ -10,6 +10,7 @@ import torch
 from mole.data.tokenize import eval_batches
 from mole.nn.model import MoLEModel
 from mole.routing import extend, warm_start
+from mole.routing.diagnostics import routing_agreement, row_routing
 from mole.routing.warm_start import eval_loss, warm_start_gates
 
 ROWS = [{"prompt": f"Add {a} and {b}.\nAnswer:", "completion": str(a + b)} for a in range(4) for b in range(3)]
@@ -34,6 +35,9 @@ def test_auto_keeps_a_rule_by_its_held_out_loss_and_the_model_carries_it(
     assert len(out[detail]) == model.base.config.num_hidden_layers  # the kept rule's per-block fit details
     held_out = eval_loss(model, ROWS[: len(ROWS) // 4], batch_size=4, max_length=32)
     assert held_out == pytest.approx(out["heldout_loss"][kept], abs=1e-5)  # recorded rounded to 5 decimals
+    n_val = len(ROWS) // 4  # the agreement from the same pass: the kept rule's, on the held-out rows
+    logits = row_routing(model, ROWS[:n_val], batch_size=4, max_length=32)[1]
+    assert out["heldout_agreement"] == routing_agreement(logits, EXPERTS[:n_val])
     other = "logistic" if kept == "means" else "means"
     assert abs(out["heldout_loss"][other] - out["heldout_loss"][kept]) > 1e-4  # so the check above tells them apart
 
@@ -148,3 +152,20 @@ def test_extend_gates_keeps_the_previous_rows_exactly_and_fits_a_row_that_wins_t
     for key, old in previous.items():
         assert torch.equal(state[key][:2], old), key
     assert accuracy() > blank + 0.1, (accuracy(), blank)
+
+
+def test_logistic_gates_fitted_side_by_side_equal_the_fits_one_by_one(make_mole: Callable[[], MoLEModel]) -> None:
+    model = make_mole()
+    data = warm_start.collect_block_inputs(model, ROWS, EXPERTS, batch_size=4, max_length=32, max_tokens=4096)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # one worker: the blocks one after the other
+        one = warm_start.logistic_gates(model, data, c=0.01)
+        gates = [r.gate.weight.detach().clone() for r in model.routers]
+        torch.set_num_threads(2)  # two workers, one BLAS thread each
+        two = warm_start.logistic_gates(model, data, c=0.01)
+    finally:
+        torch.set_num_threads(threads)
+    assert one == two
+    for router, want in zip(model.routers, gates, strict=True):
+        torch.testing.assert_close(router.gate.weight, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
