@@ -123,21 +123,17 @@ class RouterOutput:
         return self._mix[key]
 
     def token_slots(self, *, slots: int, r: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """A single token's chosen slots (K',) and the weight of each of their r columns times ``scale`` (1, K'*r): its
-        top-k experts, then the shared slot (weight ``scale``) when ``slots`` = E + 1 (S); computed once per block.
-        r is the rank of every expert, ``scale`` the LoRA scaling."""
+        """A single token's chosen slots (K',) and the weight of each of their r columns times ``scale`` (1, K'*r)
+        (``_chosen``); computed once per block. r is the rank of every expert, ``scale`` the LoRA scaling."""
         key = ("token", slots, r, scale)
         if key not in self._mix:
-            idx, w = self.indices.reshape(-1), self.topk_weights.reshape(-1, 1) * scale  # (K,), (K, 1)
-            if slots > self.num_experts:
-                idx = torch.cat([idx, idx.new_full((1,), self.num_experts)])
-                w = torch.cat([w, w.new_full((1, 1), scale)])
-            self._mix[key] = (idx, w.expand(-1, r).reshape(1, -1))
+            idx, w = self._chosen(slots, scale)  # (1, K') each
+            self._mix[key] = (idx[0], w[..., None].expand(-1, -1, r).reshape(1, -1))
         return self._mix[key]
 
     def slot_columns(self, *, slots: int, r: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Each token's bank columns and their weights times ``scale``, (N, K'*r) each: the r rows of A (columns of B)
-        of every chosen slot, K' = K plus the shared slot when ``slots`` = E + 1; computed once per block.
+        of every chosen slot (``_chosen``); computed once per block.
 
         Args:
             slots: S.
@@ -146,14 +142,20 @@ class RouterOutput:
         """
         key = ("columns", slots, r, scale)
         if key not in self._mix:
-            k = self.indices.shape[-1]
-            idx, w = self.indices.reshape(-1, k), self.topk_weights.reshape(-1, k) * scale  # (N, K)
-            if slots > self.num_experts:  # the shared slot joins every token's top-k with weight 1
-                idx = torch.cat([idx, idx.new_full((idx.shape[0], 1), self.num_experts)], dim=1)  # (N, K')
-                w = torch.cat([w, w.new_full((w.shape[0], 1), scale)], dim=1)
+            idx, w = self._chosen(slots, scale)  # (N, K')
             cols = (idx[..., None] * r + torch.arange(r, device=idx.device)).flatten(1)  # (N, K'*r)
             self._mix[key] = (cols, w[..., None].expand(-1, -1, r).flatten(1))
         return self._mix[key]
+
+    def _chosen(self, slots: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's chosen slots and their weights times ``scale``, (N, K') each: its top-k experts, then, when
+        ``slots`` (S) = E + 1, the shared slot with weight ``scale`` (K' = K + 1)."""
+        k = self.indices.shape[-1]
+        idx, w = self.indices.reshape(-1, k), self.topk_weights.reshape(-1, k) * scale  # (N, K)
+        if slots > self.num_experts:  # the shared slot joins every token's top-k with weight 1
+            idx = torch.cat([idx, idx.new_full((idx.shape[0], 1), self.num_experts)], dim=1)  # (N, K')
+            w = torch.cat([w, w.new_full((w.shape[0], 1), scale)], dim=1)
+        return idx, w
 
 
 POOLS = ("token", "prefix")
