@@ -129,3 +129,33 @@ def row_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, t
                                             reduction="none")  # fmt: skip
     keep = target != IGNORE
     return (nll * keep).sum(1), keep.sum(1)
+
+
+def labelled_losses(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """Next-token losses of a causal LM, (B, T) batch -> (B, T-1) float32, zero at unlabelled positions.
+
+    The LM head runs only at the labelled positions when the model is a plain decoder + linear head (no logit
+    scaling or soft-capping; a peft model whose head is not adapted counts): prompt tokens of prompt/completion rows
+    need no logits. Otherwise the full forward gives the logits. The hidden states are the same either way.
+    """
+    target = labels[:, 1:]  # (B, T-1): token t+1 is predicted from position t
+    keep = target != IGNORE
+    head, decoder, cfg = model.get_output_embeddings(), model.get_decoder(), model.config
+    plain_head = isinstance(head, torch.nn.Linear) and decoder is not None and decoder is not model
+    if plain_head and all(getattr(cfg, a, None) in (None, 1.0) for a in ("final_logit_softcapping", "logit_scale")):
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        logits = head(hidden[:, :-1][keep]).float()  # (M, V) at the M labelled positions only
+    else:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        logits = out.logits[:, :-1][keep].float()  # (M, V)
+    nll = torch.zeros(target.shape, device=logits.device, dtype=torch.float32)
+    return nll.masked_scatter(keep, torch.nn.functional.cross_entropy(logits, target[keep], reduction="none"))
+
+
+def row_losses(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``row_nll`` of a causal LM's batch, with the LM head only at the labelled positions (``labelled_losses``)."""
+    return labelled_losses(model, input_ids, attention_mask, labels).sum(1), (labels[:, 1:] != IGNORE).sum(1)

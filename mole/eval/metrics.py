@@ -19,8 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from mole.data.tokenize import completions, encode_prompts, row_nll
+from mole.data.tokenize import completions, encode_prompts, row_losses
 from mole.nn.model import MoLEModel
+from mole.nn.router import RouterOutput
 from mole.routing.diagnostics import batch_routing, routing_agreement, routing_arrays
 
 VARIANT_ORDER = ("base", "multitask_lora", "oracle_experts", "cluster_routing", "mole", "mole_merged")
@@ -70,7 +71,7 @@ class ModelScorer:
         if isinstance(self.model, MoLEModel):
             route = self.route(rows) if self.route is not None else None
             return self.model.score(ids, mask, labels, route=route)
-        return row_nll(self.model(input_ids=ids, attention_mask=mask).logits, labels)
+        return row_losses(self.model, ids, mask, labels)  # the LM head at the labelled positions only
 
 
 @dataclass
@@ -86,9 +87,10 @@ class RoutedScorer:
     def __call__(self, batch: dict[str, torch.Tensor], rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
         dev = next(self.model.parameters()).device
         ids, mask, labels = (batch[k].to(dev) for k in ("input_ids", "attention_mask", "labels"))
-        res = self.model(ids, mask)  # as MoLEModel.score, keeping the routing
-        self.parts.append(batch_routing(res.routing, batch))
-        return row_nll(res.logits, labels)
+        routing: list[RouterOutput] = []
+        out = self.model.score(ids, mask, labels, routing=routing)
+        self.parts.append(batch_routing(routing, batch))
+        return out
 
     def routing(self) -> tuple[np.ndarray, np.ndarray]:
         """(weights, logits), each (n_rows, L, E): the mean routing of each row scored so far, in order."""

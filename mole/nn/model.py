@@ -23,7 +23,7 @@ from torch import nn
 
 from mole.base import loadable_base
 from mole.cluster.clustering import Clusterer
-from mole.data.tokenize import completions, encode_prompts, row_nll
+from mole.data.tokenize import completions, encode_prompts, row_losses
 from mole.io import atomic_dir, load_safetensors
 from mole.nn.adapters import adapter_keys, adapter_scale, fit_rank, read_adapter, write_adapter
 from mole.nn.decode import FirstTokens, compile_blocks, merged, one_expert
@@ -122,22 +122,23 @@ class MoLEModel(nn.Module):
         finally:
             self._forced = old
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        *,
-        route: torch.Tensor | None = None,
-        aux_loss_coef: float = 0.0,
-        z_loss_coef: float = 0.0,
-        **kwargs: Any,
-    ) -> MoLEOutput:
+    @contextlib.contextmanager
+    def _running(self, mask: torch.Tensor | None, route: torch.Tensor | None) -> Iterator[list[RouterOutput]]:
+        """One full forward inside: the padding mask for the hooks, ``route`` forced (None: as set), and the list
+        that collects each block's routing."""
+        self._outputs, self._mask = [], mask
+        try:
+            with self.forced_route(route if route is not None else self._forced):
+                yield self._outputs
+        finally:
+            self._outputs, self._mask = None, None
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, *, route: torch.Tensor | None = None, aux_loss_coef: float = 0.0,
+                z_loss_coef: float = 0.0, **kwargs: Any) -> MoLEOutput:  # fmt: skip
         """Run the model. input_ids (B, T); labels (B, T) with -100 ignored; route (B,) forces experts."""
-        self._outputs, self._mask = [], attention_mask
-        with self.forced_route(route if route is not None else self._forced):
+        with self._running(attention_mask, route) as routing:
             out = self.base(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
-        routing, self._outputs, self._mask = self._outputs, None, None
         res = MoLEOutput(logits=out.logits, loss=None, lm_loss=out.loss, routing=routing,
                          past_key_values=getattr(out, "past_key_values", None))  # fmt: skip
         if out.loss is not None:  # the router losses only when a loss is asked for: inference never computes them
@@ -228,16 +229,23 @@ class MoLEModel(nn.Module):
         return completions(self.tokenizer, prompts, out, enc["input_ids"].shape[1])
 
     @torch.no_grad()
-    def score(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        labels: torch.Tensor,
-        *,
-        route: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed negative log-likelihood of the labelled tokens of each row and their count, each (B,)."""
-        return row_nll(self(input_ids, attention_mask, route=route).logits, labels)
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, *,
+              route: torch.Tensor | None = None, routing: list[RouterOutput] | None = None,
+              ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Summed negative log-likelihood of the labelled tokens of each row and their count, each (B,); the LM head
+        runs at the labelled positions only (``row_losses``). ``routing``, when given, gets each block's routing."""
+        with self._running(attention_mask, route) as outputs:
+            out = row_losses(self.base, input_ids, attention_mask, labels)
+        if routing is not None:
+            routing.extend(outputs)
+        return out
+
+    @torch.no_grad()
+    def routing(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[RouterOutput]:
+        """Each block's routing of a batch, from the base's decoder alone (no LM head: no logits computed)."""
+        with self._running(attention_mask, None) as outputs:
+            self.base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return outputs
 
     def expert_parameters(self) -> list[nn.Parameter]:
         return [p for layer in self.bank.values() for p in (layer.lora_A, layer.lora_B)]
@@ -269,23 +277,13 @@ class MoLEModel(nn.Module):
     def export_expert(self, i: int, directory: str | Path) -> Path:
         """Write expert i (``shared_index``: the shared one) as a standard peft adapter dir."""
         tensors = {name: layer.expert(i) for name, layer in self.bank.items()}
-        return write_adapter(
-            directory,
-            tensors,
-            r=self.spec.r,
-            lora_alpha=self.spec.lora_alpha,
-            target_modules=self.spec.target_modules,
-            base_model=loadable_base(self.spec.base_model.get("name")),
-        )
+        return write_adapter(directory, tensors, r=self.spec.r, lora_alpha=self.spec.lora_alpha,
+                             target_modules=self.spec.target_modules,
+                             base_model=loadable_base(self.spec.base_model.get("name")))  # fmt: skip
 
     # ------------------------------------------------------------------------------------------ save / load
-    def save_pretrained(
-        self,
-        directory: str | Path,
-        *,
-        extra_files: dict[str, Path] | None = None,
-        extra_json: dict[str, Any] | None = None,
-    ) -> Path:
+    def save_pretrained(self, directory: str | Path, *, extra_files: dict[str, Path] | None = None,
+                        extra_json: dict[str, Any] | None = None) -> Path:  # fmt: skip
         """Write mole_config.json, router.safetensors and experts/<id>/ atomically into ``directory``.
 
         ``extra_files`` (name -> file or dir) are copied in and ``extra_json`` (name -> object) written beside. An

@@ -39,8 +39,8 @@ def row_routing(
     parts = []
     dev = next(model.base.parameters()).device
     for _, batch in eval_batches(rows, model.tokenizer, batch_size=batch_size, max_length=max_length):
-        res = model(batch["input_ids"].to(dev), batch["attention_mask"].to(dev))
-        parts.append(batch_routing(res.routing, batch, prompt_only=prompt_only))
+        routing = model.routing(batch["input_ids"].to(dev), batch["attention_mask"].to(dev))
+        parts.append(batch_routing(routing, batch, prompt_only=prompt_only))
     return routing_arrays(parts)
 
 

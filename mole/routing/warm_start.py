@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from mole.data.tokenize import eval_batches, row_nll
+from mole.data.tokenize import eval_batches
 from mole.nn.model import MoLEModel
-from mole.nn.router import TokenTopKRouter
+from mole.nn.router import RouterOutput, TokenTopKRouter
 from mole.nn.spec import find_blocks
 from mole.routing.diagnostics import batch_routing, routing_agreement, routing_arrays, row_routing
 
@@ -238,11 +238,11 @@ def _score(
     dev = next(model.base.parameters()).device
     total, count, parts = 0.0, 0, []
     for _, batch in eval_batches(rows, model.tokenizer, batch_size=batch_size, max_length=max_length):
-        res = model(batch["input_ids"].to(dev), batch["attention_mask"].to(dev))
-        nll, n = row_nll(res.logits, batch["labels"].to(dev))
+        routing: list[RouterOutput] = []
+        nll, n = model.score(*(batch[k].to(dev) for k in ("input_ids", "attention_mask", "labels")), routing=routing)
         total, count = total + float(nll.sum()), count + int(n.sum())
         if experts is not None:
-            parts.append(batch_routing(res.routing, batch))
+            parts.append(batch_routing(routing, batch))
     agreement = None if experts is None else routing_agreement(routing_arrays(parts)[1], experts)
     return total / max(count, 1), agreement
 

@@ -26,10 +26,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 
 from mole.config import BuildConfig
-from mole.data.tokenize import IGNORE, collate, pad_id, train_batches
+from mole.data.tokenize import IGNORE, collate, labelled_losses, pad_id, train_batches
 from mole.nn.adapters import adapter_keys, read_adapter
 from mole.nn.packed_bank import PackedBank, peft_init
 from mole.sections import ExpertsConfig, LoraSection
@@ -227,24 +226,11 @@ def _forward_backward(
 
 
 def token_losses(model: Any, bank: PackedBank, batch: dict[str, torch.Tensor], experts: torch.Tensor) -> torch.Tensor:
-    """Next-token losses, (b, T) batch -> (b, T-1) float32, zero at unlabelled positions.
-
-    The LM head runs only at labelled positions when the model is a plain decoder + linear head (no logit
-    scaling or soft-capping); otherwise the full forward gives the logits.
-    """
-    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    target = labels[:, 1:]  # (b, T-1)
-    keep = target != IGNORE
+    """Next-token losses of the sequences routed to ``experts`` (b,), (b, T) batch -> (b, T-1) float32, zero at
+    unlabelled positions (``labelled_losses``: the LM head only where there are labels)."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
     bank.route(experts, seq_len=ids.shape[1], mask=mask)
-    head, decoder, cfg = model.get_output_embeddings(), model.get_decoder(), model.config
-    plain_head = isinstance(head, torch.nn.Linear) and decoder is not None and decoder is not model
-    if plain_head and all(getattr(cfg, a, None) in (None, 1.0) for a in ("final_logit_softcapping", "logit_scale")):
-        hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # (b, T, D)
-        logits = head(hidden[:, :-1][keep]).float()  # (M, V) at the M labelled positions only
-    else:
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1][keep].float()  # (M, V)
-    nll = torch.zeros(target.shape, device=logits.device, dtype=torch.float32)
-    return nll.masked_scatter(keep, F.cross_entropy(logits, target[keep], reduction="none"))
+    return labelled_losses(model, ids, mask, batch["labels"])
 
 
 def _finish(run: _Run, *, lora: LoraSection, cfg: ExpertsConfig) -> dict[str, Any]:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
 from mole.base import load_base
-from mole.eval.metrics import entropy, loss_summary, render_markdown, routing_stats, row_nll
+from mole.data.tokenize import row_losses, row_nll
+from mole.eval.metrics import entropy, loss_summary, render_markdown, routing_stats
 from mole.nn.model import MoLEModel
 from mole.nn.spec import MoLESpec
 
@@ -69,6 +71,83 @@ def test_row_nll_equals_mole_model_score() -> None:
         want_nll, want_count = model.score(ids, torch.ones_like(ids), labels)
     assert torch.equal(count, want_count) and count.tolist() == [5, 5]  # targets are tokens 1..7; 1 and 2 are prompt
     torch.testing.assert_close(nll, want_nll, rtol=1e-6, atol=1e-6)
+
+
+def _labelled_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two rows of 10 and 7 tokens (right-padded), the first 4 of each a prompt (unlabelled)."""
+    ids = torch.randint(3, 250, (2, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    labels = ids.masked_fill(mask == 0, IGNORE)
+    labels[:, :4] = IGNORE
+    return ids, mask, labels
+
+
+def _head_rows(model: torch.nn.Module, fn: Any) -> tuple[Any, int]:
+    """``fn()`` and the number of positions the LM head computed logits for."""
+    seen = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, a, out: seen.append(out.shape[:-1].numel()))
+    try:
+        with torch.no_grad():
+            return fn(), sum(seen)
+    finally:
+        handle.remove()
+
+
+def test_row_losses_equal_row_nll_with_the_head_at_labelled_positions_only() -> None:
+    """Plain and peft models: the same sums as ``row_nll`` of the full logits, from logits at the 6 + 3 labelled
+    positions (not all 20); a soft-capped head takes the full forward and still gives the same sums."""
+    from peft import LoraConfig, get_peft_model
+
+    ids, mask, labels = _labelled_batch()
+    base, _ = load_base("tiny", seed=0)
+    torch.manual_seed(0)
+    peft = get_peft_model(
+        load_base("tiny", seed=0)[0], LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
+    )
+    for model in (base.eval(), peft.eval()):
+        with torch.no_grad():
+            want_nll, want_count = row_nll(model(input_ids=ids, attention_mask=mask).logits, labels)
+        (nll, count), rows = _head_rows(model, lambda m=model: row_losses(m, ids, mask, labels))
+        assert rows == 9 and count.tolist() == want_count.tolist() == [6, 3]
+        torch.testing.assert_close(nll, want_nll, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        want_nll, _ = row_nll(base(input_ids=ids, attention_mask=mask).logits, labels)
+    base.config.final_logit_softcapping = 30.0  # read by the check in labelled_losses only: the tiny Llama has no cap
+    (nll, _), rows = _head_rows(base, lambda: row_losses(base, ids, mask, labels))
+    assert rows == 20
+    torch.testing.assert_close(nll, want_nll, rtol=1e-5, atol=1e-5)
+
+
+def test_mole_score_and_routing_match_the_full_forward() -> None:
+    """``MoLEModel.score`` (head at labelled positions) gives the full forward's sums and its routing, and
+    ``MoLEModel.routing`` (no head at all) the same routing, with trained (non-zero) experts."""
+    base, tok = load_base("tiny", seed=0)
+    spec = MoLESpec(base_model={"name": "tiny", "seed": 0}, expert_ids=["expert_00", "expert_01"], r=2,
+                    lora_alpha=4.0, target_modules=["q_proj", "v_proj"], top_k=1)  # fmt: skip
+    model = MoLEModel(base=base, tokenizer=tok, spec=spec).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for layer in model.bank.values():
+            layer.lora_B.normal_(std=0.5)
+        for router in model.routers:
+            router.gate.weight.normal_(std=1.0)
+    ids, mask, labels = _labelled_batch()
+    with torch.no_grad():
+        full = model(ids, mask)
+        want_nll, want_count = row_nll(full.logits, labels)
+    routing: list[Any] = []
+    (nll, count), rows = _head_rows(base, lambda: model.score(ids, mask, labels, routing=routing))
+    assert rows == 9 and count.tolist() == want_count.tolist()
+    torch.testing.assert_close(nll, want_nll, rtol=1e-5, atol=1e-5)
+    only, rows = _head_rows(base, lambda: model.routing(ids, mask))
+    assert rows == 0
+    for got in (routing, only):
+        assert len(got) == len(full.routing) == len(model.routers)
+        for a, b in zip(got, full.routing, strict=True):
+            assert torch.equal(a.indices, b.indices)
+            torch.testing.assert_close(a.logits, b.logits, rtol=1e-5, atol=1e-5)
+    assert torch.cat([o.indices.flatten() for o in full.routing]).unique().numel() == 2  # both experts route tokens
 
 
 def test_loss_summary() -> None:
