@@ -27,7 +27,7 @@ from mole.nn.adapters import write_adapter
 from mole.nn.lineage import made_by, write_lineage
 from mole.nn.model import MoLEModel
 from mole.nn.spec import ROUTER_FILE, SPEC_FILE
-from mole.routing.diagnostics import row_routing
+from mole.routing.diagnostics import row_routing, rows_digest
 from mole.routing.train import joint_train
 from mole.routing.warm_start import eval_loss
 from mole.sections import MergeConfig
@@ -106,14 +106,24 @@ def merge_factored(
     return A.to(A_i), B.to(B_i)  # A_i's dtype and device
 
 
-def utilization(model: MoLEModel, rows: Rows, *, batch_size: int = 8, max_length: int = 128) -> np.ndarray:
+def utilization(
+    model: MoLEModel, rows: Rows, *, batch_size: int = 8, max_length: int = 128, recorded: Path | None = None
+) -> np.ndarray:
     """Mean routing weight of each expert over the rows (each row's tokens averaged) and the blocks.
+
+    ``recorded``: a model dir's train_metrics.json, whose ``utilization_all_tokens`` train-router measured in its
+    last routing pass; used, with no pass of its own, when it is for the same experts and the same rows.
 
     Returns:
         (E,) non-negative, sums to 1.
     """
-    weights, _ = row_routing(model, rows, batch_size=batch_size, max_length=max_length, prompt_only=False)  # (n, L, E)
-    u = weights.astype(np.float64).mean(axis=(0, 1))
+    record = json.loads(recorded.read_text(encoding="utf-8")).get("utilization_all_tokens") if recorded else None
+    fits = record is not None and record["expert_ids"] == list(model.spec.expert_ids)
+    if fits and record["rows"] == rows_digest(rows):
+        u = np.asarray(record["mean"], dtype=np.float64)
+    else:
+        weights, _ = row_routing(model, rows, batch_size=batch_size, max_length=max_length, prompt_only=False)
+        u = weights.astype(np.float64).mean(axis=(0, 1))  # (n, L, E) -> (E,)
     return u / u.sum()
 
 
@@ -269,6 +279,12 @@ def _adapter_mb(directory: Path) -> float:
     return sum(p.stat().st_size for p in files if p.is_file()) / 2**20
 
 
+def _metrics_file(model_dir: Path) -> Path | None:
+    """The model dir's train_metrics.json (train-router's), if it has one."""
+    path = model_dir / "train_metrics.json"
+    return path if path.is_file() else None
+
+
 def run_merge_prune(cfg: BuildConfig) -> dict[str, Any]:
     """Stage ``merge-prune``: plan, build and re-fit a candidate, keep it only if eval loss rises < tolerance.
 
@@ -283,7 +299,7 @@ def run_merge_prune(cfg: BuildConfig) -> dict[str, Any]:
     train, evals = load_prepared(cfg)
     kw = {"batch_size": cfg.evaluate.batch_size, "max_length": cfg.experts.max_length}
     model = MoLEModel.from_pretrained(src, trust_remote_code=cfg.base_model.trust_remote_code)
-    util, sim = utilization(model, evals, **kw), expert_similarity(model)
+    util, sim = utilization(model, evals, **kw, recorded=_metrics_file(src)), expert_similarity(model)
     history = utilization_history(cfg, model.spec.expert_ids, util)
     streak = under_floor(history, model.spec.expert_ids, cfg.merge.utilization_floor)
     write_json(src / UTILIZATION_FILE, {"floor": cfg.merge.utilization_floor, "history": history})

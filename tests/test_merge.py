@@ -181,6 +181,33 @@ def test_unused_expert_has_zero_utilization_and_is_pruned(tmp_path: Path) -> Non
         torch.testing.assert_close(pruned(ids).logits, model(ids).logits)
 
 
+def test_utilization_recorded_by_train_router_is_used_only_for_the_same_experts_and_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The record train-router writes (``utilization_record`` of an all-token routing pass) equals merge-prune's own
+    pass and replaces it; for other rows or other experts the pass runs."""
+    import mole.merge
+    from mole.routing.diagnostics import row_routings, utilization_record
+
+    model = _model(num_experts=4, top_k=2)
+    (_, _), (every, _) = row_routings(model, ROWS, batch_size=2, max_length=32, prompt_only=(True, False))
+    record = tmp_path / "train_metrics.json"
+    record.write_text(json.dumps({"utilization_all_tokens": utilization_record(model, ROWS, every)}))
+    measured = utilization(model, ROWS, batch_size=4, max_length=32)
+    other_rows = utilization(model, ROWS[:4], batch_size=4, max_length=32, recorded=record)
+    np.testing.assert_allclose(other_rows, utilization(model, ROWS[:4], batch_size=4, max_length=32), atol=1e-12)
+
+    def no_pass(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a routing pass ran although the record fits")
+
+    monkeypatch.setattr(mole.merge, "row_routing", no_pass)
+    np.testing.assert_allclose(utilization(model, ROWS, batch_size=4, max_length=32, recorded=record), measured,
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    model.spec.expert_ids = ["a", "b", "c", "d"]  # another bank: the record is not its
+    with pytest.raises(AssertionError, match="a routing pass ran"):
+        utilization(model, ROWS, batch_size=4, max_length=32, recorded=record)
+
+
 def test_plan_keeps_one_expert_and_merges_each_expert_once() -> None:
     cfg = MergeConfig(utilization_floor=0.5, similarity_ceiling=0.5)
     decisions = plan(np.array([0.1, 0.3, 0.2, 0.4]), np.eye(4), cfg)

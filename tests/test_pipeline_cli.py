@@ -110,6 +110,14 @@ def test_warm_started_router_routes_like_the_clusterer(tiny_ws: Path) -> None:
     assert all(abs(sum(block) - 1) < 1e-3 for block in util)
     assert model.spec.num_experts == len(util[0])
     assert (tiny_ws / "artifacts" / "mole" / "clusterer" / "centroids.npy").exists()
+    # merge-prune's all-token utilization of the eval rows, recorded from the same pass: what its own pass measures
+    from mole.merge import utilization
+
+    evals = load_prepared(cfg)[1]
+    kw = {"batch_size": cfg.evaluate.batch_size, "max_length": cfg.experts.max_length}
+    recorded = utilization(model, evals, **kw, recorded=tiny_ws / "artifacts" / "mole" / "train_metrics.json")
+    assert metrics["utilization_all_tokens"]["expert_ids"] == model.spec.expert_ids
+    assert recorded == pytest.approx(utilization(model, evals, **kw), abs=1e-5)
 
 
 def test_cli_errors_keep_bracketed_locators(tmp_path: Path) -> None:

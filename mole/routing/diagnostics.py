@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 import numpy as np
@@ -21,7 +23,6 @@ def token_mask(batch: dict[str, torch.Tensor], prompt_only: bool) -> torch.Tenso
     return mask.float()
 
 
-@torch.no_grad()
 def row_routing(
     model: MoLEModel,
     rows: list[dict[str, Any]],
@@ -35,13 +36,22 @@ def row_routing(
     Returns:
         (weights, logits), each of shape (n_rows, L, E).
     """
+    return row_routings(model, rows, batch_size=batch_size, max_length=max_length, prompt_only=(prompt_only,))[0]
+
+
+@torch.no_grad()
+def row_routings(
+    model: MoLEModel, rows: list[dict[str, Any]], *, batch_size: int, max_length: int, prompt_only: tuple[bool, ...]
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`row_routing` for each ``prompt_only`` flag, from one routing pass over the rows."""
     model.eval()
-    parts = []
+    parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in prompt_only]
     dev = next(model.base.parameters()).device
     for _, batch in eval_batches(rows, model.tokenizer, batch_size=batch_size, max_length=max_length):
         routing = model.routing(batch["input_ids"].to(dev), batch["attention_mask"].to(dev))
-        parts.append(batch_routing(routing, batch, prompt_only=prompt_only))
-    return routing_arrays(parts)
+        for flag, part in zip(prompt_only, parts, strict=True):
+            part.append(batch_routing(routing, batch, prompt_only=flag))
+    return [routing_arrays(part) for part in parts]
 
 
 def batch_routing(
@@ -73,3 +83,15 @@ def routing_agreement(logits: np.ndarray, experts: list[int]) -> float:
     """
     top1 = logits.mean(1).argmax(-1)
     return float((top1 == np.asarray(experts)).mean())
+
+
+def rows_digest(rows: list[dict[str, Any]]) -> str:
+    """A short content hash of the rows (ids and text, in order): whether a recorded routing was measured on them."""
+    return hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def utilization_record(model: MoLEModel, rows: list[dict[str, Any]], weights: np.ndarray) -> dict[str, Any]:
+    """What merge-prune's utilization would measure, recorded from a pass already made: the mean routing weight of
+    every expert over ``rows`` (all of each row's tokens) and the blocks, for these experts and these rows."""
+    return {"expert_ids": list(model.spec.expert_ids), "rows": rows_digest(rows),
+            "mean": weights.astype(np.float64).mean(axis=(0, 1)).tolist()}  # fmt: skip

@@ -27,7 +27,7 @@ from mole.eval.metrics import ModelScorer, mole_generator
 from mole.io import atomic_dir, read_jsonl, write_json, write_jsonl
 from mole.merge import run_merge_prune
 from mole.nn.model import MoLEModel
-from mole.routing.diagnostics import routing_agreement, row_routing
+from mole.routing.diagnostics import routing_agreement, row_routing, row_routings, utilization_record
 from mole.routing.extend import extend_gates
 from mole.routing.gallery import never_route, warm_start_rows
 from mole.routing.train import joint_train
@@ -265,9 +265,11 @@ def train_router(cfg: BuildConfig, progress: Any = None) -> dict[str, Any]:
                                        frozen=tuple(kept))  # fmt: skip
     for i, directory in kept.items():  # reused experts leave as they came, byte for byte
         model.load_expert(i, directory)
-    weights, logits = row_routing(model, evals, batch_size=r.batch_size, max_length=max_len)
+    (weights, logits), (every, _) = row_routings(model, evals, batch_size=r.batch_size, max_length=max_len,
+                                                 prompt_only=(True, False))  # fmt: skip
     metrics["agreement"] = routing_agreement(logits, eval_experts_idx)
     metrics["utilization"] = weights.mean(0).round(4).tolist()  # (L, E): mean routing weight per block
+    metrics["utilization_all_tokens"] = utilization_record(model, evals, every)  # merge-prune's, without its pass
     paths = mole_paths(cfg)
     model.save_pretrained(
         paths["dir"], extra_files={"clusterer": cpaths["dir"]}, extra_json={"train_metrics.json": metrics}
