@@ -241,9 +241,10 @@ class MoLEModel(nn.Module):
         return out
 
     @torch.no_grad()
-    def routing(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[RouterOutput]:
-        """Each block's routing of a batch, from the base's decoder alone (no LM head: no logits computed)."""
-        with self._running(attention_mask, None) as outputs:
+    def routing(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                route: torch.Tensor | None = None) -> list[RouterOutput]:  # fmt: skip
+        """Each block's routing of a batch (``route`` as in ``forward``), from the base's decoder alone: no LM head."""
+        with self._running(attention_mask, route) as outputs:
             self.base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return outputs
 

@@ -114,7 +114,7 @@ def collect_block_inputs(
             if max_tokens > 0:
                 current["keep"] = keep = mask & (torch.rand(mask.shape, generator=gen) < keep_p)
                 labels.append(current["expert"][:, None].expand_as(keep)[keep])
-            model(batch["input_ids"].to(dev), batch["attention_mask"].to(dev), route=current["expert"])
+            model.routing(batch["input_ids"].to(dev), batch["attention_mask"].to(dev), route=current["expert"])
     finally:
         for h in handles:
             h.remove()
