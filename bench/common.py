@@ -135,10 +135,21 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name (Linux: /proc/cpuinfo), or None where it cannot be read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    names = [line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")]
+    return names[0] if names else None
+
+
 def environment(weights: str | None = None) -> dict[str, Any]:
     """Hardware and software the numbers come from."""
     return {
         "cpu": platform.processor() or platform.machine(),
+        "cpu_model": cpu_model(),  # results can differ by CPU: MKL and oneDNN pick kernels by what they find
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
