@@ -125,10 +125,10 @@ def row_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, t
         (nll, count), each (B,).
     """
     target = labels[:, 1:]  # (B, T-1): token t+1 is predicted from position t
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), target.clamp(min=0),
-                                            reduction="none")  # fmt: skip
+    flat = logits[:, :-1].float().reshape(-1, logits.shape[-1])  # (B*(T-1), V): rows of V contiguous, as scored
+    nll = torch.nn.functional.cross_entropy(flat, target.clamp(min=0).reshape(-1), reduction="none")
     keep = target != IGNORE
-    return (nll * keep).sum(1), keep.sum(1)
+    return (nll.view(target.shape) * keep).sum(1), keep.sum(1)
 
 
 def labelled_losses(

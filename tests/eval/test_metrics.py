@@ -58,7 +58,8 @@ def test_row_nll_of_half_precision_logits_is_computed_in_float32() -> None:
 
 
 def test_row_nll_equals_mole_model_score() -> None:
-    """The evaluate stage scores plain models with row_nll and MoLE models with MoLEModel.score: the same sums."""
+    """``row_nll`` of a MoLE model's full logits and ``MoLEModel.score`` (the LM head at labelled positions only) give
+    the same sums."""
     base, tok = load_base("tiny", seed=0)
     spec = MoLESpec(base_model={"name": "tiny", "seed": 0}, expert_ids=["expert_00", "expert_01"], r=2,
                     lora_alpha=4.0, target_modules=["q_proj"], top_k=1)  # fmt: skip
