@@ -292,15 +292,15 @@ def predict(
     verbose: VerboseOpt = False,
 ) -> None:
     """Complete prompts with a registered model (through MLflow pyfunc) or a model directory."""
-    from flows.lineage import tracking_uri
-    from flows.packaging import predict as run_predict
-
     setup_logging(verbose)
     cfg = config_or_exit(config, preset, set_)
     problems = prompt_problems(prompt, max_new_tokens, temperature)
-    if problems:
+    if problems:  # said before mlflow, torch and the model are imported or loaded: at once
         error("predict:", "; ".join(problems))
         raise typer.Exit(2)
+    from flows.lineage import tracking_uri
+    from flows.packaging import predict as run_predict
+
     kw = {"max_new_tokens": max_new_tokens if max_new_tokens is not None else cfg.evaluate.max_new_tokens,
           "temperature": temperature, "raw": raw, "compile": compile_ or cfg.router.compile,
           "trust_remote_code": trust_remote_code or cfg.base_model.trust_remote_code}  # fmt: skip
