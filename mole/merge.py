@@ -27,7 +27,7 @@ from mole.nn.adapters import write_adapter
 from mole.nn.lineage import made_by, write_lineage
 from mole.nn.model import MoLEModel
 from mole.nn.spec import ROUTER_FILE, SPEC_FILE
-from mole.routing.diagnostics import row_routing, rows_digest
+from mole.routing.diagnostics import expert_usage, row_routing, rows_digest
 from mole.routing.train import joint_train
 from mole.routing.warm_start import eval_loss
 from mole.sections import MergeConfig
@@ -123,7 +123,7 @@ def utilization(
         u = np.asarray(record["mean"], dtype=np.float64)
     else:
         weights, _ = row_routing(model, rows, batch_size=batch_size, max_length=max_length, prompt_only=False)
-        u = weights.astype(np.float64).mean(axis=(0, 1))  # (n, L, E) -> (E,)
+        u = expert_usage(weights)
     return u / u.sum()
 
 

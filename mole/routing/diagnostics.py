@@ -94,4 +94,9 @@ def utilization_record(model: MoLEModel, rows: list[dict[str, Any]], weights: np
     """What merge-prune's utilization would measure, recorded from a pass already made: the mean routing weight of
     every expert over ``rows`` (all of each row's tokens) and the blocks, for these experts and these rows."""
     return {"expert_ids": list(model.spec.expert_ids), "rows": rows_digest(rows),
-            "mean": weights.astype(np.float64).mean(axis=(0, 1)).tolist()}  # fmt: skip
+            "mean": expert_usage(weights).tolist()}  # fmt: skip
+
+
+def expert_usage(weights: np.ndarray) -> np.ndarray:
+    """(n_rows, L, E) routing weights -> (E,) float64: each expert's mean weight over the rows and the blocks."""
+    return weights.astype(np.float64).mean(axis=(0, 1))
