@@ -73,17 +73,22 @@ def show(result: dict[str, Any]) -> None:
     """Print one corpus's tables."""
     c = result["corpus"]
     training = result.get("training") or {}
-    rows = [
-        {"variant": n, "loss": x["loss"], "exact match": x["exact_match"], "steps": training.get(n, {}).get("steps"),
-         "tokens": training.get(n, {}).get("tokens"), "rank/token": training.get(n, {}).get("rank")}
-        for n, x in result["variants"].items()
-    ]  # fmt: skip
+    rows = []
+    for n, x in result["variants"].items():
+        t = training.get(n, {})
+        rows.append({"variant": n, "loss": _digits(x["loss"], 4), "exact match": _digits(x["exact_match"], 3),
+                     "steps": t.get("steps"), "tokens": t.get("tokens"), "rank/token": t.get("rank")})  # fmt: skip
     table(f"{c}: k = {result['k']} ({result['k_rule']}), ARI {result['ari']}", list(rows[0]), rows)
     ratio = result["mole_over_multitask"]
     console.print(f"{c}: {result['verdict']['variant']} / {result['verdict']['baseline']} = "
                   f"{'-' if ratio is None else f'{ratio:.4f}'}", highlight=False)  # fmt: skip
     console.print(result["verdict"]["headline"], highlight=False, markup=False)
-    table(f"{c}: wall time per stage (s)", list(STAGES), [result["seconds"]])
+    table(f"{c}: wall time per stage (s)", list(STAGES), [{k: _digits(v, 1) for k, v in result["seconds"].items()}])
+
+
+def _digits(v: float | None, n: int) -> str | None:
+    """``v`` with ``n`` decimals for the tables (losses to 4, exact match to 3, seconds to 1); None stays None."""
+    return None if v is None else f"{v:.{n}f}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,7 @@ from peft import get_peft_model, set_peft_model_state_dict
 from safetensors.torch import save_file
 
 from mole.config import BuildConfig
-from mole.data.tokenize import train_batches
+from mole.data.tokenize import IGNORE, labelled_losses, train_batches
 from mole.io import atomic_dir, seal, seal_broken, write_json
 from mole.nn.adapters import WEIGHTS, read_adapter, stable_config
 from mole.sections import ExpertsConfig, LoraSection
@@ -163,7 +163,10 @@ def train_lora(
             for step, batch in enumerate(itertools.islice(batches, start, None), start=start):
                 for group in optimizer.param_groups:
                     group["lr"] = cfg.lr * lr_factor(step, steps, warmup)
-                loss = peft_model(**{k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")}).loss
+                ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
+                # the model's own mean next-token loss, with the LM head run at the labelled positions only
+                nll = labelled_losses(peft_model, ids, mask, labels)  # (B, T-1)
+                loss = nll.sum() / (labels[:, 1:] != IGNORE).sum().clamp(min=1)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params.values(), cfg.grad_clip)

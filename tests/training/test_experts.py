@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from mole import stages
 from mole.base import load_base
 from mole.config import load_config
+from mole.data.tokenize import train_batches
 from mole.sections import ExpertsConfig, LoraSection
 from mole.training.checkpoint import checkpoint_dir
 from mole.training.experts import run_train_experts
@@ -89,6 +90,21 @@ def test_expert_overfits_and_round_trips_through_peft(tiny, tmp_path: Path) -> N
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, live["logits"], rtol=0, atol=1e-6)
         assert not torch.allclose(model(**batch).logits, live["logits"])  # the adapter did change the output
+
+
+def test_recorded_loss_is_the_models_own_mean_loss(tiny, tmp_path: Path) -> None:
+    """train_lora runs the LM head at the labelled positions only; its loss is still the model's own mean next-token
+    loss over a padded batch of rows of different lengths (at step 0 the adapter is zero: the base's loss)."""
+    model, tok = tiny
+    rows = [*ROWS[:2], {"text": "The cat sat on the red mat, and then on the blue one."}]
+    cfg = CFG.model_copy(update={"batch_size": 3})
+    first = next(train_batches(rows, tok, batch_size=3, max_length=cfg.max_length, seed=0, steps=1))
+    assert first["attention_mask"].min() == 0  # padded: the rows' lengths differ
+    with torch.no_grad():
+        expected = float(model(**{k: first[k] for k in ("input_ids", "attention_mask", "labels")}).loss)
+    metrics = train_lora(model, tok, rows, lora=LORA, cfg=cfg, steps=1, out_dir=tmp_path / "e", seed=0,
+                         fingerprint="fp")  # fmt: skip
+    assert metrics["loss"][0] == pytest.approx(expected, rel=1e-5)
 
 
 def test_same_seed_gives_identical_adapter(tiny, tmp_path: Path) -> None:
