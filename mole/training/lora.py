@@ -26,7 +26,7 @@ from peft import get_peft_model, set_peft_model_state_dict
 from safetensors.torch import save_file
 
 from mole.config import BuildConfig
-from mole.data.tokenize import IGNORE, labelled_losses, train_batches
+from mole.data.tokenize import row_losses, train_batches
 from mole.io import atomic_dir, seal, seal_broken, write_json
 from mole.nn.adapters import WEIGHTS, read_adapter, stable_config
 from mole.sections import ExpertsConfig, LoraSection
@@ -165,8 +165,8 @@ def train_lora(
                     group["lr"] = cfg.lr * lr_factor(step, steps, warmup)
                 ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
                 # the model's own mean next-token loss, with the LM head run at the labelled positions only
-                nll = labelled_losses(peft_model, ids, mask, labels)  # (B, T-1)
-                loss = nll.sum() / (labels[:, 1:] != IGNORE).sum().clamp(min=1)
+                nll, count = row_losses(peft_model, ids, mask, labels)  # (B,) each
+                loss = nll.sum() / count.sum().clamp(min=1)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params.values(), cfg.grad_clip)
