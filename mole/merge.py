@@ -24,6 +24,7 @@ from mole.base import loadable_base
 from mole.config import BuildConfig
 from mole.io import atomic_dir, sha256_file, write_json
 from mole.nn.adapters import write_adapter
+from mole.nn.first_gate import PREFIX
 from mole.nn.lineage import made_by, write_lineage
 from mole.nn.model import MoLEModel
 from mole.nn.spec import ROUTER_FILE, SPEC_FILE
@@ -263,13 +264,19 @@ def _merged_lineage(
 
 
 def _router_state(model: MoLEModel, groups: list[list[int]]) -> dict[str, torch.Tensor]:
-    """Router tensors of the new bank: kept rows as they are, a merged group's mean row (+ log |group| bias)."""
-    state: dict[str, torch.Tensor] = {}
-    for b, router in enumerate(model.routers):
-        w, bias = router.gate.weight.detach().cpu(), router.gate.bias
-        state[f"{b}.gate.weight"] = torch.stack([w[g].mean(0) for g in groups]).contiguous()  # (E', D)
-        if bias is not None:
-            state[f"{b}.gate.bias"] = torch.stack([bias[g].mean() + math.log(len(g)) for g in groups]).detach().cpu()
+    """Router tensors of the new bank (``_gate_state`` of every block's gate, and of the first-token gate's)."""
+    gates = {f"{b}.": router.gate for b, router in enumerate(model.routers)}
+    if model.first_gate is not None:  # its rows go as the routers' do
+        gates[PREFIX] = model.first_gate.gate
+    return {prefix + k: v for prefix, gate in gates.items() for k, v in _gate_state(gate, groups).items()}
+
+
+def _gate_state(gate: torch.nn.Linear, groups: list[list[int]]) -> dict[str, torch.Tensor]:
+    """A gate's tensors for the new bank: kept rows as they are, a merged group's mean row (+ log |group| bias)."""
+    w, bias = gate.weight.detach().cpu(), gate.bias
+    state = {"gate.weight": torch.stack([w[g].mean(0) for g in groups]).contiguous()}  # (E', D)
+    if bias is not None:
+        state["gate.bias"] = torch.stack([bias[g].mean() + math.log(len(g)) for g in groups]).detach().cpu()
     return state
 
 

@@ -156,6 +156,11 @@ class ExpertsConfig(Section):
         "cluster in training and by the router at inference computes it differently. 1 helped realdev and cost "
         "the demo corpus 4 of 60 exact answers (README, 'Does the mixture beat one LoRA?'); 0: every token routed",
     )
+    first_gate: bool = Field(
+        False,
+        description="cotrained, with router.first_gate: each row's first token trains through the expert a "
+        "first-token gate fitted on the rows picks (as the MoLE will route it), not through the row's own",
+    )
     shared_steps: int = Field(
         45,
         ge=1,
@@ -199,6 +204,11 @@ class RouterConfig(Section):
         "logits over the sequence so far (causal: decoding routes as training did)",
     )
     path: Literal["auto", "dense", "sparse"] = "auto"
+    first_gate: bool = Field(
+        True,
+        description="route every sequence's first token, in every block, by a gate fitted on its embedding to the "
+        "rows' experts (token routing only; off with experts.sink_tokens, whose first tokens take no expert)",
+    )
     compile: bool = Field(
         False,
         description="torch.compile the model's blocks in mole predict (same outputs; pays off on long generations, "

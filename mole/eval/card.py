@@ -105,6 +105,8 @@ def model_card(cfg: BuildConfig, report: dict[str, Any], *, lineage: dict[str, A
     r, cost = report.get("routing") or {}, report.get("cost") or {}
     lines += ["", "## Routing and cost", "",
               f"- top-1 agreement of the token routers with the clusters: {_fmt(r.get('top1_agreement'), '.3f')}",
+              *([f"- first token of each row routed by the first-token gate: agreement with the clusters "
+                 f"{_fmt(r['first_gate_agreement'], '.3f')}"] if "first_gate_agreement" in r else []),
               f"- utilization: [{', '.join(f'{u:.3f}' for u in r.get('utilization', []))}]",
               f"- forward time ×{_fmt(cost.get('latency_ratio_vs_base'), '.2f')} of the base; "
               f"{_fmt(cost.get('adapter_mb'), '.1f')} MB of adapters"]  # fmt: skip

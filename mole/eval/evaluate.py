@@ -54,6 +54,7 @@ from mole.eval.verdict import verdict
 from mole.io import atomic_path, read_jsonl, write_json, write_jsonl
 from mole.nn.model import MoLEModel
 from mole.routing.explain import explain
+from mole.routing.first_token import first_gate_agreement
 from mole.training.experts import check_model_current
 from mole.workspace import cluster_paths, eval_paths, experts_paths, load_prepared, mole_paths
 
@@ -318,6 +319,9 @@ def _evaluate_mole(
     weights, logits = routed.routing()  # as row_routing over the same batches
     routing = routing_stats(weights, logits, [expert_of[c] for c in clusters])
     routing["top_k"] = {"configured": cfg.router.top_k, "used": model.spec.top_k}  # used < configured: k was small
+    if model.first_gate is not None:  # how often it sends a row's first token to the row's cluster's expert
+        routing["first_gate_agreement"] = first_gate_agreement(model, rows, [expert_of[c] for c in clusters],
+                                                               max_length=cfg.experts.max_length)  # fmt: skip
     _, batch = next(eval_batches(rows, model.tokenizer, batch_size=ev.batch_size, max_length=cfg.experts.max_length))
     cost = mole_cost(model, base, batch, mole_dir, reps=ev.latency_reps)
     logger.info("top-1 agreement %.3f; forward x%.3f of base", routing["top1_agreement"], cost["latency_ratio_vs_base"])

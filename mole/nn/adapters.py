@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
 from mole.base import loadable_base
 from mole.io import load_safetensors, read_json
@@ -168,3 +169,11 @@ def _weight_problems(tensors: dict[str, torch.Tensor], base: torch.nn.Module, ta
     if missing:
         problems.append(f"module {missing[0]}: no weights in the adapter ({len(missing)} target modules missing)")
     return problems
+
+
+def module_name(root: nn.Module, target: nn.Module) -> str:
+    """The dotted name of ``target`` inside ``root`` (the name its adapter keys are made from)."""
+    for name, module in root.named_modules():
+        if module is target:
+            return name
+    raise ValueError("module is not part of the model")

@@ -25,8 +25,9 @@ from mole.base import loadable_base
 from mole.cluster.clustering import Clusterer
 from mole.data.tokenize import completions, encode_prompts, row_losses
 from mole.io import atomic_dir, load_safetensors
-from mole.nn.adapters import adapter_keys, adapter_scale, fit_rank, read_adapter, write_adapter
+from mole.nn.adapters import adapter_keys, adapter_scale, fit_rank, module_name, read_adapter, write_adapter
 from mole.nn.decode import FirstTokens, compile_blocks, merged, one_expert
+from mole.nn.first_gate import PREFIX, FirstTokenGate, split_router_state
 from mole.nn.layer import MoLELinear, RoutingState
 from mole.nn.lineage import read_lineage, write_lineage
 from mole.nn.router import RouterOutput, TokenTopKRouter, forced_routing
@@ -46,13 +47,14 @@ class MoLEModel(nn.Module):
         for p in base.parameters():
             p.requires_grad_(False)
         blocks = find_blocks(base)
-        e, k, dim = spec.num_experts, spec.top_k, base.config.hidden_size
+        e, k, dim, dev = spec.num_experts, spec.top_k, base.config.hidden_size, next(base.parameters()).device
         self.routers = nn.ModuleList(TokenTopKRouter(dim=dim, num_experts=e, top_k=k, pool=spec.pool) for _ in blocks)
-        self.routers.to(next(base.parameters()).device)
+        self.routers.to(dev)
         self.states = [RoutingState() for _ in blocks]
         self._carry: list[Any] = [None] * len(blocks)  # prefix pooling: each block's running logits, for decoding
         self._first = FirstTokens(spec.sink_tokens, len(blocks)) if spec.sink_tokens else None
-        self._needs_cache = spec.pool == "prefix" or self._first is not None  # whether a hook reads the KV cache
+        self.first_gate = FirstTokenGate.of(tokenizer, dim, e, len(blocks), device=dev) if spec.first_gate else None
+        self._needs_cache = spec.pool == "prefix" or self._first is not None or spec.first_gate  # hooks read the cache
         self.bank: dict[str, MoLELinear] = {}
         self._forced: torch.Tensor | None = None  # (B,) expert per sequence, when routing is forced
         self._mask: torch.Tensor | None = None  # (B, T) attention mask of the current full forward
@@ -61,7 +63,7 @@ class MoLEModel(nn.Module):
         self.clusterer: Any = None  # a mole.cluster.clustering.Clusterer, for cluster-distance routing
         self.lineage: dict[str, dict[str, Any]] = {}  # expert id -> its lineage.json record (mole.nn.lineage)
         for b, block in enumerate(blocks):
-            self._inject(block, self.states[b], prefix=_module_name(base, block))
+            self._inject(block, self.states[b], prefix=module_name(base, block))
             block.register_forward_pre_hook(self._make_hook(b), with_kwargs=True)
         if not self.bank:
             raise ValueError(f"no module of the base matches target_modules={spec.target_modules}")
@@ -106,6 +108,8 @@ class MoLEModel(nn.Module):
             else:
                 out = router(hidden, mask, self._carry[b] if continued else None)
                 self._carry[b] = out.carry
+                if self.first_gate is not None:  # each sequence's first token: the first-token gate's expert
+                    out = self.first_gate.route(b, hidden, mask, continued, out)
             state.output = out = out if first is None else out.without_experts(first)
             if self._outputs is not None:
                 self._outputs.append(out)
@@ -177,11 +181,8 @@ class MoLEModel(nn.Module):
         return out
 
     def compile_blocks(self, **options: Any) -> None:
-        """``torch.compile`` every transformer block (``dynamic=True`` unless given; e.g. ``backend="aot_eager"``).
-
-        Same outputs as eager up to float rounding; the routing hooks stay eager. Each new shape compiles on first
-        use (seconds to minutes on CPU): worth it for long generations, not for one short prompt.
-        """
+        """``torch.compile`` every block (``dynamic=True`` unless given): eager's outputs up to float rounding, hooks
+        eager; each new shape compiles on first use (minutes on CPU): worth it for long generations only."""
         compile_blocks(find_blocks(self.base), **options)
 
     def route_by_cluster(self, texts: list[str]) -> torch.Tensor:
@@ -292,7 +293,8 @@ class MoLEModel(nn.Module):
         """
         with atomic_dir(directory) as tmp:
             (tmp / SPEC_FILE).write_text(json.dumps(asdict(self.spec), indent=2))
-            state = {k: v.detach().contiguous().cpu() for k, v in self.routers.state_dict().items()}
+            gate = {} if self.first_gate is None else {PREFIX + k: v for k, v in self.first_gate.state_dict().items()}
+            state = {k: v.detach().contiguous().cpu() for k, v in {**self.routers.state_dict(), **gate}.items()}
             save_file(state, str(tmp / ROUTER_FILE), metadata={"format": "pt"})
             for i, eid in enumerate(self.spec.expert_ids):
                 self.export_expert(i, tmp / "experts" / eid)
@@ -336,8 +338,11 @@ class MoLEModel(nn.Module):
             model.load_expert(model.shared_index, directory / "experts" / spec.shared)
         found = {e: read_lineage(directory / "experts" / e) for e in [*spec.expert_ids, spec.shared] if e is not None}
         model.lineage = {e: record for e, record in found.items() if record is not None}
+        routers, gate = split_router_state(load_safetensors(directory / ROUTER_FILE))
         try:
-            model.routers.load_state_dict(load_safetensors(directory / ROUTER_FILE))
+            model.routers.load_state_dict(routers)
+            if model.first_gate is not None or gate:  # (a first-token gate the spec does not name: refused too)
+                (nn.Module() if model.first_gate is None else model.first_gate).load_state_dict(gate)
         except RuntimeError as exc:  # missing keys or shapes that do not fit the spec
             raise ValueError(f"{directory / ROUTER_FILE}: does not fit {directory / SPEC_FILE}: {exc}") from None
         if (directory / "clusterer" / "centroids.npy").exists():
@@ -361,11 +366,12 @@ class MoLEModel(nn.Module):
         shared_id: str = "shared",
         pool: str = "token",
         sink_tokens: int = 0,
+        first_gate: bool = False,
     ) -> MoLEModel:
         """Build a bank from trained peft adapter dirs (all with the same r, alpha and target modules).
 
         ``shared_dir`` (a peft adapter dir, saved as ``experts/<shared_id>``) becomes the shared expert, applied to
-        every token beside the routed top-k.
+        every token beside the routed top-k. ``first_gate``: the model gets a first-token gate (to be fitted).
         """
         config, _ = read_adapter(expert_dirs[0])
         targets = config["target_modules"]
@@ -379,7 +385,7 @@ class MoLEModel(nn.Module):
             routing=routing, path=path,
             clusters=list(clusters) if clusters is not None else list(range(len(expert_dirs))),
             shared=shared_id if shared_dir is not None else None,
-            pool=pool, sink_tokens=sink_tokens,
+            pool=pool, sink_tokens=sink_tokens, first_gate=first_gate,
         )  # fmt: skip
         model = cls(base=base, tokenizer=tokenizer, spec=spec)
         for i, d in enumerate(expert_dirs):
@@ -387,10 +393,3 @@ class MoLEModel(nn.Module):
         if shared_dir is not None:
             model.load_expert(model.shared_index, shared_dir)
         return model
-
-
-def _module_name(root: nn.Module, target: nn.Module) -> str:
-    for name, module in root.named_modules():
-        if module is target:
-            return name
-    raise ValueError("module is not part of the model")

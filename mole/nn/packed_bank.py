@@ -17,6 +17,7 @@ from peft import get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from mole.nn.first_gate import first_positions
 from mole.nn.layer import MoLELinear, RoutingState
 from mole.nn.router import first_tokens, forced_routing
 from mole.sections import LoraSection
@@ -67,6 +68,7 @@ class PackedBank:
         modules: names (relative to ``model``) of the linears to adapt, e.g. from :func:`peft_init`.
         shared: give the bank a shared slot beneath every expert (see :meth:`set_shared`).
         sink_tokens: the first this many real tokens of every sequence get no routed expert (the shared slot only).
+        lead: special tokens (a BOS) before a sequence's first token, for ``route(first=...)``.
     """
 
     def __init__(
@@ -78,9 +80,10 @@ class PackedBank:
         modules: list[str],
         shared: bool = False,
         sink_tokens: int = 0,
+        lead: int = 0,
     ) -> None:
         self.model, self.lora, self.num_experts, self.modules = model, lora, num_experts, modules
-        self.sink_tokens = sink_tokens
+        self.sink_tokens, self.lead = sink_tokens, lead
         self.shared = shared  # a shared slot under every expert, loaded by set_shared and never stepped
         self.state = RoutingState()
         self.layers: dict[str, MoLELinear] = {}
@@ -162,7 +165,8 @@ class PackedBank:
                 else:
                     view.grad = grad[sl] if part == "A" else grad[:, sl]
 
-    def route(self, experts: torch.Tensor, *, seq_len: int, mask: torch.Tensor | None = None) -> None:
+    def route(self, experts: torch.Tensor, *, seq_len: int, mask: torch.Tensor | None = None,
+              first: torch.Tensor | None = None) -> None:  # fmt: skip
         """Send every token of sequence b to expert ``experts[b]`` in every layer for the next forward.
 
         Args:
@@ -170,8 +174,12 @@ class PackedBank:
             seq_len: T.
             mask: (B, T) 1 for real tokens, 0 for padding (where the first ``sink_tokens`` real tokens are); None: all
                 real.
+            first: (B,) the expert of each sequence's first token (after ``lead`` special tokens) instead, as a
+                first-token gate routes it in the MoLE model; None: ``experts``.
         """
         out = forced_routing(experts, seq_len=seq_len, num_experts=self.num_experts)
+        if first is not None:
+            out = out.routed_at(first_positions(out.indices.shape[:2], mask, self.lead), first)
         if self.sink_tokens:
             out = out.without_experts(first_tokens(self.sink_tokens, out.indices.shape[:2], mask)[0])
         self.state.output = out

@@ -78,6 +78,19 @@ class RouterOutput:
         return RouterOutput(weights, self.indices, w, self.logits, aux, z, self.carry, num_experts=self.num_experts,
                             mask=self._mask)  # fmt: skip
 
+    def routed_at(self, where: torch.Tensor, experts: torch.Tensor) -> RouterOutput:
+        """This routing with the tokens ``where`` (B, T) is true sent wholly to sequence b's ``experts[b]`` (B,):
+        weight 1 on it, 0 on the other K - 1 slots (the experts after it, so no slot repeats). Logits kept."""
+        where, k, e = where.to(self.indices.device), self.indices.shape[-1], self.num_experts
+        slots = (experts.to(self.indices.device)[:, None] + torch.arange(k, device=where.device)) % e  # (B, K)
+        one = torch.zeros(k, device=where.device, dtype=self.topk_weights.dtype)
+        one[0] = 1.0
+        indices = torch.where(where[..., None], slots[:, None, :], self.indices)  # (B, T, K)
+        w = torch.where(where[..., None], one, self.topk_weights)
+        aux, z = (None, None) if self.logits is not None else (self._aux, self._z)
+        return RouterOutput(None, indices, w, self.logits, aux, z, self.carry, num_experts=e, mask=self._mask,
+                            lean=self.lean)  # fmt: skip
+
     @property
     def weights(self) -> torch.Tensor:
         if self._weights is None:

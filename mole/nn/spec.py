@@ -41,6 +41,9 @@ class MoLESpec:
     # The first this many real tokens of every sequence get no routed expert, only the shared one (experts.sink_tokens:
     # the experts were co-trained so); 0 in models built before the option.
     sink_tokens: int = 0
+    # Whether a first-token gate (mole.nn.first_gate, first_gate.safetensors) routes every sequence's first token;
+    # False in models built before it.
+    first_gate: bool = False
 
     def templated(self, prompt: str) -> str:
         """``prompt`` as the model was trained on it: ending with ``prompt_suffix`` (added when missing)."""

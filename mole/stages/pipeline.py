@@ -29,6 +29,7 @@ from mole.merge import run_merge_prune
 from mole.nn.model import MoLEModel
 from mole.routing.diagnostics import routing_agreement, row_routing, row_routings, utilization_record
 from mole.routing.extend import extend_gates
+from mole.routing.first_token import fit_first_gate
 from mole.routing.gallery import never_route, warm_start_rows
 from mole.routing.train import joint_train
 from mole.routing.warm_start import warm_start_gates
@@ -170,6 +171,12 @@ def base_ref(cfg: BuildConfig) -> dict[str, Any]:
     return {**cfg.base_model.model_dump(mode="json"), "seed": cfg.seed}
 
 
+def first_gate(cfg: BuildConfig, experts: int, index: dict[str, Any]) -> bool:
+    """Whether the model gets a first-token gate: asked for, token routing, two experts or more, no sink tokens."""
+    r = cfg.router
+    return r.first_gate and r.routing == "token_topk" and experts > 1 and not index.get("sink_tokens")
+
+
 @_timed("train-router")
 def train_router(cfg: BuildConfig, progress: Any = None) -> dict[str, Any]:
     """Build the MoLE model from the experts, warm-start and jointly train the routers, save artifacts/mole/."""
@@ -198,6 +205,7 @@ def train_router(cfg: BuildConfig, progress: Any = None) -> dict[str, Any]:
         shared_dir=cfg.path(shared["path"]) if shared and full_index.get("shared_mode") in SHARED_APPLIED else None,
         pool=cfg.router.pool,
         sink_tokens=int(full_index.get("sink_tokens", 0)),
+        first_gate=first_gate(cfg, len(index) + len(gallery), full_index),
     )
     lineage = expert_lineage(cfg, full_index)  # the experts' parents: the adapters of experts.json
     plan = incremental_plan(cfg)
@@ -226,6 +234,11 @@ def train_router(cfg: BuildConfig, progress: Any = None) -> dict[str, Any]:
         ws_rows, ws_experts, metrics["gallery"] = warm_start_rows(
             model, gallery, ws_rows, ws_experts, batch_size=r.batch_size, max_length=max_len
         )
+    if model.first_gate is not None:  # fitted afresh every build (a logistic fit over the rows' first tokens), before
+        # the warm start, whose held-out scoring routes by it
+        fit_rows, fit_experts = [*ws_rows, *train[n_ws:]], [*ws_experts, *train_experts_idx[n_ws:]]
+        metrics["first_gate"] = fit_first_gate(model, fit_rows, fit_experts, c=r.warm_start_c, max_length=max_len,
+                                               seed=cfg.seed)  # fmt: skip
     if model.spec.num_experts == 1:  # k = 1: no mixture, every token goes to the one expert whatever the gate says
         logger.info("one expert (k = 1): no routing to warm-start or learn")
     elif gates is not None:  # incremental: the previous gates (and rows fitted for new experts), a brief re-fit

@@ -90,8 +90,9 @@ STAGES: dict[str, Stage] = {
         Stage(
             "train-experts", "train_experts",
             "Train the shared adapter, one LoRA expert per cluster and the multitask baseline (peft adapter dirs).",
-            reads=(*COMMON, "experts", *BASELINE_READS),
-            code=("mole/training", "mole/nn/packed_bank.py", "mole/nn/adapters.py", "mole/base.py", "mole/stages"),
+            reads=(*COMMON, "experts", *BASELINE_READS, "router.first_gate", "router.warm_start_c"),
+            code=("mole/training", "mole/nn/packed_bank.py", "mole/nn/first_gate.py", "mole/nn/adapters.py",
+                  "mole/base.py", "mole/stages"),
             inputs=("${data.out_dir}", "${cluster.out_dir}"),
             outputs=(Output("${experts.out_dir}"), Output("${experts.baseline_dir}"),
                      Output("${evaluate.out_dir}/lifecycle.json")),

@@ -28,11 +28,13 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from mole.config import BuildConfig
 from mole.data.tokenize import IGNORE, train_batches
 from mole.nn.adapters import adapter_keys
+from mole.nn.first_gate import first_token_features, fit_gate_weights, lead_specials
 from mole.nn.packed_bank import PackedBank, peft_init
 from mole.sections import ExpertsConfig, LoraSection
 from mole.training.checkpoint import checkpoint_dir, remove_stale_temps, resume, save_checkpoint
@@ -58,7 +60,25 @@ def run_fingerprint(cfg: BuildConfig, groups: dict[int, list[str]]) -> str:
                "steps": cotrain_steps(cfg, len(groups))}  # fmt: skip
     if cfg.experts.sink_tokens:  # (0 leaves the fingerprints of runs from before the option as they were)
         payload["sink_tokens"] = cfg.experts.sink_tokens
+    if first_gate_trained(cfg):  # (the same for this option)
+        payload["first_gate_c"] = cfg.router.warm_start_c
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def first_gate_trained(cfg: BuildConfig) -> bool:
+    """Whether the run trains each row's first token through a first-token gate's expert (``experts.first_gate``)."""
+    e = cfg.experts
+    return e.first_gate and cfg.router.first_gate and cfg.router.routing == "token_topk" and not e.sink_tokens
+
+
+def gate_choices(model: Any, tokenizer: Any, rows: list[dict[str, Any]], experts: list[int], *, num_experts: int,
+                 c: float, max_length: int, seed: int) -> list[int]:  # fmt: skip
+    """The expert a first-token gate fitted on ``rows`` (each to ``experts[j]``) picks for each row's first token:
+    the fit train-router makes (``mole.routing.first_token``)."""
+    x, _ = first_token_features(model, tokenizer, rows, max_length=max_length)
+    weight, bias, accuracy = fit_gate_weights(x, np.asarray(experts), num_experts, c=c, seed=seed)
+    logger.info("cotrained: first tokens through the first-token gate's experts (training accuracy %.3f)", accuracy)
+    return (x @ weight.T + bias).argmax(1).tolist()
 
 
 def _bank_params(bank: PackedBank) -> dict[str, torch.nn.Parameter]:
@@ -100,6 +120,7 @@ def train_cotrained(
     seed: int,
     fingerprint: str,
     progress: Progress | None = None,
+    first: list[int] | None = None,
 ) -> tuple[dict[int, dict], dict[str, Any], Any]:
     """Train the shared adapter and ``num_experts`` experts together; returns (expert slots, run state, LoraConfig).
 
@@ -116,6 +137,7 @@ def train_cotrained(
         seed: seeds the inits (shared: ``seed``, expert i: ``seed + 1 + i``), the batch order and dropout.
         fingerprint: identifies the run's inputs; a checkpoint of another run is not resumed.
         progress: called as ``progress("cotrained", step, steps, loss)`` after every step.
+        first: the bank index of each row's first token (after a BOS), when it is not the row's (``gate_choices``).
 
     Returns:
         ``{i: slot tensors for i in range(E)} | {E: the shared slot}``, the run state (losses, tokens, seconds,
@@ -128,7 +150,7 @@ def train_cotrained(
         inits = [peft_init(model, lora, seed=seed + 1 + i)[0] for i in range(num_experts)]
         torch.manual_seed(seed)  # dropout draws
         with PackedBank(model, lora, num_experts=num_experts, modules=list(shared_init), shared=True,
-                        sink_tokens=cfg.sink_tokens) as bank:  # fmt: skip
+                        sink_tokens=cfg.sink_tokens, lead=len(lead_specials(tokenizer))) as bank:  # fmt: skip
             bank.set_shared(shared_init)
             for i, tensors in enumerate(inits):
                 bank.set_expert(i, tensors)
@@ -141,8 +163,9 @@ def train_cotrained(
                          "seconds": 0.0, "fingerprint": fingerprint}  # fmt: skip
             else:
                 logger.info("cotrained: resuming from its checkpoint at step %d/%d", state["step"], steps)
+            extra = experts if first is None else [list(pair) for pair in zip(experts, first, strict=True)]
             batches = train_batches(rows, tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length, seed=seed,
-                                    steps=steps, extra=experts)  # fmt: skip
+                                    steps=steps, extra=extra)  # fmt: skip
             _loop(bank, model, params, optimizer, islice(batches, state["step"], None), state, cfg=cfg, ckpt=ckpt,
                   device=device, progress=progress)  # fmt: skip
             slots = {i: _slot(bank, i, lora.r) for i in range(num_experts + 1)}
@@ -195,9 +218,10 @@ def _loop(
     steps, warmup = state["total_steps"], min(cfg.warmup_steps, state["total_steps"])
     for batch in batches:
         step, t0 = state["step"], time.perf_counter()
-        ids = torch.tensor(batch.pop("extra"), device=device)  # (B,) bank index of each row
+        extra = torch.tensor(batch.pop("extra"), device=device)  # (B,) bank index of each row [, of its first token]
+        ids, first = (extra, None) if extra.dim() == 1 else (extra[:, 0], extra[:, 1])
         batch = {k: v.to(device) for k, v in batch.items()}
-        nll = token_losses(model, bank, batch, ids)  # (B, T-1), zero where unlabelled
+        nll = token_losses(model, bank, batch, ids, first)  # (B, T-1), zero where unlabelled
         counts = (batch["labels"][:, 1:] != IGNORE).sum(1)  # (B,)
         loss = nll.sum() / counts.sum().clamp(min=1)
         loss.backward()
@@ -257,9 +281,12 @@ def _train_and_write(
     logger.info("cotrained: the shared adapter and %d experts on %d rows for %d steps", len(experts), len(rows),
                 shared.steps)  # fmt: skip
     e = cfg.experts
+    base, tokenizer = get_base()
+    first = gate_choices(base, tokenizer, rows, ids, num_experts=len(experts), c=cfg.router.warm_start_c,
+                         max_length=e.max_length, seed=cfg.seed) if first_gate_trained(cfg) else None  # fmt: skip
     slots, state, peft_config = train_cotrained(
-        *get_base(), rows, ids, num_experts=len(experts), lora=e.lora, cfg=e, steps=shared.steps,
-        ckpt=ckpt, seed=cfg.seed, fingerprint=fps[SHARED_ID], progress=progress,
+        base, tokenizer, rows, ids, num_experts=len(experts), lora=e.lora, cfg=e, steps=shared.steps,
+        ckpt=ckpt, seed=cfg.seed, fingerprint=fps[SHARED_ID], progress=progress, first=first,
     )  # fmt: skip
     metrics = {}
     for j in [*experts, shared]:

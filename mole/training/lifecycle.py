@@ -28,6 +28,7 @@ import numpy as np
 from mole.config import BuildConfig
 from mole.io import atomic_dir, load_safetensors, read_json, write_json
 from mole.nn.adapters import CONFIG, WEIGHTS, stable_config
+from mole.nn.first_gate import split_router_state
 from mole.nn.lineage import adapter_digest, made_by
 from mole.nn.spec import read_spec
 from mole.training.lora import BASELINE_ID, METRICS, SHARED_ID, Job, seal_adapter
@@ -184,7 +185,7 @@ def previous_gates(cfg: BuildConfig, spec: Any, plan: dict[str, Any]) -> dict[st
     n = len(old.expert_ids)
     if (old.expert_ids, old.pool, old.shared) != (spec.expert_ids[:n], spec.pool, spec.shared) or n < 2:
         return None
-    return load_safetensors(prev / "router.safetensors")
+    return split_router_state(load_safetensors(prev / "router.safetensors"))[0]  # (a first-token gate is fitted anew)
 
 
 def under_floor(history: list[dict[str, Any]], ids: list[str], floor: float) -> np.ndarray:

@@ -225,11 +225,13 @@ def _forward_backward(
     return totals
 
 
-def token_losses(model: Any, bank: PackedBank, batch: dict[str, torch.Tensor], experts: torch.Tensor) -> torch.Tensor:
-    """Next-token losses of the sequences routed to ``experts`` (b,), (b, T) batch -> (b, T-1) float32, zero at
-    unlabelled positions (``labelled_losses``: the LM head only where there are labels)."""
+def token_losses(model: Any, bank: PackedBank, batch: dict[str, torch.Tensor], experts: torch.Tensor,
+                 first: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """Next-token losses of the sequences routed to ``experts`` (b,) (their first tokens to ``first`` (b,), when
+    given), (b, T) batch -> (b, T-1) float32, zero at unlabelled positions (``labelled_losses``: the LM head only where
+    there are labels)."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    bank.route(experts, seq_len=ids.shape[1], mask=mask)
+    bank.route(experts, seq_len=ids.shape[1], mask=mask, first=first)
     return labelled_losses(model, ids, mask, batch["labels"])
 
 

@@ -98,3 +98,14 @@ def test_expert_lr_scale_scales_the_experts_step_only(tmp_path: Path) -> None:
     for i in range(E):  # B starts at 0, so after one step it is the step itself
         for m in full[i]:
             torch.testing.assert_close(half[i][m][1], 0.5 * full[i][m][1], rtol=1e-6, atol=1e-7)
+
+
+def test_first_tokens_train_the_expert_given_for_them(tmp_path: Path) -> None:
+    """With ``first`` (experts.first_gate) a row's first token trains that expert: here expert 1, which has no rows."""
+    model, tok = load_base("tiny", seed=0)
+    slots, _, _ = train_cotrained(model, tok, ROWS, [0] * 9, num_experts=E, lora=LORA, cfg=CFG, steps=2,
+                                  ckpt=tmp_path / "first.ckpt", seed=0, fingerprint="first", first=[1] * 9)  # fmt: skip
+    # (its v_proj: later tokens read the first token's values; a last block's q_proj there reaches no label)
+    assert all(b.any() for m, (_, b) in slots[1].items() if "v_proj" in m), "expert 1 computed the first tokens"
+    assert all(not b.any() for _, b in slots[2].values()), "expert 2 computed nothing"
+    assert all(b.any() for _, b in slots[0].values())

@@ -1,0 +1,171 @@
+"""The first-token gate: which expert serves each sequence's first token, in every block, chosen from block 0's input.
+
+A token router routes the first token of a sequence from its own hidden state alone; deeper in the stack that state
+is nearly the same for every sequence (the attention sink), so the per-block routers send every first token to one
+expert, and the loss at that position is where a token router loses to routing each row to its own expert. The
+first-token gate is one linear map from the first token's block-0 input (its embedding) to the experts, fitted to
+the training rows' experts (``mole.routing.first_token``); its choice routes that token in every block. Causal:
+the first token's route depends on that token only (and a BOS before it), and decoding with a KV cache never sees
+it again.
+
+Shapes: B batch, T tokens, D hidden, E experts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mole.data.tokenize import eval_batches
+from mole.nn.decode import FirstTokens
+from mole.nn.router import RouterOutput, first_tokens
+from mole.nn.spec import find_blocks
+
+PREFIX = "first_gate."  # its tensors' keys in router.safetensors, beside the routers'
+NEVER = -1.0e4  # the gate's bias for an expert with no rows to fit: never chosen
+
+
+def split_router_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """router.safetensors' tensors as (the routers', the first-token gate's), each keyed as its module's state dict."""
+    gate = {k[len(PREFIX) :]: v for k, v in state.items() if k.startswith(PREFIX)}
+    return {k: v for k, v in state.items() if not k.startswith(PREFIX)}, gate
+
+
+def lead_specials(tokenizer: Any) -> list[int]:
+    """The special tokens the tokenizer puts before a text's first token (a BOS), in order; [] without one."""
+    if tokenizer is None:
+        return []
+    ids, specials = tokenizer("a")["input_ids"], set(tokenizer.all_special_ids)
+    lead = 0
+    while lead < len(ids) - 1 and ids[lead] in specials:
+        lead += 1
+    return list(ids[:lead])
+
+
+class FirstTokenGate(nn.Module):
+    """A linear gate (D -> E) on the first real token's block-0 input; its argmax routes that token in every block.
+
+    With a tokenizer that starts every text with a BOS, the first token after it is the one routed (``lead``: how
+    many special tokens come first; they stay with the routers).
+
+    Args:
+        dim: D, the hidden size.
+        num_experts: E.
+        blocks: the number of blocks the choice is applied in.
+        lead: special tokens before a text's first token.
+        device: where the gate lives (the base's device).
+    """
+
+    def __init__(self, dim: int, num_experts: int, blocks: int, *, lead: int = 0,
+                 device: torch.device | str | None = None) -> None:  # fmt: skip
+        super().__init__()
+        self.gate = nn.Linear(dim, num_experts, device=device)
+        self.lead = lead
+        self._first = FirstTokens(lead + 1, blocks)
+        self._choice: torch.Tensor | None = None  # (B,) the current forward's choice, from block 0
+
+    @classmethod
+    def of(cls, tokenizer: Any, dim: int, num_experts: int, blocks: int, *, device: Any = None) -> FirstTokenGate:
+        """A gate for a model whose texts ``tokenizer`` encodes (its ``lead`` from ``lead_specials``)."""
+        return cls(dim, num_experts, blocks, lead=len(lead_specials(tokenizer)), device=device)
+
+    def route(
+        self, b: int, hidden: torch.Tensor, mask: torch.Tensor | None, continued: bool, out: RouterOutput
+    ) -> RouterOutput:
+        """Block ``b``'s routing ``out`` with each sequence's first token (if among these) sent to the gate's expert;
+        ``hidden`` (B, T, D) is the block's input (block 0's gives the choice), ``mask`` (B, T) or None."""
+        first = self._first.mark(b, hidden.shape[:2], mask, continued)  # the first lead + 1 real tokens
+        if first is not None and self.lead:  # the last of them in each row (a row of a BOS alone: the BOS)
+            n = first.long()
+            first = first & (n.cumsum(1) == n.sum(1, keepdim=True))
+        if b == 0:
+            self._choice = self.choose(hidden, first) if first is not None else None
+        if first is None or self._choice is None:
+            return out
+        return out.routed_at(first, self._choice)
+
+    def choose(self, hidden: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+        """(B,) the gate's expert for each sequence's marked token (``first`` (B, T), at most one per row)."""
+        pos = first.to(torch.uint8).argmax(1).to(hidden.device)  # (B,) a row without one takes its token 0: unused
+        x = hidden[torch.arange(hidden.shape[0], device=hidden.device), pos]  # (B, D)
+        w = self.gate.weight
+        return torch.nn.functional.linear(x.to(w.dtype), w, self.gate.bias).argmax(-1)
+
+
+def first_positions(shape: torch.Size, mask: torch.Tensor | None, lead: int) -> torch.Tensor:
+    """(B, T) bool: each sequence's first token after its ``lead`` special tokens (its last real token when it has no
+    more), in a forward that starts the sequences."""
+    first, _ = first_tokens(lead + 1, shape, mask)
+    n = first.long()
+    return first & (n.cumsum(1) == n.sum(1, keepdim=True))
+
+
+def first_token_ids(rows: list[dict[str, Any]], tokenizer: Any, *, lead: int, max_length: int) -> list[int]:
+    """Each row's first token after its ``lead`` special tokens (a BOS) as the model reads it (``eval_batches``'
+    encoding; a row with no token after them: its last), in row order."""
+    ids = [0] * len(rows)
+    for idx, batch in eval_batches(rows, tokenizer, batch_size=64, max_length=max_length):
+        mask = batch["attention_mask"]
+        pos = mask.to(torch.uint8).argmax(1) + (mask.sum(1) - 1).clamp(max=lead)  # (B,) left or right padded
+        for i, t in zip(idx, batch["input_ids"][torch.arange(len(idx)), pos].tolist(), strict=True):
+            ids[i] = t
+    return ids
+
+
+@torch.no_grad()
+def block0_inputs(base: nn.Module, token_ids: list[int], *, lead: list[int], chunk: int = 256) -> torch.Tensor:
+    """(U, D) float32: block 0's input for each token of ``token_ids`` as a sequence's first token after the ``lead``
+    special tokens (the token's embedding as the base computes it there; no adapter plays a part in it)."""
+    block0, seen = find_blocks(base)[0], []
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        seen.append((args[0] if args else kwargs["hidden_states"])[:, len(lead)].float().cpu())  # (n, D)
+
+    handle = block0.register_forward_pre_hook(hook, with_kwargs=True)
+    dev = next(base.parameters()).device
+    try:
+        for start in range(0, len(token_ids), chunk):
+            ids = torch.tensor([[*lead, t] for t in token_ids[start : start + chunk]], device=dev)  # (n, lead + 1)
+            base(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    finally:
+        handle.remove()
+    return torch.cat(seen) if seen else torch.zeros(0, base.config.hidden_size)
+
+
+def first_token_features(
+    base: nn.Module, tokenizer: Any, rows: list[dict[str, Any]], *, max_length: int
+) -> tuple[np.ndarray, int]:
+    """(N, D) float64: block 0's input at each row's first token (after a BOS), and the number of distinct tokens."""
+    lead = lead_specials(tokenizer)
+    ids = first_token_ids(rows, tokenizer, lead=len(lead), max_length=max_length)
+    unique = sorted(set(ids))
+    where = {t: i for i, t in enumerate(unique)}
+    return block0_inputs(base, unique, lead=lead)[[where[t] for t in ids]].double().numpy(), len(unique)
+
+
+def fit_gate_weights(
+    x: np.ndarray, y: np.ndarray, num_experts: int, *, c: float, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """A multinomial logistic regression of ``y`` (N,) on ``x`` (N, D) as a gate: (weight (E, D), bias (E,), training
+    accuracy). L2 strength ``1 / c`` on standardised inputs, whose scaling is folded into the weights (the logistic
+    warm start's fit, ``mole.routing.warm_start.fit_gate``); an expert without rows gets bias ``NEVER``."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    weight, bias = np.zeros((num_experts, x.shape[1])), np.full(num_experts, NEVER)
+    classes = np.unique(y)
+    if len(classes) == 1:  # one expert has every row: it takes every first token
+        bias[classes[0]] = 0.0
+        return weight, bias, 1.0
+    scaler = StandardScaler().fit(x)
+    z = scaler.transform(x)
+    clf = LogisticRegression(C=c, solver="newton-cg", max_iter=500, random_state=seed).fit(z, y)
+    coef, intercept = clf.coef_, clf.intercept_
+    if len(classes) == 2:  # binary: one logit for the second class; the softmax of [0, t] is its sigmoid
+        coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.array([0.0, intercept[0]])
+    w = coef / scaler.scale_  # (classes, D): the gate sees unstandardised inputs
+    weight[clf.classes_], bias[clf.classes_] = w, intercept - w @ scaler.mean_
+    return weight, bias, float(clf.score(z, y))
