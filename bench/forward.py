@@ -35,13 +35,13 @@ def layer_floor(n: int, r: int, d_in: int, d_out: int) -> float:
 
 
 def mole_model(model: torch.nn.Module, tok: Any, dirs: list[Path], k: int) -> torch.nn.Module:
-    """A MoLE model over ``dirs`` on a shared-weight copy of ``model`` (random token-router gates)."""
+    """A MoLE model over ``dirs`` on a shared-weight copy of ``model`` (random token-router gates), with a first-token
+    gate (random too) as a build gives it."""
     from mole.nn.model import MoLEModel
 
     ids = [d.name for d in dirs]
-    return MoLEModel.from_experts(
-        base=shared_copy(model), tokenizer=tok, expert_dirs=dirs, expert_ids=ids, base_ref={"name": "bench"}, top_k=k
-    ).eval()
+    return MoLEModel.from_experts(base=shared_copy(model), tokenizer=tok, expert_dirs=dirs, expert_ids=ids,
+                                  base_ref={"name": "bench"}, top_k=k, first_gate=True).eval()  # fmt: skip
 
 
 def xlora_model(model: torch.nn.Module, dirs: list[Path], k: int) -> torch.nn.Module:
