@@ -36,9 +36,11 @@ def test_demo_build_end_to_end(tmp_path: Path) -> None:
         f"after joint {metrics['agreement']:.3f}, joint loss {loss[0]:.3f} -> {loss[-1]:.3f}"
     )
     assert metrics["agreement_before_training"] >= 0.9
+    assert metrics["first_gate"]["train_accuracy"] >= 0.8  # the first-token gate (0.857 measured on the demo rows)
     ev = json.loads((tmp_path / "reports/eval.json").read_text())
     assert {"base", "multitask_lora", "oracle_experts", "cluster_routing", "mole"} <= set(ev["variants"])
     assert ev["variants"]["mole"]["loss"] < ev["variants"]["base"]["loss"]
+    assert ev["routing"]["first_gate_agreement"] >= 0.7  # (0.85 of the demo eval rows when measured)
     merge = json.loads((tmp_path / "reports/merge_prune.json").read_text())
     assert merge["expert_ids_before"] == [e["id"] for e in index["experts"]] and merge["experts_before"] == 6
     assert len(merge["utilization"]) == 6 and abs(sum(merge["utilization"]) - 1) < 1e-6

@@ -162,6 +162,7 @@ def test_rows_added_to_one_cluster_update_its_expert_and_reuse_the_others_byte_f
     assert lr["shared"] == pytest.approx(e.lr * continued_lr(6, 108)) and continued_lr(6, 18) == 0.25
     router = json.loads((tmp_path / "artifacts" / "mole" / "train_metrics.json").read_text())
     assert router["warm_start"]["method"] == "previous" and router["warm_start"]["refit_steps"] == 1
+    assert router["first_gate"]["rows"] == len(rows)  # the first-token gate: fitted anew on every training row
 
 
 @pytest.mark.slow

@@ -79,8 +79,7 @@ class FirstTokenGate(nn.Module):
         ``hidden`` (B, T, D) is the block's input (block 0's gives the choice), ``mask`` (B, T) or None."""
         first = self._first.mark(b, hidden.shape[:2], mask, continued)  # the first lead + 1 real tokens
         if first is not None and self.lead:  # the last of them in each row (a row of a BOS alone: the BOS)
-            n = first.long()
-            first = first & (n.cumsum(1) == n.sum(1, keepdim=True))
+            first = last_marked(first)
         if b == 0:
             self._choice = self.choose(hidden, first) if first is not None else None
         if first is None or self._choice is None:
@@ -98,9 +97,13 @@ class FirstTokenGate(nn.Module):
 def first_positions(shape: torch.Size, mask: torch.Tensor | None, lead: int) -> torch.Tensor:
     """(B, T) bool: each sequence's first token after its ``lead`` special tokens (its last real token when it has no
     more), in a forward that starts the sequences."""
-    first, _ = first_tokens(lead + 1, shape, mask)
-    n = first.long()
-    return first & (n.cumsum(1) == n.sum(1, keepdim=True))
+    return last_marked(first_tokens(lead + 1, shape, mask)[0])
+
+
+def last_marked(marked: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: the last True of each row of ``marked`` (B, T) bool."""
+    n = marked.long()
+    return marked & (n.cumsum(1) == n.sum(1, keepdim=True))
 
 
 def first_token_ids(rows: list[dict[str, Any]], tokenizer: Any, *, lead: int, max_length: int) -> list[int]:

@@ -48,4 +48,4 @@ def first_gate_agreement(model: MoLEModel, rows: list[dict[str, Any]], experts: 
     x, _ = first_token_features(model.base, model.tokenizer, rows, max_length=max_length)
     gate = model.first_gate.gate
     choice = gate(torch.from_numpy(x).to(gate.weight)).argmax(-1).cpu()
-    return float((choice == torch.tensor(experts)).float().mean()) if rows else float("nan")
+    return float((choice == torch.tensor(experts)).double().mean()) if rows else float("nan")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from mole.base import load_base
@@ -109,3 +110,29 @@ def test_first_tokens_train_the_expert_given_for_them(tmp_path: Path) -> None:
     assert all(b.any() for m, (_, b) in slots[1].items() if "v_proj" in m), "expert 1 computed the first tokens"
     assert all(not b.any() for _, b in slots[2].values()), "expert 2 computed nothing"
     assert all(b.any() for _, b in slots[0].values())
+
+
+def test_experts_first_gate_changes_the_fingerprints_only_when_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Off (the default) it leaves every adapter's fingerprint as builds before the option made it; on, the co-trained
+    run and each adapter are new (and depend on the gate's fit, router.warm_start_c)."""
+    from mole.config import load_config
+    from mole.training.cotrain import run_fingerprint
+    from mole.training.lora import adapter_fingerprint
+
+    def prints(*overrides: str) -> tuple[str, str]:
+        cfg = load_config(None, preset="tiny", overrides=list(overrides))
+        return (run_fingerprint(cfg, {0: ["a"], 1: ["b"]}),
+                adapter_fingerprint(cfg, kind="expert", seed=1, steps=3, row_ids=["a"]))  # fmt: skip
+
+    off, on = prints(), prints("experts.first_gate=true")
+    assert off[0] != on[0] and off[1] != on[1]
+    assert prints("experts.first_gate=true", "router.warm_start_c=0.5")[0] != on[0]
+    assert prints("router.warm_start_c=0.5") == off  # off: the gate's fit plays no part in the experts
+    # Off, the fingerprints are those of a config without the option (as before it): its dump made to lack it.
+    dump = ExpertsConfig.model_dump
+
+    def without(self: ExpertsConfig, **kw: object) -> dict:
+        return {k: v for k, v in dump(self, **kw).items() if k != "first_gate"}
+
+    monkeypatch.setattr(ExpertsConfig, "model_dump", without)
+    assert prints() == off
