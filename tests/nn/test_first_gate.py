@@ -15,6 +15,7 @@ from mole.nn.first_gate import PREFIX
 from mole.nn.model import MoLEModel
 from mole.nn.router import TokenTopKRouter
 from mole.nn.spec import MoLESpec
+from tests.nn.decoding import assert_cached_decoding_matches
 
 IDS = torch.tensor([[5, 17, 40, 9, 33], [0, 0, 12, 61, 7], [88, 3, 140, 2, 19]])  # row 1 left-padded
 MASK = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
@@ -85,12 +86,7 @@ def test_the_first_token_goes_to_the_gates_expert_in_every_block(top_k: int, bos
 
 def test_cached_decoding_equals_a_full_forward() -> None:
     model = _model(True)
-    out = model.generate(IDS, MASK, max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    full_mask = torch.cat([MASK, torch.ones(3, 3, dtype=torch.long)], 1)
-    with torch.no_grad():
-        logits = model(out.sequences, full_mask).logits  # (3, 8, V)
-    for step, step_logits in enumerate(out.logits):
-        torch.testing.assert_close(step_logits, logits[:, 4 + step], rtol=1e-4, atol=1e-4)
+    assert_cached_decoding_matches(model, IDS, MASK)
 
 
 def test_save_and_load_keep_the_gate(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from mole.nn.packed_bank import PackedBank
 from mole.nn.router import first_tokens
 from mole.nn.spec import MoLESpec
 from mole.sections import LoraSection
+from tests.nn.decoding import assert_cached_decoding_matches
 
 IDS = torch.tensor([[5, 17, 40, 9, 33], [0, 0, 12, 61, 7]])  # row 1 left-padded
 MASK = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
@@ -78,12 +79,7 @@ def test_the_first_token_sees_the_shared_expert_only(route: torch.Tensor | None)
 @pytest.mark.parametrize("sink", [1, 3])
 def test_cached_decoding_equals_a_full_forward(sink: int) -> None:
     model = _model(sink)
-    out = model.generate(IDS, MASK, max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    full_mask = torch.cat([MASK, torch.ones(2, 3, dtype=torch.long)], 1)
-    with torch.no_grad():
-        logits = model(out.sequences, full_mask).logits  # (2, 8, V)
-    for step, step_logits in enumerate(out.logits):
-        torch.testing.assert_close(step_logits, logits[:, 4 + step], rtol=1e-4, atol=1e-4)
+    assert_cached_decoding_matches(model, IDS, MASK)
 
 
 def test_the_merged_path_keeps_the_first_tokens_to_the_shared_expert() -> None:
