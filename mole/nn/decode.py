@@ -60,6 +60,13 @@ def compile_blocks(blocks: nn.ModuleList, **options: Any) -> None:
         block.forward = torch.compile(block.forward, **options)
 
 
+def continues(kwargs: dict[str, Any], b: int) -> bool:
+    """Whether a decoder layer's forward (its ``kwargs``) continues its sequences: block ``b``'s KV cache holds earlier
+    tokens (a decode step). The cache is ``past_key_values`` up to transformers 5.2x, ``cache`` since."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    return cache is not None and cache.get_seq_length(b) > 0
+
+
 class FirstTokens:
     """Marks the first ``n`` real tokens of every sequence, block by block, across the forwards of a decode.
 

@@ -54,37 +54,35 @@ class FirstTokenGate(nn.Module):
     Args:
         dim: D, the hidden size.
         num_experts: E.
-        blocks: the number of blocks the choice is applied in.
         lead: special tokens before a text's first token.
         device: where the gate lives (the base's device).
     """
 
-    def __init__(self, dim: int, num_experts: int, blocks: int, *, lead: int = 0,
-                 device: torch.device | str | None = None) -> None:  # fmt: skip
+    def __init__(self, dim: int, num_experts: int, *, lead: int = 0, device: torch.device | str | None = None) -> None:
         super().__init__()
         self.gate = nn.Linear(dim, num_experts, device=device)
         self.lead = lead
-        self._first = FirstTokens(lead + 1, blocks)
-        self._choice: torch.Tensor | None = None  # (B,) the current forward's choice, from block 0
+        self._first = FirstTokens(lead + 1, 1)  # every block sees the same tokens: tracked once, at block 0
+        self._where: torch.Tensor | None = None  # (B, T) the current forward's first tokens, or None: none
+        self._choice: torch.Tensor | None = None  # (B,) their experts
 
     @classmethod
-    def of(cls, tokenizer: Any, dim: int, num_experts: int, blocks: int, *, device: Any = None) -> FirstTokenGate:
+    def of(cls, tokenizer: Any, dim: int, num_experts: int, *, device: Any = None) -> FirstTokenGate:
         """A gate for a model whose texts ``tokenizer`` encodes (its ``lead`` from ``lead_specials``)."""
-        return cls(dim, num_experts, blocks, lead=len(lead_specials(tokenizer)), device=device)
+        return cls(dim, num_experts, lead=len(lead_specials(tokenizer)), device=device)
 
-    def route(
-        self, b: int, hidden: torch.Tensor, mask: torch.Tensor | None, continued: bool, out: RouterOutput
-    ) -> RouterOutput:
-        """Block ``b``'s routing ``out`` with each sequence's first token (if among these) sent to the gate's expert;
-        ``hidden`` (B, T, D) is the block's input (block 0's gives the choice), ``mask`` (B, T) or None."""
-        first = self._first.mark(b, hidden.shape[:2], mask, continued)  # the first lead + 1 real tokens
+    def start(self, hidden: torch.Tensor, mask: torch.Tensor | None, continued: bool) -> None:
+        """At block 0 of a forward: find each sequence's first token among these (none in a decode step past it) and
+        choose its expert from ``hidden`` (B, T, D), block 0's input; ``mask`` (B, T) or None."""
+        first = self._first.mark(0, hidden.shape[:2], mask, continued)  # the first lead + 1 real tokens
         if first is not None and self.lead:  # the last of them in each row (a row of a BOS alone: the BOS)
             first = last_marked(first)
-        if b == 0:
-            self._choice = self.choose(hidden, first) if first is not None else None
-        if first is None or self._choice is None:
-            return out
-        return out.routed_at(first, self._choice)
+        self._where = None if first is None else first.to(hidden.device)
+        self._choice = None if first is None else self.choose(hidden, self._where)
+
+    def route(self, out: RouterOutput) -> RouterOutput:
+        """A block's routing ``out`` with the first tokens ``start`` found sent to their experts."""
+        return out if self._where is None else out.routed_at(self._where, self._choice)
 
     def choose(self, hidden: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
         """(B,) the gate's expert for each sequence's marked token (``first`` (B, T), at most one per row)."""

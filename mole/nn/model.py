@@ -26,7 +26,7 @@ from mole.cluster.clustering import Clusterer
 from mole.data.tokenize import completions, encode_prompts, row_losses
 from mole.io import atomic_dir, load_safetensors
 from mole.nn.adapters import adapter_keys, adapter_scale, fit_rank, module_name, read_adapter, write_adapter
-from mole.nn.decode import FirstTokens, compile_blocks, merged, one_expert
+from mole.nn.decode import FirstTokens, compile_blocks, continues, merged, one_expert
 from mole.nn.first_gate import PREFIX, FirstTokenGate, split_router_state
 from mole.nn.layer import MoLELinear, RoutingState
 from mole.nn.lineage import read_lineage, write_lineage
@@ -53,8 +53,8 @@ class MoLEModel(nn.Module):
         self.states = [RoutingState() for _ in blocks]
         self._carry: list[Any] = [None] * len(blocks)  # prefix pooling: each block's running logits, for decoding
         self._first = FirstTokens(spec.sink_tokens, len(blocks)) if spec.sink_tokens else None
-        self.first_gate = FirstTokenGate.of(tokenizer, dim, e, len(blocks), device=dev) if spec.first_gate else None
-        self._needs_cache = spec.pool == "prefix" or self._first is not None or spec.first_gate  # hooks read the cache
+        self.first_gate = FirstTokenGate.of(tokenizer, dim, e, device=dev) if spec.first_gate else None
+        self._needs_cache = spec.pool == "prefix" or self._first is not None  # whether a hook reads the KV cache
         self.bank: dict[str, MoLELinear] = {}
         self._forced: torch.Tensor | None = None  # (B,) expert per sequence, when routing is forced
         self._mask: torch.Tensor | None = None  # (B, T) attention mask of the current full forward
@@ -94,9 +94,7 @@ class MoLEModel(nn.Module):
             merged = self._layers[0]._unmerged is not None  # the experts are in the base weights: nothing to route
             mask = self._mask if self._mask is not None and self._mask.shape == hidden.shape[:2] else None
             if self._needs_cache and (self._first is not None or not (merged or self._forced is not None)):
-                # the KV cache a decoder layer receives: `past_key_values` up to transformers 5.2x, `cache` since
-                cache = kwargs.get("cache", kwargs.get("past_key_values"))
-                continued = cache is not None and cache.get_seq_length(b) > 0  # a decode step after earlier tokens
+                continued = continues(kwargs, b)  # a decode step after earlier tokens
                 # the sink tokens (spec.sink_tokens): only the shared expert, also where the experts are merged
                 first = self._first.mark(b, hidden.shape[:2], mask, continued) if self._first is not None else None
             state.sink = first
@@ -109,7 +107,9 @@ class MoLEModel(nn.Module):
                 out = router(hidden, mask, self._carry[b] if continued else None)
                 self._carry[b] = out.carry
                 if self.first_gate is not None:  # each sequence's first token: the first-token gate's expert
-                    out = self.first_gate.route(b, hidden, mask, continued, out)
+                    if b == 0:  # (where the first tokens are, and their experts: once per forward)
+                        self.first_gate.start(hidden, mask, continues(kwargs, 0))
+                    out = self.first_gate.route(out)
             state.output = out = out if first is None else out.without_experts(first)
             if self._outputs is not None:
                 self._outputs.append(out)
