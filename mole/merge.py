@@ -24,7 +24,7 @@ from mole.base import loadable_base
 from mole.config import BuildConfig
 from mole.io import atomic_dir, sha256_file, write_json
 from mole.nn.adapters import write_adapter
-from mole.nn.first_gate import PREFIX
+from mole.nn.first_gate import NEVER, PREFIX
 from mole.nn.lineage import made_by, write_lineage
 from mole.nn.model import MoLEModel
 from mole.nn.spec import ROUTER_FILE, SPEC_FILE
@@ -272,8 +272,11 @@ def _router_state(model: MoLEModel, groups: list[list[int]]) -> dict[str, torch.
 
 
 def _gate_state(gate: torch.nn.Linear, groups: list[list[int]]) -> dict[str, torch.Tensor]:
-    """A gate's tensors for the new bank: kept rows as they are, a merged group's mean row (+ log |group| bias)."""
+    """A gate's tensors for the new bank: kept rows as they are, a merged group's mean row (+ log |group| bias). A row
+    the first-token gate had no rows to fit (bias ``NEVER``) leaves a merged group, so its partner keeps its route."""
     w, bias = gate.weight.detach().cpu(), gate.bias
+    if bias is not None:
+        groups = [[i for i in g if bias[i] > NEVER / 2] or g for g in groups]
     state = {"gate.weight": torch.stack([w[g].mean(0) for g in groups]).contiguous()}  # (E', D)
     if bias is not None:
         state["gate.bias"] = torch.stack([bias[g].mean() + math.log(len(g)) for g in groups]).detach().cpu()

@@ -62,7 +62,9 @@ class FirstTokenGate(nn.Module):
         super().__init__()
         self.gate = nn.Linear(dim, num_experts, device=device)
         self.lead = lead
-        self._first = FirstTokens(lead + 1, 1)  # every block sees the same tokens: tracked once, at block 0
+        # every block sees the same tokens: tracked once, at block 0; the first token is the one among the first
+        # lead + 1 that is not among the first lead
+        self._first, self._lead = FirstTokens(lead + 1, 1), FirstTokens(lead, 1) if lead else None
         self._where: torch.Tensor | None = None  # (B, T) the current forward's first tokens, or None: none
         self._choice: torch.Tensor | None = None  # (B,) their experts
 
@@ -75,8 +77,9 @@ class FirstTokenGate(nn.Module):
         """At block 0 of a forward: find each sequence's first token among these (none in a decode step past it) and
         choose its expert from ``hidden`` (B, T, D), block 0's input; ``mask`` (B, T) or None."""
         first = self._first.mark(0, hidden.shape[:2], mask, continued)  # the first lead + 1 real tokens
-        if first is not None and self.lead:  # the last of them in each row (a row of a BOS alone: the BOS)
-            first = last_marked(first)
+        lead = None if self._lead is None else self._lead.mark(0, hidden.shape[:2], mask, continued)
+        if first is not None and lead is not None:  # (a prompt of a BOS alone: its first token is decoded later)
+            first = first & ~lead
         self._where = None if first is None else first.to(hidden.device)
         self._choice = None if first is None else self.choose(hidden, self._where)
 
@@ -93,20 +96,15 @@ class FirstTokenGate(nn.Module):
 
 
 def first_positions(shape: torch.Size, mask: torch.Tensor | None, lead: int) -> torch.Tensor:
-    """(B, T) bool: each sequence's first token after its ``lead`` special tokens (its last real token when it has no
-    more), in a forward that starts the sequences."""
-    return last_marked(first_tokens(lead + 1, shape, mask)[0])
-
-
-def last_marked(marked: torch.Tensor) -> torch.Tensor:
-    """(B, T) bool: the last True of each row of ``marked`` (B, T) bool."""
-    n = marked.long()
-    return marked & (n.cumsum(1) == n.sum(1, keepdim=True))
+    """(B, T) bool: each sequence's first token after its ``lead`` special tokens (none in a sequence of no more), in a
+    forward that starts the sequences."""
+    first = first_tokens(lead + 1, shape, mask)[0]
+    return first & ~first_tokens(lead, shape, mask)[0] if lead else first
 
 
 def first_token_ids(rows: list[dict[str, Any]], tokenizer: Any, *, lead: int, max_length: int) -> list[int]:
     """Each row's first token after its ``lead`` special tokens (a BOS) as the model reads it (``eval_batches``'
-    encoding; a row with no token after them: its last), in row order."""
+    encoding; a row with no token after them: its last, which the gate never routes), in row order."""
     ids = [0] * len(rows)
     for idx, batch in eval_batches(rows, tokenizer, batch_size=64, max_length=max_length):
         mask = batch["attention_mask"]

@@ -89,6 +89,15 @@ def test_cached_decoding_equals_a_full_forward() -> None:
     assert_cached_decoding_matches(model, IDS, MASK)
 
 
+def test_a_prompt_of_a_bos_alone_decodes_as_a_full_forward_routes() -> None:
+    """Its first token is the first decoded one: routed by the gate there, in the cache as in a full forward (and the
+    BOS by the routers in both)."""
+    model = _model(True)
+    bos = model.tokenizer.bos_token_id
+    ids, mask = torch.tensor([[5, 17, 40, 9, 33], [0, 0, 0, 0, bos]]), torch.tensor([[1] * 5, [0, 0, 0, 0, 1]])
+    assert_cached_decoding_matches(model, ids, mask)
+
+
 def test_save_and_load_keep_the_gate(tmp_path: Path) -> None:
     """Its tensors go into router.safetensors beside the routers'; a file without them is refused, naming it."""
     model = _model(True)
@@ -123,6 +132,19 @@ def test_merging_two_identical_experts_keeps_the_first_tokens_route(tmp_path: Pa
     expert_of = {0: 0, 1: 1, 2: 2, 3: 0}
     new = merged.first_gate.gate(model.base.get_input_embeddings()(IDS[torch.arange(3), AFTER_BOS])).argmax(-1)
     assert new.tolist() == [expert_of[int(c)] for c in _choice(model)]
+
+
+def test_a_merged_row_leaves_out_a_row_the_gate_had_no_rows_for(tmp_path: Path) -> None:
+    from mole.merge import apply_plan
+    from mole.nn.first_gate import NEVER
+
+    model = _model(True, experts=4)
+    with torch.no_grad():
+        model.first_gate.gate.bias[3] = NEVER  # expert 3: no rows in the fit, never chosen
+    decision = {"action": "merge", "experts": [0, 3], "ids": ["e0", "e3"], "similarity": 1.0, "weights": [0.5, 0.5]}
+    merged = MoLEModel.from_pretrained(apply_plan(model, [decision], tmp_path / "m")).first_gate.gate
+    torch.testing.assert_close(merged.weight[0], model.first_gate.gate.weight[0])  # expert 0's row, as it was
+    torch.testing.assert_close(merged.bias[0], model.first_gate.gate.bias[0])
 
 
 def test_the_fit_learns_the_rows_experts_from_their_first_tokens() -> None:
