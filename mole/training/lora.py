@@ -235,7 +235,9 @@ def adapter_fingerprint(
     unused = {"out_dir", "baseline_dir", "checkpoint_every", "multitask_baseline", "multitask_steps", "multitask_r",
               "steps", "shared_steps", "gallery", "shared_update"}  # fmt: skip
     unused |= {"shared"} if kind == "shared" else set()
-    unused |= set() if cfg.experts.first_gate else {"first_gate"}  # off: the adapters of builds from before it stay
+    # experts.first_gate: the co-training run's fingerprint (each co-trained adapter's upstream) carries it where it
+    # applies; other adapters do not depend on it, and with it off the fingerprints of builds from before it stay
+    unused |= {"first_gate"}
     payload = {"kind": kind, "experts": cfg.experts.model_dump(mode="json", exclude=unused), "seed": seed,
                "base_model": cfg.base_model.model_dump(mode="json"), "base_seed": cfg.seed, "steps": steps,
                "rows": sorted(row_ids), **(extra or {})}  # fmt: skip
