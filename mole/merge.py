@@ -24,8 +24,9 @@ from mole.base import loadable_base
 from mole.config import BuildConfig
 from mole.io import atomic_dir, sha256_file, write_json
 from mole.nn.adapters import write_adapter
-from mole.nn.first_gate import NEVER, PREFIX
+from mole.nn.first_gate import PREFIX
 from mole.nn.lineage import made_by, write_lineage
+from mole.nn.logistic import NEVER
 from mole.nn.model import MoLEModel
 from mole.nn.spec import ROUTER_FILE, SPEC_FILE
 from mole.routing.diagnostics import expert_usage, row_routing, rows_digest

@@ -25,7 +25,6 @@ from mole.nn.router import RouterOutput, first_tokens
 from mole.nn.spec import find_blocks
 
 PREFIX = "first_gate."  # its tensors' keys in router.safetensors, beside the routers'
-NEVER = -1.0e4  # the gate's bias for an expert with no rows to fit: never chosen
 
 
 def split_router_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -143,28 +142,3 @@ def first_token_features(
     unique = sorted(set(ids))
     where = {t: i for i, t in enumerate(unique)}
     return block0_inputs(base, unique, lead=lead)[[where[t] for t in ids]].double().numpy(), len(unique)
-
-
-def fit_gate_weights(
-    x: np.ndarray, y: np.ndarray, num_experts: int, *, c: float, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray, float]:
-    """A multinomial logistic regression of ``y`` (N,) on ``x`` (N, D) as a gate: (weight (E, D), bias (E,), training
-    accuracy). L2 strength ``1 / c`` on standardised inputs, whose scaling is folded into the weights (the logistic
-    warm start's fit, ``mole.routing.warm_start.fit_gate``); an expert without rows gets bias ``NEVER``."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
-    weight, bias = np.zeros((num_experts, x.shape[1])), np.full(num_experts, NEVER)
-    classes = np.unique(y)
-    if len(classes) == 1:  # one expert has every row: it takes every first token
-        bias[classes[0]] = 0.0
-        return weight, bias, 1.0
-    scaler = StandardScaler().fit(x)
-    z = scaler.transform(x)
-    clf = LogisticRegression(C=c, solver="newton-cg", max_iter=500, random_state=seed).fit(z, y)
-    coef, intercept = clf.coef_, clf.intercept_
-    if len(classes) == 2:  # binary: one logit for the second class; the softmax of [0, t] is its sigmoid
-        coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.array([0.0, intercept[0]])
-    w = coef / scaler.scale_  # (classes, D): the gate sees unstandardised inputs
-    weight[clf.classes_], bias[clf.classes_] = w, intercept - w @ scaler.mean_
-    return weight, bias, float(clf.score(z, y))

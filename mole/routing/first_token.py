@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from mole.nn.first_gate import first_token_features, fit_gate_weights
+from mole.nn.first_gate import first_token_features
+from mole.nn.logistic import fit_gate_weights
 from mole.nn.model import MoLEModel
 
 logger = logging.getLogger(__name__)

@@ -34,7 +34,8 @@ import torch
 from mole.config import BuildConfig
 from mole.data.tokenize import IGNORE, train_batches
 from mole.nn.adapters import adapter_keys
-from mole.nn.first_gate import first_token_features, fit_gate_weights, lead_specials
+from mole.nn.first_gate import first_token_features, lead_specials
+from mole.nn.logistic import fit_gate_weights
 from mole.nn.packed_bank import PackedBank, peft_init
 from mole.sections import ExpertsConfig, LoraSection
 from mole.training.checkpoint import checkpoint_dir, remove_stale_temps, resume, save_checkpoint

@@ -136,7 +136,7 @@ def test_merging_two_identical_experts_keeps_the_first_tokens_route(tmp_path: Pa
 
 def test_a_merged_row_leaves_out_a_row_the_gate_had_no_rows_for(tmp_path: Path) -> None:
     from mole.merge import apply_plan
-    from mole.nn.first_gate import NEVER
+    from mole.nn.logistic import NEVER
 
     model = _model(True, experts=4)
     with torch.no_grad():
@@ -148,7 +148,7 @@ def test_a_merged_row_leaves_out_a_row_the_gate_had_no_rows_for(tmp_path: Path) 
 
 
 def test_the_fit_learns_the_rows_experts_from_their_first_tokens() -> None:
-    from mole.nn.first_gate import NEVER
+    from mole.nn.logistic import NEVER
     from mole.routing.first_token import fit_first_gate
 
     model = _model(True)

@@ -242,7 +242,8 @@ def test_logistic_gate_separates_tokens_the_nearest_mean_rule_cannot(e: int) -> 
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    from mole.routing.warm_start import SOLVER, fit_gate
+    from mole.nn.logistic import SOLVER
+    from mole.routing.warm_start import fit_gate
 
     g = torch.Generator().manual_seed(0)
     d, n = 24, 400
